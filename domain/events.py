@@ -1,0 +1,229 @@
+"""The event vocabulary: every decision and every execution result is one of these.
+
+Events are immutable facts named in the past tense. `at` is the time the event was
+decided or observed (from the engine's injected clock). `id` and `hash` are stamped by
+the engine when the event is appended (`stamp`), which keeps the decider free of
+randomness: `decide` returns unstamped events and replay compares their bodies. Serialisation
+(orjson) and the hash chain live in `engine.codec`, outside the pure core.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, ClassVar, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+
+class Usage(BaseModel):
+    """What one attempt consumed. Part of the fact, so cost is a fold, not a guess."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tokens_in: int = Field(default=0, ge=0)
+    tokens_out: int = Field(default=0, ge=0)
+    cost: float = Field(default=0.0, ge=0)
+
+    @property
+    def tokens(self) -> int:
+        return self.tokens_in + self.tokens_out
+
+
+NO_USAGE = Usage()
+
+
+class Event(BaseModel):
+    """Base of all events. `origin` says who may append it (used by replay verification)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    origin: ClassVar[str] = "engine"
+    type: str
+    at: datetime
+    id: UUID | None = None
+    hash: str | None = None
+
+    def body(self) -> dict[str, Any]:
+        """The event without its stamp: what a decision is compared on."""
+        return self.model_dump(exclude={"id", "hash"})
+
+
+# --- run lifecycle -------------------------------------------------------------------
+
+
+class RunStarted(Event):
+    type: Literal["RunStarted"] = "RunStarted"
+    workflow: str
+    definition_hash: str
+    input: Any = None
+    limits: dict[str, Any]
+    idempotency_key: str | None = None
+    seed: int
+
+
+class RunCompleted(Event):
+    origin: ClassVar[str] = "decider"
+    type: Literal["RunCompleted"] = "RunCompleted"
+    output: Any = None
+    reason: str
+
+
+class RunFailed(Event):
+    origin: ClassVar[str] = "decider"
+    type: Literal["RunFailed"] = "RunFailed"
+    error_type: str
+    reason: str
+
+
+class CancelRequested(Event):
+    type: Literal["CancelRequested"] = "CancelRequested"
+    reason: str
+
+
+class RunCancelled(Event):
+    origin: ClassVar[str] = "decider"
+    type: Literal["RunCancelled"] = "RunCancelled"
+    reason: str
+    in_flight: list[str] = Field(default_factory=list)
+
+
+# --- steps and attempts ---------------------------------------------------------------
+
+
+class StepScheduled(Event):
+    """A step visit's attempt may start once `not_before` has passed, within the grants."""
+
+    origin: ClassVar[str] = "decider"
+    type: Literal["StepScheduled"] = "StepScheduled"
+    step: str
+    visit: int
+    attempt: int
+    not_before: datetime
+    reason: str
+    max_cost: float
+    max_tokens: int | None = None
+
+
+class AttemptStarted(Event):
+    type: Literal["AttemptStarted"] = "AttemptStarted"
+    step: str
+    attempt: int
+    executor: str
+    worker: str
+    deadline: datetime
+
+
+class AttemptSucceeded(Event):
+    type: Literal["AttemptSucceeded"] = "AttemptSucceeded"
+    step: str
+    attempt: int
+    output: Any = None
+    usage: Usage = NO_USAGE
+    latency: float = 0.0
+
+
+class AttemptFailed(Event):
+    type: Literal["AttemptFailed"] = "AttemptFailed"
+    step: str
+    attempt: int
+    error_type: str
+    message: str
+    retryable: bool
+    usage: Usage = NO_USAGE
+    latency: float = 0.0
+    retry_after: datetime | None = None
+
+
+class AttemptAbandoned(Event):
+    type: Literal["AttemptAbandoned"] = "AttemptAbandoned"
+    step: str
+    attempt: int
+    why: str
+
+
+class StepCompleted(Event):
+    origin: ClassVar[str] = "decider"
+    type: Literal["StepCompleted"] = "StepCompleted"
+    step: str
+    visit: int
+    output: Any = None
+
+
+class StepFailed(Event):
+    origin: ClassVar[str] = "decider"
+    type: Literal["StepFailed"] = "StepFailed"
+    step: str
+    visit: int
+    error_type: str
+    message: str
+
+
+class TransitionTaken(Event):
+    """Why the run moved on: the condition that held and the values it read."""
+
+    origin: ClassVar[str] = "decider"
+    type: Literal["TransitionTaken"] = "TransitionTaken"
+    from_step: str
+    to_step: str
+    condition: str
+    values: dict[str, Any] = Field(default_factory=dict)
+
+
+class SignalReceived(Event):
+    type: Literal["SignalReceived"] = "SignalReceived"
+    name: str
+    payload: Any = None
+
+
+class TimerFired(Event):
+    type: Literal["TimerFired"] = "TimerFired"
+    timer: str
+
+
+class LimitReached(Event):
+    origin: ClassVar[str] = "decider"
+    type: Literal["LimitReached"] = "LimitReached"
+    limit: Literal["cost", "tokens", "steps", "deadline", "visits"]
+    limit_value: float
+    used: float
+    step: str | None = None
+
+
+AnyEvent = Annotated[
+    RunStarted
+    | RunCompleted
+    | RunFailed
+    | CancelRequested
+    | RunCancelled
+    | StepScheduled
+    | AttemptStarted
+    | AttemptSucceeded
+    | AttemptFailed
+    | AttemptAbandoned
+    | StepCompleted
+    | StepFailed
+    | TransitionTaken
+    | SignalReceived
+    | TimerFired
+    | LimitReached,
+    Field(discriminator="type"),
+]
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.model_fields["type"].default: cls
+    for cls in (
+        RunStarted, RunCompleted, RunFailed, CancelRequested, RunCancelled, StepScheduled,
+        AttemptStarted, AttemptSucceeded, AttemptFailed, AttemptAbandoned, StepCompleted,
+        StepFailed, TransitionTaken, SignalReceived, TimerFired, LimitReached,
+    )
+}
+TERMINAL_EVENTS = frozenset({"RunCompleted", "RunFailed", "RunCancelled"})
+DECIDER_EVENTS = frozenset(name for name, cls in EVENT_TYPES.items() if cls.origin == "decider")
+
+_event_adapter: TypeAdapter[Any] = TypeAdapter(AnyEvent)
+
+
+def parse_event(data: dict[str, Any]) -> Event:
+    """Build the right event class from its JSON-compatible dict (dispatch on `type`)."""
+    return _event_adapter.validate_python(data)

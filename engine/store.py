@@ -1,0 +1,115 @@
+"""The store port: what the engine needs from durable storage, and nothing more.
+
+Implementations (adapters/stores) are synchronous, like the eventsourcing recorders they wrap;
+the engine only calls them from its own store threads (see engine.storage), never on the
+event loop. A run is one stream keyed by its UUID; `seq` is the 1-based position in it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+from uuid import UUID
+
+from domain.errors import RuleboundError
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One stored event: its run, position, topic (the event type) and bytes (engine.codec)."""
+
+    run_id: UUID
+    seq: int
+    topic: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """A record with its position in the store-wide sequence (may have gaps on PostgreSQL)."""
+
+    position: int
+    record: Record
+
+
+@dataclass(frozen=True, slots=True)
+class RunRow:
+    """A row of the read model: list runs by status and workflow without replaying streams."""
+
+    run_id: UUID
+    workflow: str
+    status: str
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RunChange:
+    """An update to the read model derived from one notification.
+
+    `workflow` and `created_at` are set only for the RunStarted of a run (the row's insert);
+    later changes update status, version and updated_at.
+    """
+
+    run_id: UUID
+    status: str
+    version: int
+    at: datetime
+    workflow: str | None = None
+
+
+class StoreError(RuleboundError):
+    """The store failed for a reason other than a conflict."""
+
+
+class ConcurrencyConflict(StoreError):
+    """Some (run_id, seq) in an append already exists: nothing of that append was written."""
+
+    def __init__(self, message: str, run_ids: Sequence[UUID] = ()) -> None:
+        super().__init__(message)
+        self.run_ids = list(run_ids)
+
+
+class EventStore(Protocol):
+    """Synchronous event store. Every method may be called from any engine store thread."""
+
+    def append(self, records: Sequence[Record]) -> None:
+        """Write records of one or many runs in ONE transaction, all or nothing.
+
+        Raises ConcurrencyConflict if any (run_id, seq) exists already; transient lock
+        timeouts are retried with backoff inside the adapter.
+        """
+
+    def read(self, run_id: UUID, after: int = 0) -> list[Record]:
+        """The run's records with seq > after, in order (empty if the run does not exist)."""
+
+    def read_all(self, after: int, limit: int) -> list[Notification]:
+        """Records of all runs with position > after, in position order, at most `limit`."""
+
+    def last_position(self) -> int:
+        """The largest position written so far (0 when empty)."""
+
+    def apply_run_changes(self, changes: Sequence[RunChange], position: int) -> None:
+        """Apply read-model changes and record `position` as processed, in one transaction."""
+
+    def run_changes_position(self) -> int:
+        """The last position the read model has processed (0 initially)."""
+
+    def list_runs(
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[RunRow]:
+        """Read-model rows, newest first, filtered by status and workflow."""
+
+    def count_runs(self) -> dict[str, int]:
+        """How many runs there are per status."""
+
+    def close(self) -> None:
+        """Release connections. Idempotent."""

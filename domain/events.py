@@ -97,8 +97,12 @@ class StepScheduled(Event):
     origin: ClassVar[str] = "decider"
     type: Literal["StepScheduled"] = "StepScheduled"
     step: str
+    kind: Literal["task", "signal", "parallel", "map"] = "task"
     visit: int
     attempt: int
+    parent: str | None = None
+    item: int | None = None
+    items: int | None = None
     not_before: datetime
     reason: str
     max_cost: float
@@ -148,6 +152,7 @@ class StepCompleted(Event):
     step: str
     visit: int
     output: Any = None
+    signal: str | None = None
 
 
 class StepFailed(Event):

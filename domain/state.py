@@ -1,0 +1,291 @@
+"""Run state: nothing but the fold of a run's events.
+
+`evolve(state, event)` returns a new state and never mutates its argument, so any prefix of a
+history can be kept and compared. States are frozen dataclasses (cheap to copy, unlike
+validated models) and serialise to canonical JSON for byte-equal comparisons in tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+from . import events as ev
+from .errors import InvalidEvent
+
+TERMINAL = frozenset({"completed", "failed", "cancelled"})
+
+
+@dataclass(frozen=True, slots=True)
+class StepState:
+    """One step key's latest visit. Keys are step names, or `name[i]` for map items.
+
+    status: scheduled -> running -> succeeded | attempt_failed (awaiting a decision)
+            -> completed | failed; signal steps wait in "waiting"; parents run in "running".
+    """
+
+    key: str
+    name: str
+    kind: str
+    status: str
+    visit: int
+    attempt: int
+    reason: str = ""
+    parent: str | None = None
+    item: int | None = None
+    items: int | None = None
+    scheduled_items: int = 0
+    not_before: datetime | None = None
+    max_cost: float = 0.0
+    max_tokens: int | None = None
+    deadline: datetime | None = None
+    executor: str | None = None
+    output: Any = None
+    error: Mapping[str, Any] | None = None
+    waiting_since: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunState:
+    version: int = 0
+    status: str = "new"
+    workflow: str = ""
+    definition_hash: str = ""
+    input: Any = None
+    limits: Mapping[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    idempotency_key: str | None = None
+    started_at: datetime | None = None
+    updated_at: datetime | None = None
+    steps: Mapping[str, StepState] = field(default_factory=dict)
+    current: str | None = None
+    visits: Mapping[str, int] = field(default_factory=dict)
+    outputs: Mapping[str, Any] = field(default_factory=dict)
+    last_error: Mapping[str, Any] | None = None
+    inbox: tuple[tuple[str, Any], ...] = ()
+    signals: Mapping[str, Any] = field(default_factory=dict)
+    cost: float = 0.0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    reserved_cost: float = 0.0
+    reserved_tokens: int = 0
+    steps_taken: int = 0
+    attempts: int = 0
+    retries: int = 0
+    limit: Mapping[str, Any] | None = None
+    cancel_reason: str | None = None
+    output: Any = None
+    error_type: str | None = None
+    reason: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    @property
+    def tokens(self) -> int:
+        return self.tokens_in + self.tokens_out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for canonical JSON (datetimes as ISO strings)."""
+        return _plain(asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _with_step(state: RunState, step: StepState, **changes: Any) -> dict[str, Any]:
+    steps = dict(state.steps)
+    steps[step.key] = step
+    return {"steps": steps, **changes}
+
+
+def _expect(state: RunState, key: str, attempt: int | None, statuses: tuple[str, ...],
+            event: ev.Event) -> StepState:
+    step = state.steps.get(key)
+    if step is None or step.status not in statuses or (
+        attempt is not None and step.attempt != attempt
+    ):
+        found = "no such step" if step is None else f"{step.status}, attempt {step.attempt}"
+        raise InvalidEvent(f"{event.type} for {key!r} attempt {attempt} does not apply ({found})")
+    return step
+
+
+def _release(state: RunState, step: StepState) -> tuple[float, int]:
+    return (max(0.0, state.reserved_cost - step.max_cost),
+            max(0, state.reserved_tokens - (step.max_tokens or 0)))
+
+
+def evolve(state: RunState, event: ev.Event) -> RunState:
+    """Fold one event into the run's state. Raises InvalidEvent if it cannot apply."""
+    if state.terminal:
+        raise InvalidEvent(f"{event.type} after the run ended ({state.status})")
+    if state.status == "new" and not isinstance(event, ev.RunStarted):
+        raise InvalidEvent(f"{event.type} before RunStarted")
+    changes: dict[str, Any]
+    match event:
+        case ev.RunStarted():
+            if state.status != "new":
+                raise InvalidEvent("RunStarted twice")
+            changes = {
+                "status": "running", "workflow": event.workflow,
+                "definition_hash": event.definition_hash, "input": event.input,
+                "limits": dict(event.limits), "seed": event.seed,
+                "idempotency_key": event.idempotency_key, "started_at": event.at,
+            }
+        case ev.StepScheduled():
+            changes = _scheduled(state, event)
+        case ev.AttemptStarted():
+            step = _expect(state, event.step, event.attempt, ("scheduled",), event)
+            changes = _with_step(state, replace(
+                step, status="running", deadline=event.deadline, executor=event.executor),
+                attempts=state.attempts + 1)
+        case ev.AttemptSucceeded():
+            step = _expect(state, event.step, event.attempt, ("running",), event)
+            reserved_cost, reserved_tokens = _release(state, step)
+            changes = _with_step(
+                state, replace(step, status="succeeded", output=event.output, error=None),
+                cost=state.cost + event.usage.cost,
+                tokens_in=state.tokens_in + event.usage.tokens_in,
+                tokens_out=state.tokens_out + event.usage.tokens_out,
+                reserved_cost=reserved_cost, reserved_tokens=reserved_tokens)
+        case ev.AttemptFailed():
+            step = _expect(state, event.step, event.attempt, ("running",), event)
+            reserved_cost, reserved_tokens = _release(state, step)
+            error = {"step": step.key, "type": event.error_type, "message": event.message,
+                     "retryable": event.retryable,
+                     "retry_after": event.retry_after.isoformat() if event.retry_after else None}
+            changes = _with_step(
+                state, replace(step, status="attempt_failed", error=error),
+                cost=state.cost + event.usage.cost,
+                tokens_in=state.tokens_in + event.usage.tokens_in,
+                tokens_out=state.tokens_out + event.usage.tokens_out,
+                reserved_cost=reserved_cost, reserved_tokens=reserved_tokens)
+        case ev.AttemptAbandoned():
+            # What an abandoned attempt spent is unknown: charge its worst case (hard budget).
+            step = _expect(state, event.step, event.attempt, ("running",), event)
+            reserved_cost, reserved_tokens = _release(state, step)
+            error = {"step": step.key, "type": "abandoned", "message": event.why,
+                     "retryable": True, "retry_after": None}
+            changes = _with_step(
+                state, replace(step, status="attempt_failed", error=error),
+                cost=state.cost + step.max_cost,
+                tokens_out=state.tokens_out + (step.max_tokens or 0),
+                reserved_cost=reserved_cost, reserved_tokens=reserved_tokens)
+        case ev.StepCompleted():
+            changes = _completed(state, event)
+        case ev.StepFailed():
+            step = _expect(state, event.step, None,
+                           ("attempt_failed", "waiting", "running", "scheduled"), event)
+            error = {"step": step.key, "type": event.error_type, "message": event.message}
+            changes = _with_step(state, replace(step, status="failed", error=error))
+            if step.parent is None:
+                changes["last_error"] = error
+        case ev.TransitionTaken():
+            changes = {"current": None}
+        case ev.SignalReceived():
+            signals = dict(state.signals)
+            signals[event.name] = event.payload
+            changes = {"inbox": (*state.inbox, (event.name, event.payload)), "signals": signals}
+        case ev.TimerFired():
+            changes = {}
+        case ev.LimitReached():
+            changes = {"limit": {"kind": event.limit, "limit": event.limit_value,
+                                 "used": event.used, "step": event.step}}
+            parent = state.steps.get(event.step) if event.step else None
+            if parent is not None and parent.status == "running" and parent.kind == "map":
+                # A map that cannot afford its next item stops scheduling and fails at the join.
+                error = {"step": parent.key, "type": f"{event.limit}_limit",
+                         "message": f"{event.limit} limit reached"}
+                changes.update(_with_step(state, replace(parent, error=error)))
+        case ev.CancelRequested():
+            changes = {"cancel_reason": event.reason}
+        case ev.RunCompleted():
+            changes = {"status": "completed", "output": event.output, "reason": event.reason,
+                       "current": None}
+        case ev.RunFailed():
+            changes = {"status": "failed", "error_type": event.error_type,
+                       "reason": event.reason, "current": None}
+        case ev.RunCancelled():
+            changes = {"status": "cancelled", "reason": event.reason, "current": None}
+        case _:
+            raise InvalidEvent(f"unknown event {type(event).__name__}")
+    return replace(state, version=state.version + 1, updated_at=event.at, **changes)
+
+
+def _scheduled(state: RunState, event: ev.StepScheduled) -> dict[str, Any]:
+    old = state.steps.get(event.step)
+    if event.attempt > 1:
+        if old is None or old.status != "attempt_failed" or old.attempt != event.attempt - 1:
+            raise InvalidEvent(f"retry of {event.step!r} attempt {event.attempt} does not apply")
+    elif old is not None and old.status not in ("completed", "failed"):
+        raise InvalidEvent(f"{event.step!r} scheduled while {old.status}")
+    status = {"task": "scheduled", "signal": "waiting"}.get(event.kind, "running")
+    name = event.step.partition("[")[0]
+    step = StepState(
+        key=event.step, name=name, kind=event.kind, status=status, visit=event.visit,
+        attempt=event.attempt, reason=event.reason, parent=event.parent, item=event.item,
+        items=event.items, not_before=event.not_before, max_cost=event.max_cost,
+        max_tokens=event.max_tokens,
+        waiting_since=event.at if event.kind == "signal" else None,
+    )
+    changes = _with_step(
+        state, step,
+        reserved_cost=state.reserved_cost + event.max_cost,
+        reserved_tokens=state.reserved_tokens + (event.max_tokens or 0),
+    )
+    if event.attempt == 1:
+        if event.kind in ("task", "signal"):
+            changes["steps_taken"] = state.steps_taken + 1
+        if event.parent is None:
+            visits = dict(state.visits)
+            visits[name] = event.visit
+            changes["visits"] = visits
+            changes["current"] = event.step
+        else:
+            parent = changes["steps"].get(event.parent)
+            if parent is None or parent.status != "running":
+                raise InvalidEvent(f"{event.step!r} scheduled outside its parent")
+            changes["steps"][event.parent] = replace(
+                parent, scheduled_items=parent.scheduled_items + 1)
+    else:
+        changes["retries"] = state.retries + 1
+    return changes
+
+
+def _completed(state: RunState, event: ev.StepCompleted) -> dict[str, Any]:
+    step = state.steps.get(event.step)
+    if step is None or step.status not in ("succeeded", "waiting", "running"):
+        raise InvalidEvent(f"StepCompleted for {event.step!r} does not apply")
+    changes = _with_step(state, replace(step, status="completed", output=event.output))
+    if step.parent is None:
+        outputs = dict(state.outputs)
+        outputs[step.name] = event.output
+        changes["outputs"] = outputs
+    if event.signal is not None:
+        inbox = list(state.inbox)
+        for i, (name, _payload) in enumerate(inbox):
+            if name == event.signal:
+                del inbox[i]
+                break
+        else:
+            raise InvalidEvent(f"signal {event.signal!r} consumed but none was received")
+        changes["inbox"] = tuple(inbox)
+    return changes
+
+
+def replay(events: Iterable[ev.Event], state: RunState | None = None) -> RunState:
+    """Fold a whole history (or continue from `state`)."""
+    state = state or RunState()
+    for event in events:
+        state = evolve(state, event)
+    return state

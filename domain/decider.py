@@ -335,10 +335,10 @@ def _schedule(
                               not_before=now, reason=reason, max_cost=0.0,
                               items=len(items) if isinstance(items, list) else 0)
     if not isinstance(items, list):
+        found = "missing" if items is MISSING else type(items).__name__
         return [parent, ev.StepFailed(
             at=now, step=target, visit=visit, error_type="invalid_input",
-            message=f"{step.over!r} is {type(items).__name__ if items is not MISSING else 'missing'}"
-                    ", not a list")]
+            message=f"{step.over!r} is {found}, not a list")]
     if len(items) > step.max_items:
         return [parent, ev.StepFailed(
             at=now, step=target, visit=visit, error_type="too_many_items",
@@ -386,7 +386,7 @@ def build_input(definition: Workflow, state: RunState, key: str) -> Any:
         ctx = context(state)
     spec = task.input
     if spec is None:
-        return ctx["item"] if "item" in ctx else state.input
+        return ctx.get("item", state.input)
     if isinstance(spec, str):
         value = resolve(spec, ctx)
         return None if value is MISSING else value

@@ -567,12 +567,15 @@ def _check(wf: Workflow) -> None:
                 edges[s.name].add(target)
         if s.on_failure is None and wf.on_failure in top:
             edges[s.name].add(wf.on_failure)  # type: ignore[arg-type]
-        if wf.on_limit in top:
-            edges[s.name].add(wf.on_limit)  # type: ignore[arg-type]
+    # The on_limit path is taken at most once per run, so it counts for reachability only.
+    reach = {name: set(targets) for name, targets in edges.items()}
+    if wf.on_limit in top:
+        for targets in reach.values():
+            targets.add(wf.on_limit)  # type: ignore[arg-type]
     seen = {wf.start or wf.steps[0].name}
     stack = list(seen)
     while stack:
-        for nxt in edges[stack.pop()]:
+        for nxt in reach[stack.pop()]:
             if nxt not in seen:
                 seen.add(nxt)
                 stack.append(nxt)

@@ -1,0 +1,159 @@
+"""The `rulebound` command.
+
+Errors a user can cause (a bad URL, an unknown run, a broken --app) print one line and exit
+non-zero; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from domain.errors import RuleboundError
+from engine import Engine, Registry, load_app
+
+DEFAULT_STORE = "sqlite:///rulebound.db"
+
+
+def _store(args: argparse.Namespace) -> str:
+    return args.store or os.environ.get("RULEBOUND_STORE") or DEFAULT_STORE
+
+
+def _registry(args: argparse.Namespace) -> Registry:
+    if getattr(args, "app", None):
+        return load_app(args.app)
+    from adapters.demo.run import demo_registry
+
+    return demo_registry()  # the demo's definitions, so its runs explain out of the box
+
+
+def _reader(args: argparse.Namespace) -> Engine:
+    """An engine that only reads: it does not take charge of unfinished runs."""
+    registry = _registry(args)
+    return Engine(_store(args), registry=Registry(registry._by_hash.values()), recover=False)
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    from adapters.demo.run import TICKETS, run_demo
+
+    return await run_demo(_store(args), tickets=Path(args.tickets) if args.tickets else TICKETS,
+                          explain=not args.no_explain)
+
+
+async def cmd_runs(args: argparse.Namespace) -> int:
+    async with _reader(args) as engine:
+        rows = await engine.runs(status=args.status, workflow=args.workflow, limit=args.limit)
+        counts = await engine.count_runs()
+    if args.json:
+        for row in rows:
+            print(json.dumps({"run_id": str(row.run_id), "workflow": row.workflow,
+                              "status": row.status, "version": row.version,
+                              "created_at": row.created_at.isoformat(),
+                              "updated_at": row.updated_at.isoformat()}))
+        return 0
+    table = [("RUN", "WORKFLOW", "STATUS", "EVENTS", "STARTED", "SECONDS")]
+    for row in rows:
+        seconds = (row.updated_at - row.created_at).total_seconds()
+        table.append((str(row.run_id), row.workflow, row.status, str(row.version),
+                      row.created_at.strftime("%Y-%m-%d %H:%M:%S"), f"{seconds:.3f}"))
+    _print_table(table, right={3, 5})
+    total = sum(counts.values())
+    print(f"\n{len(rows)} shown of {total} runs: "
+          + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return 0
+
+
+async def cmd_show(args: argparse.Namespace) -> int:
+    async with _reader(args) as engine:
+        view = await engine.get(args.run)
+    if args.json:
+        print(json.dumps(view.to_dict(), indent=2, default=str))
+        return 0
+    print(f"run       {view.run_id}")
+    print(f"workflow  {view.workflow} (definition {view.definition_hash[:12]})")
+    print(f"status    {view.status}" + (f" — {view.reason}" if view.reason else ""))
+    print(f"usage     ${view.usage.cost:.4f}, {view.usage.tokens_in} tokens in, "
+          f"{view.usage.tokens_out} out; {view.attempts} attempts, {view.retries} retries")
+    if view.output is not None:
+        print(f"output    {json.dumps(view.output, default=str)[:300]}")
+    table = [("STEP", "STATUS", "VISIT", "ATTEMPT", "OUTPUT / ERROR")]
+    for key, step in view.steps.items():
+        detail = step.error if step.error else step.output
+        table.append((key, step.status, str(step.visit), str(step.attempt),
+                      json.dumps(detail, default=str)[:70]))
+    print()
+    _print_table(table, right={2, 3})
+    return 0
+
+
+async def cmd_explain(args: argparse.Namespace) -> int:
+    async with _reader(args) as engine:
+        print(await engine.explain(args.run), end="")
+    return 0
+
+
+def _print_table(rows: list[tuple[str, ...]], right: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [c.rjust(w) if i in right else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        print("  ".join(cells).rstrip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rulebound", description="Event-sourced workflows: the system orchestrates, "
+                                      "the model executes.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Callable[[argparse.Namespace],
+                                             Coroutine[Any, Any, int]],
+                help: str, *, store: bool = True, app: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(handler=handler)
+        if store:
+            p.add_argument("--store", help="store URL (default: $RULEBOUND_STORE or "
+                                           f"{DEFAULT_STORE})")
+        if app:
+            p.add_argument("--app", help="a Registry to load, as module:attr or file.py:attr")
+        return p
+
+    p = command("demo", cmd_demo, "run the bundled support-triage demo")
+    p.add_argument("--tickets", help="JSON lines file of tickets (default: the bundled set)")
+    p.add_argument("--no-explain", action="store_true", help="skip the explanation at the end")
+    p = command("runs", cmd_runs, "list runs, newest first")
+    p.add_argument("--status", choices=["running", "completed", "failed", "cancelled"])
+    p.add_argument("--workflow")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    p = command("show", cmd_show, "show a run's state", app=True)
+    p.add_argument("run")
+    p.add_argument("--json", action="store_true")
+    p = command("explain", cmd_explain, "explain a run from its events", app=True)
+    p.add_argument("run")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return asyncio.run(args.handler(args))
+    except KeyboardInterrupt:
+        print("rulebound: interrupted", file=sys.stderr)
+        return 130
+    except RuleboundError as exc:
+        print(f"rulebound: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"rulebound: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,814 @@
+"""The Engine: an asyncio runtime that appends facts, asks the decider, and runs executors.
+
+The path of a run reads straight: a request or an executor result becomes an event; the
+engine folds it into the run's state, asks `advance` for the decisions, claims a dispatch
+slot for every attempt that is due (its AttemptStarted goes into the SAME write, so the
+start is durable before the executor is called), appends the whole batch, and only then
+launches the executors. Every run has a lock; runs never wait for each other, and the
+writes of many runs in the same moment share one transaction (engine.storage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any
+from uuid import UUID, uuid4, uuid5
+
+from pydantic import BaseModel, ValidationError
+
+from domain import events as ev
+from domain.decider import advance, build_input, dispatchable, timers
+from domain.definitions import Step, WaitForSignal, Workflow
+from domain.errors import CorruptRun, DefinitionError, RunNotFound
+from domain.explain import explain as explain_events
+from domain.state import RunState, evolve
+
+from . import codec
+from .clock import Clock, SystemClock
+from .errors import EngineClosed, InvalidInput, Overloaded, RunTerminal
+from .executor import ExecutorContext, ExecutorError, Result, Task
+from .ratelimit import RateLimit, SlidingWindow
+from .registry import Registry
+from .storage import StoreWorker
+from .store import ConcurrencyConflict, EventStore, Record, RunRow, StoreError
+from .stores import open_store
+from .views import RunView
+
+log = logging.getLogger("rulebound.engine")
+RUN_NAMESPACE = UUID("5b1f0c3e-7a53-4f0e-9d7c-2f1d8d6a9e11")
+_MESSAGE_LIMIT = 500
+
+
+@dataclass(slots=True)
+class _Start:
+    """An attempt claimed for dispatch: its event and the slot it holds."""
+
+    event: ev.AttemptStarted
+    key: str
+
+
+class _Run:
+    __slots__ = ("definition", "dirty", "held", "last_hash", "lock", "run_id", "state",
+                 "tasks", "timer", "waiters", "watchers")
+
+    def __init__(self, run_id: UUID, definition: Workflow | None, state: RunState,
+                 last_hash: str) -> None:
+        self.run_id = run_id
+        self.definition = definition
+        self.state = state
+        self.last_hash = last_hash
+        self.lock = asyncio.Lock()
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.waiters: list[asyncio.Future[None]] = []
+        self.watchers: list[asyncio.Queue[tuple[int, ev.Event]]] = []
+        self.timer: asyncio.TimerHandle | None = None
+        self.held: str | None = None
+        self.dirty = False
+
+
+class Engine:
+    """Run workflows durably. Use as `async with Engine(...) as engine:`.
+
+    store: a URL (`memory://`, `sqlite:///path.db`, `postgresql://...`) or an EventStore.
+    workflows / executors: what to run (or pass a `registry`).
+    max_concurrency: attempts executing at once across all runs.
+    max_active_runs: runs in flight before `start` answers Overloaded (backpressure).
+    rate_limits: per executor name, requests and tokens per window; attempts wait for it.
+    drain_timeout: on exit, how long running attempts may finish before being cancelled
+      (a cancelled attempt is marked abandoned and retried by the next engine start).
+    """
+
+    def __init__(
+        self,
+        store: str | EventStore = "sqlite:///rulebound.db",
+        workflows: Iterable[Workflow] = (),
+        executors: Mapping[str, Any] | None = None,
+        *,
+        registry: Registry | None = None,
+        rate_limits: Mapping[str, RateLimit] | None = None,
+        max_concurrency: int = 256,
+        max_active_runs: int = 100_000,
+        clock: Clock | None = None,
+        worker: str | None = None,
+        recover: bool = True,
+        drain_timeout: float = 10.0,
+        keep_finished: int = 10_000,
+    ) -> None:
+        self.registry = registry or Registry()
+        for workflow in workflows:
+            self.registry.add(workflow)
+        self.registry.executors.update(executors or {})
+        self.registry.rate_limits.update(rate_limits or {})
+        self._store_spec = store
+        self._clock = clock or SystemClock()
+        self.worker = worker or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._max_concurrency = max_concurrency
+        self._free_slots = max_concurrency
+        self._max_active = max_active_runs
+        self._recover_on_start = recover
+        self._drain_timeout = drain_timeout
+        self._keep_finished = keep_finished
+        self._runs: dict[UUID, _Run] = {}
+        self._finished: OrderedDict[UUID, RunState] = OrderedDict()
+        self._quarantined: dict[UUID, CorruptRun] = {}
+        self._starting: dict[UUID, asyncio.Future[None]] = {}
+        self._slot_waiters: OrderedDict[UUID, None] = OrderedDict()
+        self._limiters: dict[str, SlidingWindow] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._context = ExecutorContext()
+        self._storage: StoreWorker | None = None
+        self._project_wanted: asyncio.Event | None = None
+        self._closing = False
+        self._open = False
+        self.stats = {"attempts": 0, "retries": 0, "commits": 0}
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Engine:
+        await self.open()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        if self._open:
+            return
+        missing = self.registry.missing_executors()
+        if missing:
+            text = ", ".join(f"{e!r} (workflow {w!r})" for w, e in missing)
+            raise DefinitionError(f"no executor registered for {text}")
+        store = self._store_spec
+        if isinstance(store, str):
+            store = await asyncio.get_running_loop().run_in_executor(None, open_store, store)
+        self._storage = StoreWorker(store)
+        self._storage.start()
+        self._limiters = {k: SlidingWindow(v) for k, v in self.registry.rate_limits.items()}
+        for executor in self.registry.executors.values():
+            opener = getattr(executor, "open", None)
+            if opener is not None:
+                await opener(self._context)
+        self._project_wanted = asyncio.Event()
+        self._spawn(self._project_loop())
+        self._open = True
+        if self._recover_on_start:
+            await self._recover()
+
+    async def close(self) -> None:
+        """Stop starting attempts, let running ones finish (up to drain_timeout), flush."""
+        if not self._open or self._closing:
+            return
+        self._closing = True
+        in_flight = [t for run in self._runs.values() for t in run.tasks.values()]
+        if in_flight:
+            _done, pending = await asyncio.wait(in_flight, timeout=self._drain_timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for run in self._runs.values():
+            if run.timer is not None:
+                run.timer.cancel()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        assert self._storage is not None
+        with contextlib.suppress(Exception):
+            await self._storage.project()
+        for executor in self.registry.executors.values():
+            closer = getattr(executor, "close", None)
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    await closer()
+        await self._context.aclose()
+        await self._storage.close()
+        self._open = False
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    @property
+    def storage(self) -> StoreWorker:
+        if self._storage is None or not self._open:
+            raise EngineClosed("the engine is not open; use `async with Engine(...)`")
+        return self._storage
+
+    # --- the facade ---------------------------------------------------------------------
+
+    async def start(self, workflow: str, input: Any = None, idempotency_key: str | None = None
+                    ) -> UUID:
+        """Start a run of the newest version of `workflow`; the same key gives the same run."""
+        self._check_open()
+        definition = self.registry.latest(workflow)
+        checked = _validate(definition.input_schema, input, f"input of {workflow!r}")
+        if idempotency_key is not None:
+            run_id = uuid5(RUN_NAMESPACE, f"{workflow}\x00{idempotency_key}")
+            while run_id in self._starting:  # another caller is creating it right now
+                await asyncio.shield(self._starting[run_id])
+            if run_id in self._runs or run_id in self._finished:
+                return run_id
+            starting: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._starting[run_id] = starting
+            try:
+                if await self.storage.read(run_id, 0):
+                    await self._adopt(run_id)
+                    return run_id
+                await self._create(run_id, definition, checked, idempotency_key)
+            finally:
+                del self._starting[run_id]
+                starting.set_result(None)
+            return run_id
+        run_id = uuid4()
+        await self._create(run_id, definition, checked, None)
+        return run_id
+
+    async def _create(self, run_id: UUID, definition: Workflow, input: Any,
+                      key: str | None) -> None:
+        if len(self._runs) >= self._max_active:
+            raise Overloaded(f"{len(self._runs)} runs in flight (max_active_runs)", 1.0)
+        run = _Run(run_id, definition, RunState(), codec.GENESIS_HASH)
+        self._runs[run_id] = run
+        started = ev.RunStarted(
+            at=self._clock.now(), workflow=definition.name, definition_hash=definition.hash,
+            input=input, limits=definition.limits.model_dump(), idempotency_key=key,
+            seed=secrets.randbits(63))
+        try:
+            async with run.lock:
+                await self._commit(run, [started])
+        except ConcurrencyConflict:
+            # Another engine created the same idempotent run first: adopt what it wrote.
+            self._runs.pop(run_id, None)
+            await self._adopt(run_id)
+        except BaseException:
+            if run.state.version == 0:
+                self._runs.pop(run_id, None)
+            raise
+
+    async def get(self, run_id: UUID | str) -> RunView:
+        run_id = _uuid(run_id)
+        run = self._runs.get(run_id)
+        if run is not None:
+            return self._view(run)
+        if run_id in self._quarantined:
+            raise self._quarantined[run_id]
+        state = self._finished.get(run_id)
+        if state is None:
+            state, _hash = await self._load_state(run_id)
+        return RunView.of(run_id, state)
+
+    async def wait(
+        self,
+        run_id: UUID | str,
+        timeout: float | None = None,  # noqa: ASYNC109 (fixed by the facade contract)
+    ) -> RunView:
+        """Wait until the run ends (or is held); raises TimeoutError after `timeout` s."""
+        run_id = _uuid(run_id)
+        run = self._runs.get(run_id)
+        if run is None or run.state.terminal or run.held:
+            return await self.get(run_id)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        run.waiters.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        finally:
+            if waiter in run.waiters:
+                run.waiters.remove(waiter)
+        return await self.get(run_id)
+
+    async def events(self, run_id: UUID | str, after: int = 0) -> list[ev.Event]:
+        """The run's events in order (event n has sequence number n)."""
+        run_id = _uuid(run_id)
+        records = await self.storage.read(run_id, after)
+        if not records and after == 0:
+            raise RunNotFound(f"no run {run_id}")
+        return await self.storage.call(_decode_all, run_id, records)
+
+    async def watch(self, run_id: UUID | str, after: int = 0) -> AsyncIterator[ev.Event]:
+        """Events after sequence `after`, then new ones as they are appended, until the end."""
+        run_id = _uuid(run_id)
+        run = self._runs.get(run_id)
+        queue: asyncio.Queue[tuple[int, ev.Event]] = asyncio.Queue()
+        if run is not None:
+            run.watchers.append(queue)
+        try:
+            seen = after
+            records = await self.storage.read(run_id, after)
+            if not records and after == 0 and run is None:
+                raise RunNotFound(f"no run {run_id}")
+            for event in await self.storage.call(_decode_all, run_id, records):
+                seen += 1
+                yield event
+                if event.type in ev.TERMINAL_EVENTS:
+                    return
+            if run is None:
+                return
+            while True:
+                seq, event = await queue.get()
+                if seq <= seen:
+                    continue
+                seen = seq
+                yield event
+                if event.type in ev.TERMINAL_EVENTS:
+                    return
+        finally:
+            if run is not None and queue in run.watchers:
+                run.watchers.remove(queue)
+
+    async def signal(self, run_id: UUID | str, name: str, payload: Any = None) -> None:
+        run = await self._active(_uuid(run_id))
+        if run.definition is not None:
+            for st in run.state.steps.values():
+                step = run.definition.step(st.name) if st.parent is None else None
+                if st.status == "waiting" and isinstance(step, WaitForSignal) and (
+                    step.signal == name
+                ):
+                    payload = _validate(step.output, payload, f"signal {name!r}")
+        async with run.lock:
+            self._check_live(run)
+            await self._commit(run, [ev.SignalReceived(at=self._clock.now(), name=name,
+                                                       payload=payload)])
+
+    async def cancel(self, run_id: UUID | str, reason: str = "cancelled") -> None:
+        run = await self._active(_uuid(run_id))
+        async with run.lock:
+            self._check_live(run)
+            await self._commit(run, [ev.CancelRequested(at=self._clock.now(), reason=reason)])
+
+    async def explain(self, run_id: UUID | str) -> str:
+        run_id = _uuid(run_id)
+        events = await self.events(run_id)
+        definition = None
+        if events and isinstance(events[0], ev.RunStarted):
+            definition = self.registry.by_hash(events[0].definition_hash)
+        return explain_events(events, definition, run_id=str(run_id))
+
+    async def runs(self, *, status: str | None = None, workflow: str | None = None,
+                   limit: int = 100, offset: int = 0) -> list[RunRow]:
+        """Runs from the read model (brought up to date first), newest first."""
+        await self.storage.project()
+        return await self.storage.call(
+            lambda: self.storage.store.list_runs(status=status, workflow=workflow,
+                                                 limit=limit, offset=offset))
+
+    async def count_runs(self) -> dict[str, int]:
+        await self.storage.project()
+        return await self.storage.call(self.storage.store.count_runs)
+
+    def register(self, workflow: Workflow) -> None:
+        """Add a workflow version at run time; runs held for that version resume."""
+        self.registry.add(workflow)
+        for run in list(self._runs.values()):
+            if run.held and run.state.definition_hash == workflow.hash:
+                run.held = None
+                run.definition = workflow
+                self._spawn(self._resume(run))
+
+    @property
+    def active_runs(self) -> int:
+        return len(self._runs)
+
+    @property
+    def saturation(self) -> float:
+        """Busy fraction of the run capacity (for backpressure and /metrics)."""
+        return len(self._runs) / self._max_active
+
+    # --- the core: fold, decide, claim, append, launch ---------------------------------------
+
+    async def _commit(self, run: _Run, triggers: list[ev.Event]) -> None:
+        """Append `triggers` and everything they lead to, atomically. Caller holds run.lock."""
+        if run.dirty:
+            await self._reload(run)
+        if run.definition is None or run.held:
+            return
+        if run.state.terminal:
+            return
+        now = self._clock.now()
+        state = run.state
+        for event in triggers:
+            state = evolve(state, event)
+        decided, state = advance(run.definition, state, now)
+        claimed, state = self._claim(run, state, now)
+        batch: list[ev.Event] = [*triggers, *decided, *(c.event for c in claimed)]
+        if not batch:
+            self._arm_timer(run)
+            return
+        records: list[Record] = []
+        stamped: list[ev.Event] = []
+        prev = run.last_hash
+        seq = run.state.version
+        for event in batch:
+            seq += 1
+            done, data = codec.stamp(event, uuid4(), prev)
+            prev = done.hash  # type: ignore[assignment]
+            stamped.append(done)
+            records.append(Record(run.run_id, seq, event.type, data))
+        try:
+            await self.storage.append(records)
+        except BaseException:
+            for _ in claimed:
+                self._release_slot()
+            run.dirty = True  # the write may or may not have landed: read back before use
+            raise
+        run.state = state
+        run.last_hash = prev
+        self.stats["commits"] += 1
+        self._after_commit(run, stamped, claimed)
+
+    def _claim(self, run: _Run, state: RunState, now: datetime
+               ) -> tuple[list[_Start], RunState]:
+        """Take dispatch slots (and rate-limit room) for attempts that are due now."""
+        claimed: list[_Start] = []
+        if self._closing or state.terminal or run.definition is None:
+            return claimed, state
+        for st in dispatchable(state):
+            if st.not_before is not None and st.not_before > now:
+                continue
+            if self._free_slots <= 0:
+                self._slot_waiters[run.run_id] = None
+                break
+            task = run.definition.task(st.name)
+            limiter = self._limiters.get(task.executor)
+            if limiter is not None:
+                wait = limiter.try_acquire(self._clock.monotonic(), st.max_tokens or 0)
+                if wait > 0:
+                    self._arm_timer(run, now + timedelta(seconds=wait))
+                    continue
+            self._free_slots -= 1
+            deadline = now + timedelta(seconds=task.timeout)
+            assert state.started_at is not None
+            run_deadline = state.started_at + timedelta(seconds=state.limits["deadline"])
+            started = ev.AttemptStarted(
+                at=now, step=st.key, attempt=st.attempt, executor=task.executor,
+                worker=self.worker, deadline=min(deadline, run_deadline))
+            state = evolve(state, started)
+            claimed.append(_Start(started, st.key))
+        return claimed, state
+
+    def _after_commit(self, run: _Run, stamped: list[ev.Event], claimed: list[_Start]) -> None:
+        first_seq = run.state.version - len(stamped) + 1
+        for queue in run.watchers:
+            for i, event in enumerate(stamped):
+                queue.put_nowait((first_seq + i, event))
+        for event in stamped:
+            if event.type == "AttemptStarted":
+                self.stats["attempts"] += 1
+            elif event.type == "StepScheduled" and event.attempt > 1:  # type: ignore[attr-defined]
+                self.stats["retries"] += 1
+        if stamped[0].type == "RunStarted" or run.state.terminal:
+            self._poke_projector()
+        if run.state.terminal:
+            self._finish(run)
+            return
+        for start in claimed:
+            task = asyncio.get_running_loop().create_task(self._execute(run, start))
+            run.tasks[start.key] = task
+        self._arm_timer(run)
+
+    def _finish(self, run: _Run) -> None:
+        if run.timer is not None:
+            run.timer.cancel()
+            run.timer = None
+        current = asyncio.current_task()
+        for task in run.tasks.values():
+            if task is not current:
+                task.cancel()  # a cancelled run or a deadline: in-flight results are unwanted
+        for waiter in run.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        run.waiters.clear()
+        self._runs.pop(run.run_id, None)
+        self._slot_waiters.pop(run.run_id, None)
+        self._finished[run.run_id] = run.state
+        while len(self._finished) > self._keep_finished:
+            self._finished.popitem(last=False)
+
+    async def _execute(self, run: _Run, start: _Start) -> None:
+        """Run one attempt, then feed its result back as an event."""
+        definition = run.definition
+        assert definition is not None
+        st = run.state.steps[start.key]
+        step = definition.task(st.name)
+        event: ev.Event
+        began = self._clock.monotonic()
+        try:
+            task = Task(
+                run_id=run.run_id, step=start.key, attempt=st.attempt,
+                idempotency_key=f"{run.run_id}:{start.key}:{st.visit}",
+                input=build_input(definition, run.state, start.key), config=step.config,
+                output_schema=step.output, timeout=step.timeout,
+                deadline=start.event.deadline, max_tokens=st.max_tokens, max_cost=st.max_cost)
+            event = await self._call(step, task, start, began)
+        except asyncio.CancelledError:
+            self._release_slot()
+            run.tasks.pop(start.key, None)
+            raise
+        except Exception as exc:  # a bug in building the task: record it, never crash the loop
+            event = self._failure(start, "error", _short(exc), False, began)
+        self._release_slot()
+        try:
+            async with run.lock:
+                current = run.state.steps.get(start.key)
+                if (run.state.terminal or current is None or current.status != "running"
+                        or current.attempt != start.event.attempt):
+                    return  # a late result for an attempt the run no longer waits for
+                await self._commit_retrying(run, [event])
+        finally:
+            run.tasks.pop(start.key, None)
+
+    async def _call(self, step: Step, task: Task, start: _Start, began: float) -> ev.Event:
+        executor = self.registry.executors[step.executor]
+        budget = (task.deadline - self._clock.now()).total_seconds()
+        try:
+            async with asyncio.timeout(max(0.0, budget)):
+                result = await executor(task)
+        except TimeoutError:
+            return self._failure(start, "timeout", f"no result within {step.timeout:g}s",
+                                 True, began)
+        except ExecutorError as exc:
+            retry_after = (self._clock.now() + timedelta(seconds=exc.retry_after)
+                           if exc.retry_after is not None else None)
+            return self._failure(start, exc.kind, exc.message[:_MESSAGE_LIMIT], exc.retryable,
+                                 began, usage=exc.usage, retry_after=retry_after)
+        except Exception as exc:
+            return self._failure(start, "error", _short(exc), False, began)
+        if not isinstance(result, Result):
+            result = Result(output=result)
+        output = result.output
+        if step.output is not None:
+            try:
+                output = step.output.model_validate(output).model_dump(mode="json")
+            except ValidationError as exc:
+                return self._failure(start, "invalid_output", _validation_summary(exc), True,
+                                     began, usage=result.usage)
+        limiter = self._limiters.get(step.executor)
+        if limiter is not None and task.max_tokens:
+            limiter.settle(task.max_tokens, result.usage.tokens)
+        return ev.AttemptSucceeded(
+            at=self._clock.now(), step=task.step, attempt=task.attempt, output=output,
+            usage=result.usage, latency=round(self._clock.monotonic() - began, 6))
+
+    def _failure(self, start: _Start, kind: str, message: str, retryable: bool, began: float,
+                 *, usage: ev.Usage | None = None, retry_after: datetime | None = None
+                 ) -> ev.AttemptFailed:
+        return ev.AttemptFailed(
+            at=self._clock.now(), step=start.key, attempt=start.event.attempt, error_type=kind,
+            message=message, retryable=retryable, usage=usage or ev.NO_USAGE,
+            latency=round(self._clock.monotonic() - began, 6), retry_after=retry_after)
+
+    async def _commit_retrying(self, run: _Run, triggers: list[ev.Event]) -> None:
+        """Commit an executor's result; a failed write is settled by reloading, then retried."""
+        delay = 0.05
+        for attempt in range(8):
+            try:
+                await self._commit(run, triggers)
+                return
+            except (StoreError, ConcurrencyConflict) as exc:
+                log.warning("run %s: write failed (%s); reloading", run.run_id,
+                            type(exc).__name__)
+                await asyncio.sleep(delay * (attempt + 1))
+                await self._reload(run)
+                if run.state.terminal or any(
+                    run.state.steps.get(t.step) is None  # type: ignore[attr-defined]
+                    or run.state.steps[t.step].status != "running"  # type: ignore[attr-defined]
+                    for t in triggers
+                ):
+                    return  # the result landed after all, or the run moved on
+        log.error("run %s: giving up on a write; the attempt will be retried on restart",
+                  run.run_id)
+
+    def _release_slot(self) -> None:
+        self._free_slots += 1
+        while self._slot_waiters and self._free_slots > 0:
+            run_id, _ = self._slot_waiters.popitem(last=False)
+            run = self._runs.get(run_id)
+            if run is not None:
+                self._spawn(self._wake(run))
+                break  # one wake per freed slot; the woken run re-queues if it needs more
+
+    # --- time ----------------------------------------------------------------------------
+
+    def _arm_timer(self, run: _Run, at: datetime | None = None) -> None:
+        """Wake the run at its next due time (a not-before, a signal timeout, the deadline)."""
+        if run.definition is None or run.state.terminal or self._closing:
+            return
+        candidates = [when for when, _name in timers(run.definition, run.state)]
+        candidates += [st.not_before for st in dispatchable(run.state)
+                       if st.not_before is not None]
+        if at is not None:
+            candidates.append(at)
+        if run.timer is not None:
+            run.timer.cancel()
+            run.timer = None
+        if not candidates:
+            return
+        delay = max(0.0, (min(candidates) - self._clock.now()).total_seconds())
+        loop = asyncio.get_running_loop()
+        run.timer = loop.call_later(delay, self._on_timer, run)
+
+    def _on_timer(self, run: _Run) -> None:
+        run.timer = None
+        if not self._closing:
+            self._spawn(self._wake(run))
+
+    async def _wake(self, run: _Run) -> None:
+        async with run.lock:
+            if run.definition is None or run.state.terminal or self._closing:
+                return
+            now = self._clock.now()
+            fired: list[ev.Event] = [ev.TimerFired(at=now, timer=name)
+                                     for when, name in timers(run.definition, run.state)
+                                     if when <= now]
+            try:
+                await self._commit(run, fired)
+            except Exception as exc:
+                log.warning("run %s: wake-up failed (%s); will retry", run.run_id,
+                            type(exc).__name__)
+                self._arm_timer(run, self._clock.now() + timedelta(seconds=1))
+
+    # --- loading, recovery, read model ------------------------------------------------------
+
+    async def _load_state(self, run_id: UUID) -> tuple[RunState, str]:
+        try:
+            return await self.storage.call(self._load_sync, run_id)
+        except CorruptRun as exc:
+            self._quarantined[run_id] = exc
+            raise
+
+    def _load_sync(self, run_id: UUID) -> tuple[RunState, str]:
+        """Read, decode and fold a run on a reader thread (CPU work stays off the loop)."""
+        records = self.storage.store.read(run_id, 0)
+        if not records:
+            raise RunNotFound(f"no run {run_id}")
+        state = RunState()
+        last_hash = codec.GENESIS_HASH
+        for expected, record in enumerate(records, start=1):
+            if record.seq != expected:
+                raise CorruptRun(run_id, f"event {expected} is missing", seq=expected)
+            event = codec.decode(record.data, run_id=run_id, seq=record.seq)
+            try:
+                state = evolve(state, event)
+            except Exception as exc:
+                raise CorruptRun(run_id, f"cannot fold {event.type}: {exc}",
+                                 seq=record.seq) from exc
+            last_hash = event.hash or last_hash
+        return state, last_hash
+
+    async def _adopt(self, run_id: UUID) -> _Run | None:
+        """Load a run from the store and take charge of it if it is still going."""
+        if run_id in self._runs:
+            return self._runs[run_id]
+        state, last_hash = await self._load_state(run_id)
+        if state.terminal:
+            self._finished[run_id] = state
+            return None
+        definition = self.registry.by_hash(state.definition_hash)
+        run = _Run(run_id, definition, state, last_hash)
+        if definition is None:
+            run.held = (f"run {run_id} is held: workflow {state.workflow!r} version "
+                        f"{state.definition_hash[:12]} is not registered; register that "
+                        "version to resume it")
+            log.warning(run.held)
+        self._runs[run_id] = run
+        return run
+
+    async def _reload(self, run: _Run) -> None:
+        state, last_hash = await self._load_state(run.run_id)
+        run.state, run.last_hash, run.dirty = state, last_hash, False
+        if state.terminal:
+            self._finish(run)
+
+    async def _resume(self, run: _Run) -> None:
+        """After a restart: attempts that were started and never finished are abandoned."""
+        async with run.lock:
+            now = self._clock.now()
+            abandoned: list[ev.Event] = [
+                ev.AttemptAbandoned(at=now, step=st.key, attempt=st.attempt,
+                                    why="engine restarted before the attempt reported")
+                for st in run.state.steps.values()
+                if st.status == "running" and st.kind == "task" and st.key not in run.tasks
+            ]
+            await self._commit(run, abandoned)
+
+    async def _recover(self) -> None:
+        await self.storage.project()
+        offset, page = 0, 500
+        run_ids: list[UUID] = []
+        while True:
+            rows = await self.storage.call(
+                lambda o=offset: self.storage.store.list_runs(status="running", limit=page,
+                                                              offset=o))
+            run_ids += [row.run_id for row in rows]
+            if len(rows) < page:
+                break
+            offset += page
+        if run_ids:
+            log.info("recovering %d unfinished runs", len(run_ids))
+        gate = asyncio.Semaphore(16)
+
+        async def recover_one(run_id: UUID) -> None:
+            async with gate:
+                try:
+                    run = await self._adopt(run_id)
+                except CorruptRun as exc:
+                    log.error("quarantined: %s", exc)
+                    return
+                if run is not None and not run.held:
+                    await self._resume(run)
+
+        await asyncio.gather(*(recover_one(r) for r in run_ids))
+
+    def _poke_projector(self) -> None:
+        if self._project_wanted is not None:
+            self._project_wanted.set()
+
+    async def _project_loop(self) -> None:
+        assert self._project_wanted is not None
+        while True:
+            await self._project_wanted.wait()
+            self._project_wanted.clear()
+            try:
+                await self.storage.project()
+            except Exception as exc:
+                log.warning("read model update failed (%s); will retry", type(exc).__name__)
+            await asyncio.sleep(0.05)  # coalesce bursts of run starts and ends
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if not self._open or self._closing:
+            raise EngineClosed("the engine is not open; use `async with Engine(...)`")
+
+    async def _active(self, run_id: UUID) -> _Run:
+        self._check_open()
+        run = self._runs.get(run_id)
+        if run is not None:
+            self._check_live(run)
+            return run
+        if run_id in self._quarantined:
+            raise self._quarantined[run_id]
+        state = self._finished.get(run_id)
+        if state is None:
+            state, _ = await self._load_state(run_id)
+        raise RunTerminal(f"run {run_id} has ended ({state.status})")
+
+    def _check_live(self, run: _Run) -> None:
+        if run.state.terminal:
+            raise RunTerminal(f"run {run.run_id} has ended ({run.state.status})")
+        if run.held:
+            raise RunTerminal(run.held)
+
+    def _view(self, run: _Run) -> RunView:
+        waiting = tuple(
+            step.signal for st in run.state.steps.values()
+            if st.status == "waiting" and run.definition is not None
+            and isinstance(step := run.definition.step(st.name), WaitForSignal))
+        return RunView.of(run.run_id, run.state, status="held" if run.held else None,
+                          reason=run.held, waiting_for=waiting)
+
+
+def _uuid(value: UUID | str) -> UUID:
+    if isinstance(value, UUID):
+        return value
+    try:
+        return UUID(str(value))
+    except ValueError:
+        raise RunNotFound(f"{value!r} is not a run id") from None
+
+
+def _validate(schema: type[BaseModel] | None, value: Any, what: str) -> Any:
+    if schema is None:
+        return value
+    try:
+        return schema.model_validate(value).model_dump(mode="json")
+    except ValidationError as exc:
+        raise InvalidInput(f"{what}: {_validation_summary(exc)}") from None
+
+
+def _validation_summary(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(x) for x in err["loc"]) or "value"
+        parts.append(f"{loc}: {err['msg']}")
+    more = f" (+{exc.error_count() - 5} more)" if exc.error_count() > 5 else ""
+    return ("; ".join(parts) + more)[:_MESSAGE_LIMIT]
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:_MESSAGE_LIMIT]
+
+
+def _decode_all(run_id: UUID, records: list[Record]) -> list[ev.Event]:
+    return [codec.decode(r.data, run_id=run_id, seq=r.seq) for r in records]

@@ -1,0 +1,130 @@
+"""A bundle of workflows (several versions each) and executors, loadable as `module:attr`."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from domain.definitions import Step, Workflow
+from domain.errors import DefinitionError, RuleboundError
+
+from .errors import WorkflowNotFound
+from .ratelimit import RateLimit
+
+
+class Registry:
+    """Workflows by name and definition hash, and executors by name.
+
+    New runs take the newest registered version of a workflow; a run always resumes on the
+    version it started with (found by the hash recorded in its RunStarted).
+    """
+
+    def __init__(
+        self,
+        workflows: Iterable[Workflow] = (),
+        executors: Mapping[str, Any] | None = None,
+        rate_limits: Mapping[str, RateLimit] | None = None,
+    ) -> None:
+        self._versions: dict[str, list[Workflow]] = {}
+        self._by_hash: dict[str, Workflow] = {}
+        self.executors: dict[str, Any] = dict(executors or {})
+        self.rate_limits: dict[str, RateLimit] = dict(rate_limits or {})
+        for workflow in workflows:
+            self.add(workflow)
+
+    def add(self, workflow: Workflow) -> None:
+        if not isinstance(workflow, Workflow):
+            raise DefinitionError(f"expected a Workflow, got {type(workflow).__name__}")
+        versions = self._versions.setdefault(workflow.name, [])
+        if workflow.hash in self._by_hash:
+            return
+        versions.append(workflow)
+        self._by_hash[workflow.hash] = workflow
+
+    def latest(self, name: str) -> Workflow:
+        versions = self._versions.get(name)
+        if not versions:
+            known = ", ".join(sorted(self._versions)) or "none"
+            raise WorkflowNotFound(f"no workflow named {name!r} (registered: {known})")
+        return versions[-1]
+
+    def by_hash(self, definition_hash: str) -> Workflow | None:
+        return self._by_hash.get(definition_hash)
+
+    def names(self) -> list[str]:
+        return sorted(self._versions)
+
+    def versions(self, name: str) -> list[Workflow]:
+        return list(self._versions.get(name, ()))
+
+    def missing_executors(self) -> list[tuple[str, str]]:
+        """(workflow, executor) pairs whose executor is not registered."""
+        missing = []
+        for versions in self._versions.values():
+            for wf in versions:
+                for name in _executors_of(wf):
+                    if name not in self.executors:
+                        missing.append((wf.name, name))
+        return sorted(set(missing))
+
+
+def _executors_of(wf: Workflow) -> set[str]:
+    found: set[str] = set()
+    for step in wf.steps:
+        if isinstance(step, Step):
+            found.add(step.executor)
+        for child in getattr(step, "branches", ()):
+            found.add(child.executor)
+        inner = getattr(step, "step", None)
+        if isinstance(inner, Step):
+            found.add(inner.executor)
+    return found
+
+
+class AppLoadError(RuleboundError):
+    """`--app` could not be loaded; the message says what to fix."""
+
+
+def load_app(spec: str) -> Registry:
+    """Load a Registry uvicorn-style: `package.module:attr` or `path/to/file.py:attr`.
+
+    A callable attribute is called with no arguments (an app factory).
+    """
+    module_part, sep, attr = spec.rpartition(":")
+    if not sep or not module_part or not attr:
+        raise AppLoadError(f"--app {spec!r}: expected 'module:attr' or 'path/file.py:attr'")
+    try:
+        if module_part.endswith(".py") or "/" in module_part:
+            path = Path(module_part)
+            if not path.is_file():
+                raise AppLoadError(f"--app {spec!r}: no file {str(path)!r}")
+            name = f"rulebound_app_{abs(hash(path.resolve()))}"
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            if module_spec is None or module_spec.loader is None:
+                raise AppLoadError(f"--app {spec!r}: cannot load {str(path)!r}")
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            if "" not in sys.path and "." not in sys.path:
+                sys.path.insert(0, "")
+            module = importlib.import_module(module_part)
+    except AppLoadError:
+        raise
+    except ModuleNotFoundError as exc:
+        raise AppLoadError(f"--app {spec!r}: module {exc.name!r} not found") from None
+    except DefinitionError as exc:
+        raise AppLoadError(f"--app {spec!r}: invalid definition: {exc}") from None
+    obj = getattr(module, attr, None)
+    if obj is None:
+        raise AppLoadError(f"--app {spec!r}: {module_part!r} has no attribute {attr!r}")
+    if callable(obj) and not isinstance(obj, Registry):
+        obj = obj()
+    if not isinstance(obj, Registry):
+        raise AppLoadError(f"--app {spec!r}: {attr!r} is a {type(obj).__name__}, "
+                           "not a rulebound Registry")
+    return obj

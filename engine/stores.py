@@ -1,0 +1,26 @@
+"""Open a store from a URL through the `rulebound.stores` entry points.
+
+The engine never imports an adapter by name: store implementations register themselves
+under their URL scheme in pyproject.toml, and this module looks the scheme up.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from urllib.parse import urlsplit
+
+from .store import EventStore, StoreError
+
+
+def open_store(url: str) -> EventStore:
+    scheme = urlsplit(url).scheme if "://" in url else ""
+    if not scheme:
+        raise StoreError("a store URL looks like memory://, sqlite:///path.db or "
+                         "postgresql://user@host/db")
+    found = [e for e in entry_points(group="rulebound.stores") if e.name == scheme]
+    if not found:
+        known = sorted({e.name for e in entry_points(group="rulebound.stores")})
+        raise StoreError(f"no store for {scheme}:// URLs (known: {', '.join(known) or 'none'};"
+                         " is rulebound installed?)")
+    factory = found[0].load()
+    return factory(url)

@@ -98,6 +98,137 @@ async def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_serve(args: argparse.Namespace) -> int:
+    from adapters.http.server import serve
+
+    token = os.environ.get("RULEBOUND_TOKEN") or None
+    registry = _registry(args)
+    async with Engine(_store(args), registry=registry,
+                      max_active_runs=args.max_active_runs) as engine:
+        print(f"rulebound: serving {', '.join(registry.names())} on "
+              f"http://{args.host}:{args.port} (store {_redact(_store(args))}, "
+              f"auth {'on' if token else 'off'})", file=sys.stderr)
+        await serve(engine, args.host, args.port, token=token,
+                    allow_insecure=args.insecure_no_auth)
+    return 0
+
+
+async def _events_of(args: argparse.Namespace) -> list[Any]:
+    async with _reader(args) as engine:
+        return await engine.events(args.run)
+
+
+def _write_lines(path: str | None, lines: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(line, ensure_ascii=False, sort_keys=True) + "\n"
+                   for line in lines)
+    if path is None:
+        sys.stdout.write(text)
+        return
+    tmp = Path(path + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)  # a reader never sees half an export
+
+
+async def cmd_export(args: argparse.Namespace) -> int:
+    from engine.audit import export_lines
+
+    events = await _events_of(args)
+    await asyncio.to_thread(_write_lines, args.output, export_lines(str(args.run), events))
+    if args.output:
+        print(f"exported {len(events)} events to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _definition_finder(registry: Registry) -> Any:
+    def find(definition_hash: str, name: str) -> Any:
+        found = registry.by_hash(definition_hash)
+        if found is None and name in registry.names():
+            found = registry.latest(name)  # changed definition: check it and name the change
+        return found
+
+    return find
+
+
+def _print_report(report: Any, what: str) -> int:
+    if report.ok:
+        print(f"OK: {what}: {report.events} events, chain intact, fold clean, "
+              f"{report.decisions_checked} decisions re-derived "
+              f"(workflow {report.workflow!r}, definition {str(report.definition_hash)[:12]})")
+        return 0
+    for finding in report.findings:
+        print(f"FAILED: {what}: {finding}")
+    return 2
+
+
+def _read_lines(name: str) -> list[dict[str, Any]]:
+    path = Path(name)
+    if not path.is_file():
+        raise RuleboundError(f"no file {name!r}")
+    lines = []
+    with path.open(encoding="utf-8") as f:
+        for number, raw in enumerate(f, start=1):
+            if raw.strip():
+                try:
+                    lines.append(json.loads(raw))
+                except json.JSONDecodeError as exc:
+                    raise RuleboundError(f"{name}:{number}: not JSON ({exc.msg})") from None
+    return lines
+
+
+async def cmd_verify(args: argparse.Namespace) -> int:
+    from engine.audit import verify_lines
+
+    lines = await asyncio.to_thread(_read_lines, args.file)
+    report = verify_lines(lines, _definition_finder(_registry(args)))
+    return _print_report(report, args.file)
+
+
+async def cmd_replay(args: argparse.Namespace) -> int:
+    from engine.audit import export_lines, verify_lines
+
+    events = await _events_of(args)
+    report = verify_lines(export_lines(args.run, events), _definition_finder(_registry(args)))
+    if not args.verify:
+        if report.state is None:
+            return _print_report(report, f"run {args.run}")
+        state = report.state
+        print(f"run {args.run}: replayed {len(events)} events -> {state.status}; "
+              f"cost ${state.cost:.4f}, {state.steps_taken} steps, {state.retries} retries")
+        return 0
+    return _print_report(report, f"run {args.run}")
+
+
+async def cmd_graph(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    workflow = registry.latest(args.workflow)
+    taken: list[tuple[str, str]] = []
+    if args.run:
+        async with _reader(args) as engine:
+            events = await engine.events(args.run)
+        definition_hash = getattr(events[0], "definition_hash", None)
+        workflow = registry.by_hash(definition_hash) or workflow
+        taken = [(e.from_step, e.to_step) for e in events if e.type == "TransitionTaken"]
+    if args.format == "json":
+        graph = workflow.graph()
+        if args.run:
+            graph["taken"] = [{"from": a, "to": b} for a, b in taken]
+        print(json.dumps(graph, indent=2))
+    else:
+        print(workflow.mermaid(taken), end="")
+    return 0
+
+
+def _redact(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = f"{parts.username}:***@{parts.hostname}" + (
+            f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
 def _print_table(rows: list[tuple[str, ...]], right: set[int] = frozenset()) -> None:  # type: ignore[assignment]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -137,6 +268,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p = command("explain", cmd_explain, "explain a run from its events", app=True)
     p.add_argument("run")
+    p = command("serve", cmd_serve, "serve the HTTP API", app=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--max-active-runs", type=int, default=10_000,
+                   help="runs in flight before POST /v1/runs answers 503")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="allow a non-loopback address without RULEBOUND_TOKEN")
+    p = command("export", cmd_export, "write a run's events as JSON lines")
+    p.add_argument("run")
+    p.add_argument("-o", "--output", help="file to write (default: standard output)")
+    p = command("verify", cmd_verify, "check an exported log offline: chain, fold, decisions",
+                store=False, app=True)
+    p.add_argument("file")
+    p = command("replay", cmd_replay, "replay a run from the store", app=True)
+    p.add_argument("run")
+    p.add_argument("--verify", action="store_true",
+                   help="also re-derive every decision; names the first divergence")
+    p = command("graph", cmd_graph, "print a workflow's graph", app=True)
+    p.add_argument("workflow")
+    p.add_argument("--format", choices=["mermaid", "json"], default="mermaid")
+    p.add_argument("--run", help="mark the path this run took")
     return parser
 
 
@@ -152,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (OSError, ValueError) as exc:
         print(f"rulebound: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except TimeoutError:
+        print("rulebound: timed out", file=sys.stderr)
         return 1
 
 

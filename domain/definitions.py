@@ -326,7 +326,9 @@ class Workflow(_Frozen):
 
     def step(self, name: str) -> AnyStep:
         try:
-            return self._index[name]
+            # __pydantic_private__ directly: attribute access to private fields goes
+            # through BaseModel.__getattr__, which is slow on the decider's hot path.
+            return self.__pydantic_private__["_index"][name]  # type: ignore[index]
         except KeyError:
             raise DefinitionError(f"workflow {self.name!r} has no step {name!r}") from None
 
@@ -336,7 +338,9 @@ class Workflow(_Frozen):
 
     def task(self, name: str) -> Step:
         """A runnable task step by name: a top-level Step, a branch or a map template."""
-        found = self._children.get(name) or self._index.get(name)
+        private = self.__pydantic_private__
+        assert private is not None
+        found = private["_children"].get(name) or private["_index"].get(name)
         if not isinstance(found, Step):
             raise DefinitionError(f"workflow {self.name!r} has no task step {name!r}")
         return found

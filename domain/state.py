@@ -8,17 +8,31 @@ validated models) and serialise to canonical JSON for byte-equal comparisons in 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from . import events as ev
 from .errors import InvalidEvent
 
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
+_T = TypeVar("_T")
 
 
-@dataclass(frozen=True, slots=True)
+def replace(obj: _T, **changes: Any) -> _T:
+    """A changed copy of a frozen state object.
+
+    dataclasses.replace re-runs __init__ over every field (~35 here) for each event; copying
+    the instance dict is several times cheaper, and evolve runs once per event on every fold.
+    """
+    new = object.__new__(type(obj))
+    values = obj.__dict__.copy()
+    values.update(changes)
+    object.__setattr__(new, "__dict__", values)
+    return new
+
+
+@dataclass(frozen=True)
 class StepState:
     """One step key's latest visit. Keys are step names, or `name[i]` for map items.
 
@@ -47,7 +61,7 @@ class StepState:
     waiting_since: datetime | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class RunState:
     version: int = 0
     status: str = "new"

@@ -11,6 +11,7 @@ from .executor import (
     Result,
     RetryableError,
     Task,
+    Usage,
 )
 from .ratelimit import RateLimit
 from .registry import AppLoadError, Registry, load_app
@@ -40,6 +41,7 @@ __all__ = [
     "StoreError",
     "SystemClock",
     "Task",
+    "Usage",
     "WorkflowNotFound",
     "load_app",
 ]

@@ -37,7 +37,8 @@ from . import codec
 from .clock import Clock, SystemClock
 from .errors import EngineClosed, InvalidInput, Overloaded, RunTerminal
 from .executor import ExecutorContext, ExecutorError, Result, Task
-from .ratelimit import RateLimit, SlidingWindow
+from .metrics import EngineMetrics
+from .ratelimit import Admission, RateLimit, SlidingWindow
 from .registry import Registry
 from .storage import StoreWorker
 from .store import ConcurrencyConflict, EventStore, Record, RunRow, StoreError
@@ -51,15 +52,21 @@ _MESSAGE_LIMIT = 500
 
 @dataclass(slots=True)
 class _Start:
-    """An attempt claimed for dispatch: its event and the slot it holds."""
+    """An attempt claimed for dispatch: its event, and the rate-limit place it holds."""
 
     event: ev.AttemptStarted
     key: str
+    limiter: SlidingWindow | None = None
+    admission: Admission | None = None
+
+    def release(self) -> None:
+        if self.limiter is not None and self.admission is not None:
+            self.limiter.release(self.admission)
 
 
 class _Run:
     __slots__ = ("definition", "dirty", "held", "last_hash", "lock", "run_id", "state",
-                 "tasks", "timer", "waiters", "watchers")
+                 "tasks", "timer", "timer_at", "waiters", "watchers")
 
     def __init__(self, run_id: UUID, definition: Workflow | None, state: RunState,
                  last_hash: str) -> None:
@@ -72,6 +79,7 @@ class _Run:
         self.waiters: list[asyncio.Future[None]] = []
         self.watchers: list[asyncio.Queue[tuple[int, ev.Event]]] = []
         self.timer: asyncio.TimerHandle | None = None
+        self.timer_at: datetime | None = None
         self.held: str | None = None
         self.dirty = False
 
@@ -130,7 +138,9 @@ class Engine:
         self._project_wanted: asyncio.Event | None = None
         self._closing = False
         self._open = False
-        self.stats = {"attempts": 0, "retries": 0, "commits": 0}
+        self.metrics = EngineMetrics()
+        self._id_prefix = str(uuid4())[:24]  # "xxxxxxxx-xxxx-4xxx-yxxx-": version 4 kept
+        self._id_count = 0
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -194,6 +204,15 @@ class Engine:
         await self._storage.close()
         self._open = False
 
+    def _next_id(self) -> str:
+        """A unique event id (UUID text): a random per-engine prefix plus a counter.
+
+        The 74 random bits of the prefix make two engines' ids collide no more often than
+        uuid4s would, and there is no system call or UUID object per event.
+        """
+        self._id_count += 1
+        return f"{self._id_prefix}{self._id_count:012x}"
+
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
@@ -211,6 +230,11 @@ class Engine:
     async def start(self, workflow: str, input: Any = None, idempotency_key: str | None = None
                     ) -> UUID:
         """Start a run of the newest version of `workflow`; the same key gives the same run."""
+        return (await self.start_run(workflow, input, idempotency_key))[0]
+
+    async def start_run(self, workflow: str, input: Any = None,
+                        idempotency_key: str | None = None) -> tuple[UUID, bool]:
+        """`start`, also saying whether this call created the run (False: key seen before)."""
         self._check_open()
         definition = self.registry.latest(workflow)
         checked = _validate(definition.input_schema, input, f"input of {workflow!r}")
@@ -219,24 +243,24 @@ class Engine:
             while run_id in self._starting:  # another caller is creating it right now
                 await asyncio.shield(self._starting[run_id])
             if run_id in self._runs or run_id in self._finished:
-                return run_id
+                return run_id, False
             starting: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._starting[run_id] = starting
             try:
                 if await self.storage.read(run_id, 0):
                     await self._adopt(run_id)
-                    return run_id
-                await self._create(run_id, definition, checked, idempotency_key)
+                    return run_id, False
+                created = await self._create(run_id, definition, checked, idempotency_key)
             finally:
                 del self._starting[run_id]
                 starting.set_result(None)
-            return run_id
+            return run_id, created
         run_id = uuid4()
         await self._create(run_id, definition, checked, None)
-        return run_id
+        return run_id, True
 
     async def _create(self, run_id: UUID, definition: Workflow, input: Any,
-                      key: str | None) -> None:
+                      key: str | None) -> bool:
         if len(self._runs) >= self._max_active:
             raise Overloaded(f"{len(self._runs)} runs in flight (max_active_runs)", 1.0)
         run = _Run(run_id, definition, RunState(), codec.GENESIS_HASH)
@@ -252,10 +276,12 @@ class Engine:
             # Another engine created the same idempotent run first: adopt what it wrote.
             self._runs.pop(run_id, None)
             await self._adopt(run_id)
+            return False
         except BaseException:
             if run.state.version == 0:
                 self._runs.pop(run_id, None)
             raise
+        return True
 
     async def get(self, run_id: UUID | str) -> RunView:
         run_id = _uuid(run_id)
@@ -397,6 +423,11 @@ class Engine:
             return
         now = self._clock.now()
         state = run.state
+        if not triggers:
+            # A wake-up with no new fact: time itself is the trigger. Record which timers
+            # came due, so every batch of decisions in the log follows the fact it answers.
+            triggers = [ev.TimerFired(at=now, timer=name)
+                        for when, name in timers(run.definition, state) if when <= now]
         for event in triggers:
             state = evolve(state, event)
         decided, state = advance(run.definition, state, now)
@@ -406,26 +437,27 @@ class Engine:
             self._arm_timer(run)
             return
         records: list[Record] = []
-        stamped: list[ev.Event] = []
+        stamps: list[tuple[str, str]] = []
         prev = run.last_hash
         seq = run.state.version
         for event in batch:
             seq += 1
-            done, data = codec.stamp(event, uuid4(), prev)
-            prev = done.hash  # type: ignore[assignment]
-            stamped.append(done)
+            event_id = self._next_id()
+            prev, data = codec.stamp(event, event_id, prev)
+            stamps.append((event_id, prev))
             records.append(Record(run.run_id, seq, event.type, data))
         try:
             await self.storage.append(records)
         except BaseException:
-            for _ in claimed:
+            for start in claimed:
+                start.release()
                 self._release_slot()
             run.dirty = True  # the write may or may not have landed: read back before use
             raise
         run.state = state
         run.last_hash = prev
-        self.stats["commits"] += 1
-        self._after_commit(run, stamped, claimed)
+        self.metrics.commits += 1
+        self._after_commit(run, batch, stamps, claimed)
 
     def _claim(self, run: _Run, state: RunState, now: datetime
                ) -> tuple[list[_Start], RunState]:
@@ -441,9 +473,11 @@ class Engine:
                 break
             task = run.definition.task(st.name)
             limiter = self._limiters.get(task.executor)
+            admission = None
             if limiter is not None:
-                wait = limiter.try_acquire(self._clock.monotonic(), st.max_tokens or 0)
-                if wait > 0:
+                wait, admission = limiter.try_acquire(self._clock.monotonic(),
+                                                      st.max_tokens or 0)
+                if admission is None:
                     self._arm_timer(run, now + timedelta(seconds=wait))
                     continue
             self._free_slots -= 1
@@ -454,20 +488,28 @@ class Engine:
                 at=now, step=st.key, attempt=st.attempt, executor=task.executor,
                 worker=self.worker, deadline=min(deadline, run_deadline))
             state = evolve(state, started)
-            claimed.append(_Start(started, st.key))
+            claimed.append(_Start(started, st.key, limiter, admission))
         return claimed, state
 
-    def _after_commit(self, run: _Run, stamped: list[ev.Event], claimed: list[_Start]) -> None:
-        first_seq = run.state.version - len(stamped) + 1
-        for queue in run.watchers:
-            for i, event in enumerate(stamped):
-                queue.put_nowait((first_seq + i, event))
-        for event in stamped:
-            if event.type == "AttemptStarted":
-                self.stats["attempts"] += 1
-            elif event.type == "StepScheduled" and event.attempt > 1:  # type: ignore[attr-defined]
-                self.stats["retries"] += 1
-        if stamped[0].type == "RunStarted" or run.state.terminal:
+    def _after_commit(self, run: _Run, batch: list[ev.Event], stamps: list[tuple[str, str]],
+                      claimed: list[_Start]) -> None:
+        first_seq = run.state.version - len(batch) + 1
+        if run.watchers:
+            stamped = [codec.stamped(e, i, h) for e, (i, h) in zip(batch, stamps, strict=True)]
+            for queue in run.watchers:
+                for n, event in enumerate(stamped):
+                    queue.put_nowait((first_seq + n, event))
+        metrics = self.metrics
+        for event in batch:
+            if isinstance(event, ev.AttemptSucceeded | ev.AttemptFailed):
+                metrics.attempts += 1
+                metrics.attempts_failed += isinstance(event, ev.AttemptFailed)
+                metrics.cost += event.usage.cost
+                metrics.tokens += event.usage.tokens
+                metrics.latency.observe(event.latency)
+            elif isinstance(event, ev.StepScheduled) and event.attempt > 1:
+                metrics.retries += 1
+        if batch[0].type == "RunStarted" or run.state.terminal:
             self._poke_projector()
         if run.state.terminal:
             self._finish(run)
@@ -512,6 +554,7 @@ class Engine:
                 deadline=start.event.deadline, max_tokens=st.max_tokens, max_cost=st.max_cost)
             event = await self._call(step, task, start, began)
         except asyncio.CancelledError:
+            start.release()  # no-op once the call was made
             self._release_slot()
             run.tasks.pop(start.key, None)
             raise
@@ -531,6 +574,8 @@ class Engine:
     async def _call(self, step: Step, task: Task, start: _Start, began: float) -> ev.Event:
         executor = self.registry.executors[step.executor]
         budget = (task.deadline - self._clock.now()).total_seconds()
+        if start.limiter is not None and start.admission is not None:
+            start.limiter.called(start.admission, self._clock.monotonic())
         try:
             async with asyncio.timeout(max(0.0, budget)):
                 result = await executor(task)
@@ -553,9 +598,8 @@ class Engine:
             except ValidationError as exc:
                 return self._failure(start, "invalid_output", _validation_summary(exc), True,
                                      began, usage=result.usage)
-        limiter = self._limiters.get(step.executor)
-        if limiter is not None and task.max_tokens:
-            limiter.settle(task.max_tokens, result.usage.tokens)
+        if start.limiter is not None and start.admission is not None:
+            start.limiter.settle(start.admission, result.usage.tokens)
         return ev.AttemptSucceeded(
             at=self._clock.now(), step=task.step, attempt=task.attempt, output=output,
             usage=result.usage, latency=round(self._clock.monotonic() - began, 6))
@@ -609,17 +653,21 @@ class Engine:
                        if st.not_before is not None]
         if at is not None:
             candidates.append(at)
+        due = min(candidates) if candidates else None
         if run.timer is not None:
+            if due == run.timer_at:
+                return  # already armed for that moment
             run.timer.cancel()
             run.timer = None
-        if not candidates:
+        run.timer_at = due
+        if due is None:
             return
-        delay = max(0.0, (min(candidates) - self._clock.now()).total_seconds())
-        loop = asyncio.get_running_loop()
-        run.timer = loop.call_later(delay, self._on_timer, run)
+        delay = max(0.0, (due - self._clock.now()).total_seconds())
+        run.timer = asyncio.get_running_loop().call_later(delay, self._on_timer, run)
 
     def _on_timer(self, run: _Run) -> None:
         run.timer = None
+        run.timer_at = None
         if not self._closing:
             self._spawn(self._wake(run))
 
@@ -627,12 +675,8 @@ class Engine:
         async with run.lock:
             if run.definition is None or run.state.terminal or self._closing:
                 return
-            now = self._clock.now()
-            fired: list[ev.Event] = [ev.TimerFired(at=now, timer=name)
-                                     for when, name in timers(run.definition, run.state)
-                                     if when <= now]
             try:
-                await self._commit(run, fired)
+                await self._commit(run, [])  # adds TimerFired for whatever came due
             except Exception as exc:
                 log.warning("run %s: wake-up failed (%s); will retry", run.run_id,
                             type(exc).__name__)

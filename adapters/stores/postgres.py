@@ -1,0 +1,167 @@
+"""PostgreSQL store (`postgresql://user:pass@host:port/db?schema=...&lock_timeout=5`).
+
+The library's recorder serialises inserts with a table lock, so that notification ids are
+handed out in commit order; without a lock timeout a stuck writer would block every other
+one forever, hence a finite default. Notification ids may have gaps after rollbacks, which
+is why positions are always read as "greater than".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import unquote, urlsplit
+from uuid import UUID
+
+from eventsourcing.persistence import OperationalError
+from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+from psycopg.sql import SQL, Identifier
+
+from engine.store import RunChange, RunRow, StoreError
+
+from .base import RecorderStore, _safe
+
+EVENTS = "rulebound_events"
+RUNS = "rulebound_runs"
+TRACKING = "rulebound_runs_position"
+
+
+class PostgresStore(RecorderStore):
+    def __init__(self, *, dbname: str, host: str, port: int, user: str, password: str,
+                 schema: str = "public", lock_timeout: int = 5, pool_size: int = 4) -> None:
+        try:
+            self.datastore = PostgresDatastore(
+                dbname, host, port, user, password, schema=schema, lock_timeout=lock_timeout,
+                pool_size=pool_size, max_overflow=pool_size, connect_timeout=10.0,
+                idle_in_transaction_session_timeout=60.0, pool_open_timeout=10.0)
+            recorder = PostgresApplicationRecorder(self.datastore, events_table_name=EVENTS)
+            super().__init__(recorder)
+            self.schema = self.datastore.schema
+            with self.datastore.transaction(commit=True) as c:
+                c.execute(SQL("CREATE SCHEMA IF NOT EXISTS {}").format(Identifier(self.schema)))
+            self._retrying(recorder.create_table)
+            self._retrying(self._create_read_model)
+        except StoreError:
+            raise
+        except Exception as exc:  # connection refused, auth failed, ...: say so, no secrets
+            raise StoreError(f"cannot open PostgreSQL store {user}@{host}:{port}/{dbname}: "
+                             f"{_safe(exc)}") from None
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> PostgresStore:
+        parts = urlsplit(url)
+        known = {"schema", "lock_timeout", "pool_size"}
+        unknown = set(options) - known
+        if unknown:
+            raise StoreError(f"unknown PostgreSQL URL options {sorted(unknown)} "
+                             f"(known: {sorted(known)})")
+        try:
+            kwargs: dict[str, Any] = {
+                "dbname": unquote(parts.path.lstrip("/")) or "postgres",
+                "host": parts.hostname or "localhost", "port": parts.port or 5432,
+                "user": unquote(parts.username or "postgres"),
+                "password": unquote(parts.password or ""),
+            }
+            if "schema" in options:
+                kwargs["schema"] = options["schema"]
+            if "lock_timeout" in options:
+                kwargs["lock_timeout"] = int(options["lock_timeout"])
+            if "pool_size" in options:
+                kwargs["pool_size"] = int(options["pool_size"])
+        except ValueError as exc:
+            raise StoreError(f"invalid PostgreSQL URL option: {exc}") from None
+        return cls(**kwargs)
+
+    def _is_transient(self, error: OperationalError) -> bool:
+        text = str(error).lower()
+        return "lock timeout" in text or "could not obtain lock" in text or (
+            "deadlock" in text)
+
+    def _table(self, name: str) -> Any:
+        return SQL("{}.{}").format(Identifier(self.schema), Identifier(name))
+
+    def _create_read_model(self) -> None:
+        with self.datastore.transaction(commit=True) as c:
+            c.execute(SQL("CREATE TABLE IF NOT EXISTS {} (run_id uuid PRIMARY KEY, "
+                          "workflow text NOT NULL, status text NOT NULL, version bigint NOT "
+                          "NULL, created_at timestamptz NOT NULL, updated_at timestamptz NOT "
+                          "NULL)").format(self._table(RUNS)))
+            c.execute(SQL("CREATE INDEX IF NOT EXISTS {} ON {} (status, created_at)").format(
+                Identifier(f"{RUNS}_status"), self._table(RUNS)))
+            c.execute(SQL("CREATE TABLE IF NOT EXISTS {} (id int PRIMARY KEY CHECK (id = 1), "
+                          "position bigint NOT NULL)").format(self._table(TRACKING)))
+
+    def apply_run_changes(self, changes: Sequence[RunChange], position: int) -> None:
+        def apply() -> None:
+            with self.datastore.transaction(commit=True) as c:
+                c.execute(SQL("SELECT position FROM {} WHERE id = 1 FOR UPDATE").format(
+                    self._table(TRACKING)))
+                row = c.fetchone()
+                if row is not None and row["position"] >= position:
+                    return
+                runs = self._table(RUNS)
+                for ch in changes:
+                    if ch.workflow is not None:
+                        c.execute(SQL(
+                            "INSERT INTO {0} VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT (run_id) "
+                            "DO UPDATE SET status = excluded.status, version = "
+                            "excluded.version, updated_at = excluded.updated_at WHERE "
+                            "{0}.version < excluded.version").format(runs),
+                            (ch.run_id, ch.workflow, ch.status, ch.version, ch.at, ch.at))
+                    else:
+                        c.execute(SQL("UPDATE {} SET status = %s, version = %s, updated_at = %s "
+                                      "WHERE run_id = %s AND version < %s").format(runs),
+                                  (ch.status, ch.version, ch.at, ch.run_id, ch.version))
+                c.execute(SQL("INSERT INTO {} VALUES (1, %s) ON CONFLICT (id) DO UPDATE SET "
+                              "position = excluded.position").format(self._table(TRACKING)),
+                          (position,))
+
+        self._retrying(apply)
+
+    def run_changes_position(self) -> int:
+        def read() -> int:
+            with self.datastore.transaction(commit=False) as c:
+                c.execute(SQL("SELECT position FROM {} WHERE id = 1").format(
+                    self._table(TRACKING)))
+                row = c.fetchone()
+                return int(row["position"]) if row else 0
+
+        return self._retrying(read)
+
+    def list_runs(self, *, status: str | None = None, workflow: str | None = None,
+                  limit: int = 100, offset: int = 0) -> list[RunRow]:
+        where, params = [], []
+        if status is not None:
+            where.append(SQL("status = %s"))
+            params.append(status)
+        if workflow is not None:
+            where.append(SQL("workflow = %s"))
+            params.append(workflow)
+        query = SQL("SELECT * FROM {}").format(self._table(RUNS))
+        if where:
+            query = query + SQL(" WHERE ") + SQL(" AND ").join(where)
+        query = query + SQL(" ORDER BY created_at DESC, run_id DESC LIMIT %s OFFSET %s")
+
+        def read() -> list[RunRow]:
+            with self.datastore.transaction(commit=False) as c:
+                c.execute(query, (*params, limit, offset))
+                return [RunRow(r["run_id"] if isinstance(r["run_id"], UUID) else
+                               UUID(str(r["run_id"])), r["workflow"], r["status"],
+                               r["version"], r["created_at"], r["updated_at"])
+                        for r in c.fetchall()]
+
+        return self._retrying(read)
+
+    def count_runs(self) -> dict[str, int]:
+        def read() -> dict[str, int]:
+            with self.datastore.transaction(commit=False) as c:
+                c.execute(SQL("SELECT status, COUNT(*) AS n FROM {} GROUP BY status").format(
+                    self._table(RUNS)))
+                return {row["status"]: row["n"] for row in c.fetchall()}
+
+        return self._retrying(read)
+
+    def close(self) -> None:
+        if not self._closed:
+            self.datastore.close()
+        super().close()

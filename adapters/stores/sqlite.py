@@ -1,0 +1,133 @@
+"""SQLite store (`sqlite:///path.db`, the embedded default): the library's recorder, in WAL
+mode with full fsync per commit, plus a read model table in the same file.
+
+The library's recorder does not retry a lock timeout ("database is locked" after its busy
+timeout); several processes may share the file, so this adapter retries with backoff.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from uuid import UUID
+
+from eventsourcing.persistence import OperationalError
+from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteDatastore
+
+from engine.store import RunChange, RunRow, StoreError
+
+from .base import RecorderStore
+
+EVENTS = "rulebound_events"
+RUNS = "rulebound_runs"
+TRACKING = "rulebound_runs_position"
+
+
+class SQLiteStore(RecorderStore):
+    def __init__(self, path: str | os.PathLike[str], *, lock_timeout: int = 5,
+                 pool_size: int = 4) -> None:
+        path = Path(path)
+        if not path.parent.is_dir():
+            raise StoreError(f"cannot open SQLite store {str(path)!r}: folder "
+                             f"{str(path.parent)!r} does not exist")
+        self.path = path
+        try:
+            self.datastore = SQLiteDatastore(str(path), lock_timeout=lock_timeout,
+                                             pool_size=pool_size, max_overflow=4,
+                                             pool_timeout=30.0)
+            recorder = SQLiteApplicationRecorder(self.datastore, events_table_name=EVENTS)
+            super().__init__(recorder)
+            self._retrying(recorder.create_table)
+            self._retrying(self._create_read_model)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open SQLite store {str(path)!r}: {exc}") from None
+
+    def _is_transient(self, error: OperationalError) -> bool:
+        text = str(error).lower()
+        return "locked" in text or "busy" in text
+
+    def _create_read_model(self) -> None:
+        with self.datastore.transaction(commit=True) as c:
+            c.execute(f"CREATE TABLE IF NOT EXISTS {RUNS} (run_id TEXT PRIMARY KEY, "
+                      "workflow TEXT NOT NULL, status TEXT NOT NULL, version INTEGER NOT NULL, "
+                      "created_at TEXT NOT NULL, updated_at TEXT NOT NULL)")
+            c.execute(f"CREATE INDEX IF NOT EXISTS {RUNS}_status ON {RUNS} "
+                      "(status, created_at)")
+            c.execute(f"CREATE INDEX IF NOT EXISTS {RUNS}_workflow ON {RUNS} "
+                      "(workflow, created_at)")
+            c.execute(f"CREATE TABLE IF NOT EXISTS {TRACKING} (id INTEGER PRIMARY KEY "
+                      "CHECK (id = 1), position INTEGER NOT NULL)")
+
+    # --- the read model ---------------------------------------------------------------
+
+    def apply_run_changes(self, changes: Sequence[RunChange], position: int) -> None:
+        def apply() -> None:
+            with self.datastore.transaction(commit=True) as c:
+                c.execute(f"SELECT position FROM {TRACKING} WHERE id = 1")
+                row = c.fetchone()
+                if row is not None and row[0] >= position:
+                    return  # already applied (another process or a replay after a crash)
+                for ch in changes:
+                    if ch.workflow is not None:
+                        c.execute(
+                            f"INSERT INTO {RUNS} VALUES (?,?,?,?,?,?) ON CONFLICT(run_id) DO "
+                            "UPDATE SET status = excluded.status, version = excluded.version, "
+                            f"updated_at = excluded.updated_at WHERE {RUNS}.version < "
+                            "excluded.version",
+                            (ch.run_id.hex, ch.workflow, ch.status, ch.version,
+                             ch.at.isoformat(), ch.at.isoformat()))
+                    else:
+                        c.execute(f"UPDATE {RUNS} SET status = ?, version = ?, updated_at = ? "
+                                  "WHERE run_id = ? AND version < ?",
+                                  (ch.status, ch.version, ch.at.isoformat(), ch.run_id.hex,
+                                   ch.version))
+                c.execute(f"INSERT INTO {TRACKING} VALUES (1, ?) ON CONFLICT(id) DO UPDATE "
+                          "SET position = excluded.position", (position,))
+
+        self._retrying(apply)
+
+    def run_changes_position(self) -> int:
+        def read() -> int:
+            with self.datastore.transaction(commit=False) as c:
+                c.execute(f"SELECT position FROM {TRACKING} WHERE id = 1")
+                row = c.fetchone()
+                return int(row[0]) if row else 0
+
+        return self._retrying(read)
+
+    def list_runs(self, *, status: str | None = None, workflow: str | None = None,
+                  limit: int = 100, offset: int = 0) -> list[RunRow]:
+        where, params = [], []
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        if workflow is not None:
+            where.append("workflow = ?")
+            params.append(workflow)
+        sql = (f"SELECT * FROM {RUNS}" + (" WHERE " + " AND ".join(where) if where else "")
+               + " ORDER BY created_at DESC, run_id DESC LIMIT ? OFFSET ?")
+
+        def read() -> list[RunRow]:
+            with self.datastore.transaction(commit=False) as c:
+                c.execute(sql, (*params, limit, offset))
+                return [RunRow(UUID(r["run_id"]), r["workflow"], r["status"], r["version"],
+                               datetime.fromisoformat(r["created_at"]),
+                               datetime.fromisoformat(r["updated_at"])) for r in c.fetchall()]
+
+        return self._retrying(read)
+
+    def count_runs(self) -> dict[str, int]:
+        def read() -> dict[str, int]:
+            with self.datastore.transaction(commit=False) as c:
+                c.execute(f"SELECT status, COUNT(*) FROM {RUNS} GROUP BY status")
+                return {row[0]: row[1] for row in c.fetchall()}
+
+        return self._retrying(read)
+
+    def close(self) -> None:
+        if not self._closed:
+            self.datastore.close()
+        super().close()

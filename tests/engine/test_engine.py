@@ -1,0 +1,393 @@
+"""The Engine facade against real stores: runs, waits, signals, cancels, limits, timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from domain import (
+    END,
+    FAIL,
+    Limits,
+    Parallel,
+    Retry,
+    Route,
+    Step,
+    WaitForSignal,
+    Workflow,
+    field,
+)
+from domain.errors import RunNotFound
+from engine import (
+    Engine,
+    InvalidInput,
+    RateLimit,
+    Result,
+    RetryableError,
+    RunTerminal,
+    Task,
+    Usage,
+    WorkflowNotFound,
+)
+
+
+class Label(BaseModel):
+    category: str
+
+
+class Ticket(BaseModel):
+    text: str
+
+
+async def echo(task: Task) -> Any:
+    return {"seen": task.input, "step": task.step}
+
+
+def linear(n: int = 3, name: str = "linear", **step_kw: Any) -> Workflow:
+    return Workflow(name, on_failure=FAIL, steps=[
+        Step(f"s{i}", executor="echo", next=f"s{i + 1}" if i + 1 < n else END, **step_kw)
+        for i in range(n)])
+
+
+async def test_a_linear_run_completes_and_its_events_replay(store_url: str) -> None:
+    async with Engine(store_url, [linear()], {"echo": echo}) as engine:
+        run_id = await engine.start("linear", {"x": 1})
+        view = await engine.wait(run_id, timeout=10)
+        assert view.status == "completed"
+        assert view.output == {"seen": {"x": 1}, "step": "s2"}
+        events = await engine.events(run_id)
+        types = [e.type for e in events]
+        assert types[0] == "RunStarted" and types[-1] == "RunCompleted"
+        assert types.count("AttemptSucceeded") == 3
+        assert all(e.id is not None and e.hash is not None for e in events)
+        from domain.state import replay
+        from engine.views import RunView
+        assert RunView.of(run_id, replay(events)).to_dict() == view.to_dict()
+        text = await engine.explain(run_id)
+        assert "transition s0 -> s1" in text and "run completed" in text
+
+
+async def test_routes_and_schema_validated_outputs(store_url: str) -> None:
+    async def classify(task: Task) -> Result:
+        return Result({"category": "billing" if "refund" in task.input["text"] else "other"},
+                      Usage(tokens_in=10, tokens_out=5, cost=0.001))
+
+    wf = Workflow("router", input_schema=Ticket, on_failure=FAIL, steps=[
+        Step("classify", executor="classify", output=Label, cost=0.01,
+             routes=[Route("billing", when=field("classify.category") == "billing")],
+             next="other"),
+        Step("billing", executor="echo"), Step("other", executor="echo")])
+    async with Engine(store_url, [wf], {"classify": classify, "echo": echo}) as engine:
+        a = await engine.wait(await engine.start("router", {"text": "refund me"}))
+        b = await engine.wait(await engine.start("router", {"text": "hello"}))
+        assert a.output["step"] == "billing" and b.output["step"] == "other"
+        assert a.usage.cost == pytest.approx(0.001) and a.usage.tokens == 15
+        taken = [e for e in await engine.events(a.run_id) if e.type == "TransitionTaken"]
+        assert taken[0].condition == "classify.category == 'billing'"
+        assert taken[0].values == {"classify.category": "billing"}
+        with pytest.raises(InvalidInput, match="text"):
+            await engine.start("router", {"nope": 1})
+        with pytest.raises(WorkflowNotFound):
+            await engine.start("missing", {})
+
+
+async def test_schema_invalid_output_is_a_failed_attempt_then_retried(store_url: str) -> None:
+    calls: list[int] = []
+
+    async def sloppy(task: Task) -> Any:
+        calls.append(task.attempt)
+        return {"category": 3} if task.attempt == 1 else {"category": "ok"}
+
+    wf = Workflow("sloppy", on_failure=FAIL, steps=[
+        Step("s", executor="m", output=Label, retry=Retry(attempts=2, backoff=0))])
+    async with Engine(store_url, [wf], {"m": sloppy}) as engine:
+        view = await engine.wait(await engine.start("sloppy"), timeout=10)
+        assert view.status == "completed" and calls == [1, 2]
+        failed = [e for e in await engine.events(view.run_id) if e.type == "AttemptFailed"]
+        assert failed[0].error_type == "invalid_output" and "category" in failed[0].message
+
+
+async def test_a_hanging_executor_is_cancelled_at_its_deadline(store_url: str) -> None:
+    cancelled = asyncio.Event()
+
+    async def hang(task: Task) -> Any:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    wf = Workflow("hang", on_failure=FAIL, steps=[
+        Step("s", executor="hang", timeout=0.2, retry=Retry(attempts=1))])
+    async with Engine(store_url, [wf], {"hang": hang}) as engine:
+        began = time.monotonic()
+        view = await engine.wait(await engine.start("hang"), timeout=10)
+        elapsed = time.monotonic() - began
+        assert view.status == "failed" and view.error_type == "timeout"
+        assert cancelled.is_set()
+        assert 0.2 <= elapsed < 2.0
+        events = await engine.events(view.run_id)
+        started = next(e for e in events if e.type == "AttemptStarted")
+        failed = next(e for e in events if e.type == "AttemptFailed")
+        assert failed.error_type == "timeout" and failed.retryable
+        assert (failed.at - started.at).total_seconds() == pytest.approx(0.2, abs=0.15)
+    leftover = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    assert not leftover, leftover
+
+
+async def test_rate_limits_delay_and_never_drop(store_url: str) -> None:
+    calls: list[float] = []
+
+    async def call(task: Task) -> Any:
+        calls.append(time.monotonic())
+        return {}
+
+    wf = Workflow("limited", on_failure=FAIL, steps=[Step("s", executor="api")])
+    limit = RateLimit(requests=4, per=0.5)
+    async with Engine(store_url, [wf], {"api": call}, rate_limits={"api": limit}) as engine:
+        ids = [await engine.start("limited", {"i": i}) for i in range(14)]
+        views = [await engine.wait(r, timeout=20) for r in ids]
+    assert all(v.status == "completed" for v in views)
+    assert len(calls) == 14
+    calls.sort()
+    for i, t in enumerate(calls):  # no 0.5 s window ever holds more than 4 calls
+        assert sum(1 for u in calls[i:] if u - t < limit.per - 0.01) <= limit.requests
+    assert calls[-1] - calls[0] >= 3 * limit.per - 0.05  # it was delayed, not dropped
+
+
+async def test_idempotent_start_under_50_concurrent_calls(sqlite_url: str) -> None:
+    async with Engine(sqlite_url, [linear()], {"echo": echo}) as engine:
+        ids = await asyncio.gather(*(engine.start("linear", {"x": 1}, idempotency_key="k-1")
+                                     for _ in range(50)))
+        assert len(set(ids)) == 1
+        await engine.wait(ids[0], timeout=10)
+        events = await engine.events(ids[0])
+        assert sum(1 for e in events if e.type == "RunStarted") == 1
+    async with Engine(sqlite_url, [linear()], {"echo": echo}) as engine:  # and after restart
+        again = await engine.start("linear", {"x": 1}, idempotency_key="k-1")
+        assert again == ids[0]
+        assert len(await engine.events(again)) == len(events)
+
+
+async def test_signals_reach_a_waiting_step_and_terminal_runs_refuse_them(
+    store_url: str,
+) -> None:
+    class Approval(BaseModel):
+        approved: bool
+
+    wf = Workflow("approve", on_failure=FAIL, steps=[
+        Step("prepare", executor="echo", next="wait"),
+        WaitForSignal("wait", signal="approval", timeout=30, output=Approval,
+                      routes=[Route("yes", when=field("wait.approved").is_true())], next="no"),
+        Step("yes", executor="echo"), Step("no", executor="echo")])
+    async with Engine(store_url, [wf], {"echo": echo}) as engine:
+        run_id = await engine.start("approve", {})
+        for _ in range(100):
+            if (await engine.get(run_id)).waiting_for == ("approval",):
+                break
+            await asyncio.sleep(0.01)
+        with pytest.raises(InvalidInput, match="approved"):
+            await engine.signal(run_id, "approval", {"approved": "maybe?"})
+        await engine.signal(run_id, "approval", {"approved": True})
+        view = await engine.wait(run_id, timeout=10)
+        assert view.output["step"] == "yes"
+        with pytest.raises(RunTerminal):
+            await engine.signal(run_id, "approval", {"approved": True})
+        with pytest.raises(RunTerminal):
+            await engine.cancel(run_id)
+        with pytest.raises(RunNotFound):
+            await engine.get("not-a-uuid")
+
+
+async def test_signal_timeout_follows_the_timeout_path(store_url: str) -> None:
+    wf = Workflow("timeout", on_failure=FAIL, steps=[
+        WaitForSignal("wait", signal="go", timeout=0.2, on_timeout="late"),
+        Step("late", executor="echo")])
+    async with Engine(store_url, [wf], {"echo": echo}) as engine:
+        view = await engine.wait(await engine.start("timeout"), timeout=10)
+        assert view.status == "completed" and view.output["step"] == "late"
+        types = [e.type for e in await engine.events(view.run_id)]
+        assert "TimerFired" in types
+
+
+async def test_cancel_stops_in_flight_work(store_url: str) -> None:
+    started = asyncio.Event()
+
+    async def slow(task: Task) -> Any:
+        started.set()
+        await asyncio.sleep(3600)
+
+    wf = Workflow("slow", on_failure=FAIL, steps=[
+        Parallel("both", branches=[Step("a", executor="slow"), Step("b", executor="slow")])])
+    async with Engine(store_url, [wf], {"slow": slow}) as engine:
+        run_id = await engine.start("slow")
+        await asyncio.wait_for(started.wait(), 5)
+        await engine.cancel(run_id, "user changed their mind")
+        view = await engine.wait(run_id, timeout=5)
+        assert view.status == "cancelled" and view.reason == "user changed their mind"
+        last = (await engine.events(run_id))[-1]
+        assert last.type == "RunCancelled" and sorted(last.in_flight) == ["a", "b"]
+
+
+async def test_budget_limit_stops_a_run_before_it_overspends(store_url: str) -> None:
+    async def costly(task: Task) -> Result:
+        assert task.max_cost == 0.4 and task.max_tokens == 100
+        return Result({}, Usage(tokens_in=50, tokens_out=50, cost=0.3))
+
+    wf = Workflow("budget", limits=Limits(max_cost=1.0), on_failure=FAIL, steps=[
+        Step(f"s{i}", executor="llm", cost=0.4, max_tokens=100,
+             next=f"s{i + 1}" if i < 4 else END) for i in range(5)])
+    async with Engine(store_url, [wf], {"llm": costly}) as engine:
+        view = await engine.wait(await engine.start("budget"), timeout=10)
+        assert view.status == "failed" and view.error_type == "cost_limit"
+        assert view.usage.cost <= 1.0
+        limit = next(e for e in await engine.events(view.run_id) if e.type == "LimitReached")
+        assert limit.limit == "cost" and limit.step == "s3"  # 3 x 0.3 spent, 0.4 > 0.1 left
+
+
+async def test_retryable_failures_retry_with_recorded_backoff(store_url: str) -> None:
+    async def flaky(task: Task) -> Any:
+        if task.attempt < 3:
+            raise RetryableError("503", kind="server_error", retry_after=0.05)
+        return {"attempt": task.attempt, "key": task.idempotency_key}
+
+    wf = Workflow("flaky", on_failure=FAIL, steps=[
+        Step("s", executor="flaky", retry=Retry(attempts=3, backoff=0.01))])
+    async with Engine(store_url, [wf], {"flaky": flaky}) as engine:
+        view = await engine.wait(await engine.start("flaky"), timeout=10)
+        assert view.status == "completed" and view.output["attempt"] == 3
+        assert view.output["key"] == f"{view.run_id}:s:1"  # stable across retries
+        events = await engine.events(view.run_id)
+        retries = [e for e in events if e.type == "StepScheduled" and e.attempt > 1]
+        assert len(retries) == 2
+        for retry in retries:
+            assert (retry.not_before - retry.at).total_seconds() >= 0.049
+            started = next(e for e in events if e.type == "AttemptStarted"
+                           and e.attempt == retry.attempt)
+            assert started.at >= retry.not_before  # nothing is sent before the hint
+
+
+async def test_restart_abandons_in_flight_attempts_and_resumes(sqlite_url: str) -> None:
+    release = asyncio.Event()
+    first_call = asyncio.Event()
+    seen: list[tuple[str, int]] = []
+
+    async def blocking(task: Task) -> Any:
+        seen.append((task.step, task.attempt))
+        first_call.set()
+        await release.wait()
+        return {}
+
+    wf = linear(2, retry=Retry(attempts=3, backoff=0))
+    async with Engine(sqlite_url, [wf], {"echo": blocking}, drain_timeout=0.05) as engine:
+        run_id = await engine.start("linear")
+        await asyncio.wait_for(first_call.wait(), 5)
+    release.set()
+    async with Engine(sqlite_url, [wf], {"echo": blocking}) as engine:
+        view = await engine.wait(run_id, timeout=10)
+        assert view.status == "completed"
+        types = [e.type for e in await engine.events(run_id)]
+        assert types.count("AttemptAbandoned") == 1
+    assert seen[:2] == [("s0", 1), ("s0", 2)]
+
+
+async def test_runs_on_an_unregistered_version_are_held_until_it_returns(
+    sqlite_url: str,
+) -> None:
+    release = asyncio.Event()
+
+    async def blocking(task: Task) -> Any:
+        await release.wait()
+        return {}
+
+    v1 = linear(2, timeout=5.0)
+    v2 = linear(2, timeout=6.0)
+    assert v1.hash != v2.hash
+    async with Engine(sqlite_url, [v1], {"echo": blocking}, drain_timeout=0.01) as engine:
+        run_id = await engine.start("linear")
+        await asyncio.sleep(0.05)
+    release.set()
+    async with Engine(sqlite_url, [v2], {"echo": blocking}) as engine:
+        view = await engine.get(run_id)
+        assert view.status == "held" and "not registered" in (view.reason or "")
+        new = await engine.wait(await engine.start("linear"), timeout=5)
+        assert new.definition_hash == v2.hash and new.status == "completed"
+        engine.register(v1)
+        resumed = await engine.wait(run_id, timeout=5)
+        assert resumed.status == "completed" and resumed.definition_hash == v1.hash
+
+
+async def test_a_corrupt_run_is_quarantined_and_others_go_on(sqlite_url: str) -> None:
+    import sqlite3
+
+    release = asyncio.Event()
+
+    async def blocking(task: Task) -> Any:
+        await release.wait()
+        return {}
+
+    wf = linear(2)
+    async with Engine(sqlite_url, [wf], {"echo": blocking}, drain_timeout=0.01) as engine:
+        bad = await engine.start("linear", {"n": "bad"})
+        good = await engine.start("linear", {"n": "good"})
+        await asyncio.sleep(0.05)
+    path = sqlite_url.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as db:
+        tables = [r[0] for r in db.execute("select name from sqlite_master where type='table'")]
+        table = next(t for t in tables if "event" in t.lower())
+        db.execute(f"update {table} set state = ? where originator_id = ? and "
+                   "originator_version = 2", (b"{not json", bad.hex))
+        if db.total_changes == 0:
+            db.execute(f"update {table} set state = ? where originator_id = ? and "
+                       "originator_version = 2", (b"{not json", str(bad)))
+        assert db.total_changes == 1
+    release.set()
+    async with Engine(sqlite_url, [wf], {"echo": blocking}) as engine:
+        assert (await engine.wait(good, timeout=5)).status == "completed"
+        from domain.errors import CorruptRun
+        with pytest.raises(CorruptRun, match=str(bad)):
+            await engine.get(bad)
+
+
+async def test_watch_streams_events_until_the_end(store_url: str) -> None:
+    gate = asyncio.Event()
+
+    async def gated(task: Task) -> Any:
+        await gate.wait()
+        return {}
+
+    async with Engine(store_url, [linear(2)], {"echo": gated}) as engine:
+        run_id = await engine.start("linear")
+        seen: list[str] = []
+
+        async def follow() -> None:
+            async for event in engine.watch(run_id):
+                seen.append(event.type)
+
+        follower = asyncio.create_task(follow())
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.wait_for(follower, 5)
+        assert seen == [e.type for e in await engine.events(run_id)]
+        assert seen[-1] == "RunCompleted"
+
+
+async def test_the_read_model_lists_runs_by_status(store_url: str) -> None:
+    async def boom(task: Task) -> Any:
+        raise RuntimeError("no")
+
+    wf = Workflow("boom", on_failure=FAIL, steps=[Step("s", executor="boom",
+                                                       retry=Retry(attempts=1))])
+    async with Engine(store_url, [linear(1), wf], {"echo": echo, "boom": boom}) as engine:
+        ok = [await engine.start("linear") for _ in range(3)]
+        bad = await engine.start("boom")
+        for r in [*ok, bad]:
+            await engine.wait(r, timeout=5)
+        assert {r.run_id for r in await engine.runs(status="completed")} == set(ok)
+        assert [r.run_id for r in await engine.runs(status="failed")] == [bad]
+        assert [r.run_id for r in await engine.runs(workflow="boom")] == [bad]
+        assert await engine.count_runs() == {"completed": 3, "failed": 1}

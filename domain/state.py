@@ -7,7 +7,7 @@ validated models) and serialise to canonical JSON for byte-equal comparisons in 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
@@ -143,97 +143,96 @@ def evolve(state: RunState, event: ev.Event) -> RunState:
     """Fold one event into the run's state. Raises InvalidEvent if it cannot apply."""
     if state.terminal:
         raise InvalidEvent(f"{event.type} after the run ended ({state.status})")
-    if state.status == "new" and not isinstance(event, ev.RunStarted):
+    if state.status == "new" and event.type != "RunStarted":
         raise InvalidEvent(f"{event.type} before RunStarted")
-    changes: dict[str, Any]
-    match event:
-        case ev.RunStarted():
-            if state.status != "new":
-                raise InvalidEvent("RunStarted twice")
-            changes = {
-                "status": "running", "workflow": event.workflow,
-                "definition_hash": event.definition_hash, "input": event.input,
-                "limits": dict(event.limits), "seed": event.seed,
-                "idempotency_key": event.idempotency_key, "started_at": event.at,
-            }
-        case ev.StepScheduled():
-            changes = _scheduled(state, event)
-        case ev.AttemptStarted():
-            step = _expect(state, event.step, event.attempt, ("scheduled",), event)
-            changes = _with_step(state, replace(
-                step, status="running", deadline=event.deadline, executor=event.executor),
-                attempts=state.attempts + 1)
-        case ev.AttemptSucceeded():
-            step = _expect(state, event.step, event.attempt, ("running",), event)
-            reserved_cost, reserved_tokens = _release(state, step)
-            changes = _with_step(
-                state, replace(step, status="succeeded", output=event.output, error=None),
-                cost=state.cost + event.usage.cost,
-                tokens_in=state.tokens_in + event.usage.tokens_in,
-                tokens_out=state.tokens_out + event.usage.tokens_out,
-                reserved_cost=reserved_cost, reserved_tokens=reserved_tokens)
-        case ev.AttemptFailed():
-            step = _expect(state, event.step, event.attempt, ("running",), event)
-            reserved_cost, reserved_tokens = _release(state, step)
-            error = {"step": step.key, "type": event.error_type, "message": event.message,
-                     "retryable": event.retryable,
-                     "retry_after": event.retry_after.isoformat() if event.retry_after else None}
-            changes = _with_step(
-                state, replace(step, status="attempt_failed", error=error),
-                cost=state.cost + event.usage.cost,
-                tokens_in=state.tokens_in + event.usage.tokens_in,
-                tokens_out=state.tokens_out + event.usage.tokens_out,
-                reserved_cost=reserved_cost, reserved_tokens=reserved_tokens)
-        case ev.AttemptAbandoned():
-            # What an abandoned attempt spent is unknown: charge its worst case (hard budget).
-            step = _expect(state, event.step, event.attempt, ("running",), event)
-            reserved_cost, reserved_tokens = _release(state, step)
-            error = {"step": step.key, "type": "abandoned", "message": event.why,
-                     "retryable": True, "retry_after": None}
-            changes = _with_step(
-                state, replace(step, status="attempt_failed", error=error),
-                cost=state.cost + step.max_cost,
-                tokens_out=state.tokens_out + (step.max_tokens or 0),
-                reserved_cost=reserved_cost, reserved_tokens=reserved_tokens)
-        case ev.StepCompleted():
-            changes = _completed(state, event)
-        case ev.StepFailed():
-            step = _expect(state, event.step, None,
-                           ("attempt_failed", "waiting", "running", "scheduled"), event)
-            error = {"step": step.key, "type": event.error_type, "message": event.message}
-            changes = _with_step(state, replace(step, status="failed", error=error))
-            if step.parent is None:
-                changes["last_error"] = error
-        case ev.TransitionTaken():
-            changes = {"current": None}
-        case ev.SignalReceived():
-            signals = dict(state.signals)
-            signals[event.name] = event.payload
-            changes = {"inbox": (*state.inbox, (event.name, event.payload)), "signals": signals}
-        case ev.TimerFired():
-            changes = {}
-        case ev.LimitReached():
-            changes = {"limit": {"kind": event.limit, "limit": event.limit_value,
-                                 "used": event.used, "step": event.step}}
-            parent = state.steps.get(event.step) if event.step else None
-            if parent is not None and parent.status == "running" and parent.kind == "map":
-                # A map that cannot afford its next item stops scheduling and fails at the join.
-                error = {"step": parent.key, "type": f"{event.limit}_limit",
-                         "message": f"{event.limit} limit reached"}
-                changes.update(_with_step(state, replace(parent, error=error)))
-        case ev.CancelRequested():
-            changes = {"cancel_reason": event.reason}
-        case ev.RunCompleted():
-            changes = {"status": "completed", "output": event.output, "reason": event.reason,
-                       "current": None}
-        case ev.RunFailed():
-            changes = {"status": "failed", "error_type": event.error_type,
-                       "reason": event.reason, "current": None}
-        case ev.RunCancelled():
-            changes = {"status": "cancelled", "reason": event.reason, "current": None}
-        case _:
-            raise InvalidEvent(f"unknown event {type(event).__name__}")
-    return replace(state, version=state.version + 1, updated_at=event.at, **changes)
+    fold = _FOLDS.get(type(event))
+    if fold is None:
+        raise InvalidEvent(f"unknown event {type(event).__name__}")
+    return replace(state, version=state.version + 1, updated_at=event.at, **fold(state, event))
+
+
+def _run_started(state: RunState, event: ev.RunStarted) -> dict[str, Any]:
+    if state.status != "new":
+        raise InvalidEvent("RunStarted twice")
+    return {
+        "status": "running", "workflow": event.workflow,
+        "definition_hash": event.definition_hash, "input": event.input,
+        "limits": dict(event.limits), "seed": event.seed,
+        "idempotency_key": event.idempotency_key, "started_at": event.at,
+    }
+
+
+def _attempt_started(state: RunState, event: ev.AttemptStarted) -> dict[str, Any]:
+    step = _expect(state, event.step, event.attempt, ("scheduled",), event)
+    return _with_step(state, replace(
+        step, status="running", deadline=event.deadline, executor=event.executor),
+        attempts=state.attempts + 1)
+
+
+def _attempt_succeeded(state: RunState, event: ev.AttemptSucceeded) -> dict[str, Any]:
+    step = _expect(state, event.step, event.attempt, ("running",), event)
+    reserved_cost, reserved_tokens = _release(state, step)
+    return _with_step(
+        state, replace(step, status="succeeded", output=event.output, error=None),
+        cost=state.cost + event.usage.cost,
+        tokens_in=state.tokens_in + event.usage.tokens_in,
+        tokens_out=state.tokens_out + event.usage.tokens_out,
+        reserved_cost=reserved_cost, reserved_tokens=reserved_tokens)
+
+
+def _attempt_failed(state: RunState, event: ev.AttemptFailed) -> dict[str, Any]:
+    step = _expect(state, event.step, event.attempt, ("running",), event)
+    reserved_cost, reserved_tokens = _release(state, step)
+    error = {"step": step.key, "type": event.error_type, "message": event.message,
+             "retryable": event.retryable,
+             "retry_after": event.retry_after.isoformat() if event.retry_after else None}
+    return _with_step(
+        state, replace(step, status="attempt_failed", error=error),
+        cost=state.cost + event.usage.cost,
+        tokens_in=state.tokens_in + event.usage.tokens_in,
+        tokens_out=state.tokens_out + event.usage.tokens_out,
+        reserved_cost=reserved_cost, reserved_tokens=reserved_tokens)
+
+
+def _attempt_abandoned(state: RunState, event: ev.AttemptAbandoned) -> dict[str, Any]:
+    # What an abandoned attempt spent is unknown: charge its worst case (hard budget).
+    step = _expect(state, event.step, event.attempt, ("running",), event)
+    reserved_cost, reserved_tokens = _release(state, step)
+    error = {"step": step.key, "type": "abandoned", "message": event.why,
+             "retryable": True, "retry_after": None}
+    return _with_step(
+        state, replace(step, status="attempt_failed", error=error),
+        cost=state.cost + step.max_cost,
+        tokens_out=state.tokens_out + (step.max_tokens or 0),
+        reserved_cost=reserved_cost, reserved_tokens=reserved_tokens)
+
+
+def _step_failed(state: RunState, event: ev.StepFailed) -> dict[str, Any]:
+    step = _expect(state, event.step, None,
+                   ("attempt_failed", "waiting", "running", "scheduled"), event)
+    error = {"step": step.key, "type": event.error_type, "message": event.message}
+    changes = _with_step(state, replace(step, status="failed", error=error))
+    if step.parent is None:
+        changes["last_error"] = error
+    return changes
+
+
+def _signal_received(state: RunState, event: ev.SignalReceived) -> dict[str, Any]:
+    signals = dict(state.signals)
+    signals[event.name] = event.payload
+    return {"inbox": (*state.inbox, (event.name, event.payload)), "signals": signals}
+
+
+def _limit_reached(state: RunState, event: ev.LimitReached) -> dict[str, Any]:
+    changes: dict[str, Any] = {"limit": {"kind": event.limit, "limit": event.limit_value,
+                                         "used": event.used, "step": event.step}}
+    parent = state.steps.get(event.step) if event.step else None
+    if parent is not None and parent.status == "running" and parent.kind == "map":
+        # A map that cannot afford its next item stops scheduling and fails at the join.
+        error = {"step": parent.key, "type": f"{event.limit}_limit",
+                 "message": f"{event.limit} limit reached"}
+        changes.update(_with_step(state, replace(parent, error=error)))
+    return changes
 
 
 def _scheduled(state: RunState, event: ev.StepScheduled) -> dict[str, Any]:
@@ -295,6 +294,29 @@ def _completed(state: RunState, event: ev.StepCompleted) -> dict[str, Any]:
             raise InvalidEvent(f"signal {event.signal!r} consumed but none was received")
         changes["inbox"] = tuple(inbox)
     return changes
+
+
+_FOLDS: dict[type[ev.Event], Callable[[RunState, Any], dict[str, Any]]] = {
+    ev.RunStarted: _run_started,
+    ev.StepScheduled: _scheduled,
+    ev.AttemptStarted: _attempt_started,
+    ev.AttemptSucceeded: _attempt_succeeded,
+    ev.AttemptFailed: _attempt_failed,
+    ev.AttemptAbandoned: _attempt_abandoned,
+    ev.StepCompleted: _completed,
+    ev.StepFailed: _step_failed,
+    ev.TransitionTaken: lambda state, event: {"current": None},
+    ev.SignalReceived: _signal_received,
+    ev.TimerFired: lambda state, event: {},
+    ev.LimitReached: _limit_reached,
+    ev.CancelRequested: lambda state, event: {"cancel_reason": event.reason},
+    ev.RunCompleted: lambda state, event: {"status": "completed", "output": event.output,
+                                           "reason": event.reason, "current": None},
+    ev.RunFailed: lambda state, event: {"status": "failed", "error_type": event.error_type,
+                                        "reason": event.reason, "current": None},
+    ev.RunCancelled: lambda state, event: {"status": "cancelled", "reason": event.reason,
+                                           "current": None},
+}
 
 
 def replay(events: Iterable[ev.Event], state: RunState | None = None) -> RunState:

@@ -33,7 +33,9 @@ class PostgresStore(RecorderStore):
             self.datastore = PostgresDatastore(
                 dbname, host, port, user, password, schema=schema, lock_timeout=lock_timeout,
                 pool_size=pool_size, max_overflow=pool_size, connect_timeout=10.0,
-                idle_in_transaction_session_timeout=60.0, pool_open_timeout=10.0)
+                idle_in_transaction_session_timeout=60.0)
+            # No pool_open_timeout: with it the library calls pool.wait() on every
+            # connection, and psycopg-pool's wait() fails when two threads call it at once.
             recorder = PostgresApplicationRecorder(self.datastore, events_table_name=EVENTS)
             super().__init__(recorder)
             self.schema = self.datastore.schema

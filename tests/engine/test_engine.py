@@ -391,3 +391,52 @@ async def test_the_read_model_lists_runs_by_status(store_url: str) -> None:
         assert [r.run_id for r in await engine.runs(status="failed")] == [bad]
         assert [r.run_id for r in await engine.runs(workflow="boom")] == [bad]
         assert await engine.count_runs() == {"completed": 3, "failed": 1}
+
+
+async def test_signal_waits_and_timers_survive_a_restart(sqlite_url: str) -> None:
+    wf = Workflow("waits", on_failure=FAIL, steps=[
+        WaitForSignal("wait", signal="go", timeout=0.6, on_timeout="late", next="on_time"),
+        Step("on_time", executor="echo"), Step("late", executor="echo")])
+    async with Engine(sqlite_url, [wf], {"echo": echo}) as engine:
+        signalled = await engine.start("waits", {"n": 1})
+        timed_out = await engine.start("waits", {"n": 2})
+        await asyncio.sleep(0.05)
+    # The engine is gone; the waits are only in the log now.
+    async with Engine(sqlite_url, [wf], {"echo": echo}) as engine:
+        assert (await engine.get(signalled)).waiting_for == ("go",)
+        await engine.signal(signalled, "go", {"ok": True})
+        assert (await engine.wait(signalled, timeout=5)).output["step"] == "on_time"
+        view = await engine.wait(timed_out, timeout=5)  # its timer was re-armed from the log
+        assert view.output["step"] == "late"
+        timer = [e for e in await engine.events(timed_out) if e.type == "TimerFired"]
+        assert [t.timer for t in timer] == ["signal:wait"]
+
+
+async def test_a_retry_backoff_survives_a_restart(sqlite_url: str) -> None:
+    calls: list[int] = []
+
+    async def flaky(task: Task) -> Any:
+        calls.append(task.attempt)
+        if task.attempt == 1:
+            raise RetryableError("busy", kind="server_error", retry_after=0.5)
+        return {"attempt": task.attempt}
+
+    wf = Workflow("backoff", on_failure=FAIL, steps=[
+        Step("s", executor="flaky", retry=Retry(attempts=2, backoff=0))])
+    async with Engine(sqlite_url, [wf], {"flaky": flaky}) as engine:
+        run_id = await engine.start("backoff")
+        await asyncio.sleep(0.1)
+    assert calls == [1]
+    async with Engine(sqlite_url, [wf], {"flaky": flaky}) as engine:
+        view = await engine.wait(run_id, timeout=5)
+    assert view.output == {"attempt": 2}
+    assert calls == [1, 2]
+    events = await _events(sqlite_url, run_id)
+    retry = next(e for e in events if e.type == "StepScheduled" and e.attempt == 2)
+    started = next(e for e in events if e.type == "AttemptStarted" and e.attempt == 2)
+    assert started.at >= retry.not_before
+
+
+async def _events(url: str, run_id: Any) -> list[Any]:
+    async with Engine(url, recover=False) as engine:
+        return await engine.events(run_id)

@@ -1,0 +1,198 @@
+"""Property-test your own workflows before production.
+
+    from engine.testing import check_workflow
+    check_workflow(triage, outputs={"classify": st.builds(Label)}, max_examples=300)
+
+drives the definition through the real decider (via `domain.Simulator`) with
+hypothesis-generated executor outcomes — schema-valid successes, retryable and permanent
+failures, timeouts with Retry-After hints, signals, timers, cancellations, crashes followed by
+recovery — and after every step checks the invariants rulebound promises:
+
+- replaying the log gives exactly the live state (canonical JSON, byte for byte);
+- a finished run never changes again;
+- no step is visited more often than its visit limit allows;
+- no attempt is scheduled whose worst case would break the budget;
+- the run ends within its limits;
+- re-deciding the recorded history reproduces every recorded decision.
+
+A failure is shrunk by hypothesis to a minimal sequence of outcomes and raised as
+`InvariantViolated` naming the invariant. Needs `hypothesis` (a test dependency).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+
+from domain import events as ev
+from domain.decider import decide
+from domain.definitions import Map, Parallel, Step, WaitForSignal, Workflow
+from domain.errors import RuleboundError
+from domain.simulator import Simulator
+from domain.state import RunState, evolve, replay
+
+_EPS = 1e-9
+
+
+class InvariantViolated(RuleboundError, AssertionError):
+    """A workflow broke one of rulebound's invariants under some sequence of outcomes."""
+
+
+def canonical_state(state: RunState) -> bytes:
+    return orjson.dumps(state.to_dict(), option=orjson.OPT_SORT_KEYS)
+
+
+def decision_batches(history: Sequence[ev.Event]) -> list[tuple[int, int]]:
+    """(start, end) index ranges of the decider's batches: maximal runs of decider events."""
+    batches, i = [], 0
+    while i < len(history):
+        if history[i].type in ev.DECIDER_EVENTS:
+            j = i
+            while j < len(history) and history[j].type in ev.DECIDER_EVENTS:
+                j += 1
+            batches.append((i, j))
+            i = j
+        else:
+            i += 1
+    return batches
+
+
+def check_history(definition: Workflow, history: Sequence[ev.Event],
+                  live: RunState | None = None) -> None:
+    """Check a whole recorded history against every invariant; raise on the first breach."""
+    state = RunState()
+    limits = definition.limits
+    first_visits: dict[str, int] = {}
+    for index, event in enumerate(history):
+        if state.terminal:
+            raise InvariantViolated(f"event {index + 1} ({event.type}) after the run ended")
+        if isinstance(event, ev.StepScheduled):
+            left_cost = limits.max_cost - state.cost - state.reserved_cost
+            if event.max_cost > left_cost + _EPS:
+                raise InvariantViolated(
+                    f"event {index + 1}: {event.step} scheduled with worst case "
+                    f"${event.max_cost:g} but only ${left_cost:g} was left")
+            if event.max_tokens is not None:
+                left_tokens = limits.max_tokens - state.tokens - state.reserved_tokens
+                if event.max_tokens > left_tokens:
+                    raise InvariantViolated(
+                        f"event {index + 1}: {event.step} may use {event.max_tokens} tokens "
+                        f"but only {left_tokens} were left")
+            if event.attempt == 1 and event.parent is None:
+                first_visits[event.step] = first_visits.get(event.step, 0) + 1
+                if first_visits[event.step] > definition.max_visits(event.step):
+                    raise InvariantViolated(
+                        f"event {index + 1}: {event.step} visited {first_visits[event.step]} "
+                        f"times, more than its limit {definition.max_visits(event.step)}")
+        state = evolve(state, event)
+        if state.steps_taken > limits.max_steps:
+            raise InvariantViolated(f"event {index + 1}: {state.steps_taken} steps taken, "
+                                    f"more than max_steps={limits.max_steps}")
+    if live is not None and canonical_state(replay(history)) != canonical_state(live):
+        raise InvariantViolated("replaying the log does not give the live state")
+    for start, end in decision_batches(history):
+        before = replay(history[:start])
+        recorded = [e.body() for e in history[start:end]]
+        again = [e.body() for e in decide(definition, before, history[start].at)]
+        if again != recorded:
+            raise InvariantViolated(
+                f"events {start + 1}-{end}: re-deciding gives {[e['type'] for e in again]}, "
+                f"the log has {[e['type'] for e in recorded]}")
+
+
+def _tasks(definition: Workflow) -> dict[str, Step]:
+    found: dict[str, Step] = {}
+    for step in definition.steps:
+        if isinstance(step, Step):
+            found[step.name] = step
+        elif isinstance(step, Parallel):
+            found.update({b.name: b for b in step.branches})
+        elif isinstance(step, Map):
+            found[step.step.name] = step.step
+    return found
+
+
+def check_workflow(definition: Workflow, outputs: Mapping[str, Any] | None = None, *,
+                   inputs: Any = None, signals: Mapping[str, Any] | None = None,
+                   max_examples: int = 200, max_actions: int = 60,
+                   error_kinds: Sequence[str] = ("server_error", "rate_limited", "timeout",
+                                                 "invalid_output", "client_error")) -> None:
+    """Explore `definition` with hypothesis; raise InvariantViolated on a breach.
+
+    outputs: per task step name, a hypothesis strategy (or a plain value) for its output;
+      default: `st.builds(step.output)` when the step declares an output model, else {}.
+    inputs: a strategy (or value) for the run input. signals: per signal name, a strategy
+      (or value) for its payload.
+    """
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    def strategy(value: Any) -> Any:
+        return value if isinstance(value, st.SearchStrategy) else st.just(value)
+
+    out_strategies: dict[str, Any] = {}
+    for name, task in _tasks(definition).items():
+        if outputs and name in outputs:
+            out_strategies[name] = strategy(outputs[name])
+        elif task.output is not None:
+            out_strategies[name] = st.builds(task.output).map(lambda m: m.model_dump(mode="json"))
+        else:
+            out_strategies[name] = st.just({})
+    signal_names = sorted({s.signal for s in definition.steps if isinstance(s, WaitForSignal)})
+    signal_strategies = {n: strategy((signals or {}).get(n, {})) for n in signal_names}
+    input_strategy = strategy(inputs) if inputs is not None else st.just({})
+    usage = st.builds(ev.Usage, tokens_in=st.integers(0, 50), tokens_out=st.integers(0, 50),
+                      cost=st.floats(0, 0.01))
+    actions = st.sampled_from(["succeed", "succeed", "succeed", "fail", "wait", "crash",
+                               "signal", "cancel"])
+
+    @settings(max_examples=max_examples, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(data=st.data(), seed=st.integers(0, 2**31))
+    def explore(data: Any, seed: int) -> None:
+        sim = Simulator(definition, seed=seed)
+        sim.start(data.draw(input_strategy, label="input"))
+        for _ in range(max_actions):
+            if sim.state.terminal:
+                break
+            for key in sim.ready():
+                sim.start_attempt(key)
+            action = data.draw(actions, label="action")
+            running = sim.running()
+            if action in ("succeed", "fail") and running:
+                key = data.draw(st.sampled_from(running), label="attempt")
+                name = sim.state.steps[key].name
+                spent = data.draw(usage, label="usage")
+                grant = sim.state.steps[key]
+                spent = ev.Usage(tokens_in=min(spent.tokens_in, (grant.max_tokens or 0) // 2),
+                                 tokens_out=min(spent.tokens_out, (grant.max_tokens or 0) // 2),
+                                 cost=min(spent.cost, grant.max_cost))
+                if action == "succeed":
+                    sim.succeed(key, data.draw(out_strategies[name], label=name), spent)
+                else:
+                    kind = data.draw(st.sampled_from(list(error_kinds)), label="error")
+                    after = data.draw(st.none() | st.floats(0, 30), label="retry_after")
+                    sim.fail(key, kind, retryable=kind != "client_error", usage=spent,
+                             retry_after=after)
+            elif action == "crash":
+                sim.crash()
+            elif action == "signal" and signal_names:
+                name = data.draw(st.sampled_from(signal_names), label="signal")
+                sim.signal(name, data.draw(signal_strategies[name], label="payload"))
+            elif action == "cancel" and data.draw(st.booleans(), label="really cancel"):
+                sim.cancel("explored cancellation")
+            else:
+                sim.advance_time(data.draw(st.floats(0.001, 120), label="seconds"))
+            check_history(definition, sim.history, sim.state)
+        # Termination: with every attempt succeeding and time passing, the run must end.
+        sim.run_to_end({name: data.draw(s, label=f"final {name}")
+                        for name, s in out_strategies.items()}, max_rounds=10_000)
+        if not sim.state.terminal:
+            sim.advance_time(definition.limits.deadline + 1)
+        if not sim.state.terminal:
+            raise InvariantViolated("the run did not end, even after its deadline")
+        check_history(definition, sim.history, sim.state)
+
+    explore()

@@ -15,15 +15,19 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+MAX_INT = 2**53  # integers stay exact in every JSON reader, and orjson takes at most 64 bits
+Count = Annotated[int, Field(ge=0, le=MAX_INT)]
+Ordinal = Annotated[int, Field(ge=1, le=MAX_INT)]
+
 
 class Usage(BaseModel):
     """What one attempt consumed. Part of the fact, so cost is a fold, not a guess."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    tokens_in: int = Field(default=0, ge=0)
-    tokens_out: int = Field(default=0, ge=0)
-    cost: float = Field(default=0.0, ge=0)
+    tokens_in: int = Field(default=0, ge=0, le=MAX_INT)
+    tokens_out: int = Field(default=0, ge=0, le=MAX_INT)
+    cost: float = Field(default=0.0, ge=0, allow_inf_nan=False)
 
     @property
     def tokens(self) -> int:
@@ -59,7 +63,7 @@ class RunStarted(Event):
     input: Any = None
     limits: dict[str, Any]
     idempotency_key: str | None = None
-    seed: int
+    seed: Annotated[int, Field(ge=0, lt=2**63)]
 
 
 class RunCompleted(Event):
@@ -98,21 +102,21 @@ class StepScheduled(Event):
     type: Literal["StepScheduled"] = "StepScheduled"
     step: str
     kind: Literal["task", "signal", "parallel", "map"] = "task"
-    visit: int
-    attempt: int
+    visit: Ordinal
+    attempt: Ordinal
     parent: str | None = None
-    item: int | None = None
-    items: int | None = None
+    item: Count | None = None
+    items: Count | None = None
     not_before: datetime
     reason: str
-    max_cost: float
-    max_tokens: int | None = None
+    max_cost: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    max_tokens: Count | None = None
 
 
 class AttemptStarted(Event):
     type: Literal["AttemptStarted"] = "AttemptStarted"
     step: str
-    attempt: int
+    attempt: Ordinal
     executor: str
     worker: str
     deadline: datetime
@@ -121,28 +125,28 @@ class AttemptStarted(Event):
 class AttemptSucceeded(Event):
     type: Literal["AttemptSucceeded"] = "AttemptSucceeded"
     step: str
-    attempt: int
+    attempt: Ordinal
     output: Any = None
     usage: Usage = NO_USAGE
-    latency: float = 0.0
+    latency: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
 
 
 class AttemptFailed(Event):
     type: Literal["AttemptFailed"] = "AttemptFailed"
     step: str
-    attempt: int
+    attempt: Ordinal
     error_type: str
     message: str
     retryable: bool
     usage: Usage = NO_USAGE
-    latency: float = 0.0
+    latency: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     retry_after: datetime | None = None
 
 
 class AttemptAbandoned(Event):
     type: Literal["AttemptAbandoned"] = "AttemptAbandoned"
     step: str
-    attempt: int
+    attempt: Ordinal
     why: str
 
 
@@ -150,7 +154,7 @@ class StepCompleted(Event):
     origin: ClassVar[str] = "decider"
     type: Literal["StepCompleted"] = "StepCompleted"
     step: str
-    visit: int
+    visit: Ordinal
     output: Any = None
     signal: str | None = None
 
@@ -159,7 +163,7 @@ class StepFailed(Event):
     origin: ClassVar[str] = "decider"
     type: Literal["StepFailed"] = "StepFailed"
     step: str
-    visit: int
+    visit: Ordinal
     error_type: str
     message: str
 
@@ -190,8 +194,8 @@ class LimitReached(Event):
     origin: ClassVar[str] = "decider"
     type: Literal["LimitReached"] = "LimitReached"
     limit: Literal["cost", "tokens", "steps", "deadline", "visits"]
-    limit_value: float
-    used: float
+    limit_value: Annotated[float, Field(allow_inf_nan=False)]
+    used: Annotated[float, Field(allow_inf_nan=False)]
     step: str | None = None
 
 

@@ -55,9 +55,13 @@ def stamp(event: Event, event_id: UUID | str, prev_hash: str) -> tuple[str, byte
     """
     body = canonical_body(event)
     digest = chain_hash(prev_hash, body)
-    data = b'{"event":%b,"hash":"%b","id":"%b"}' % (body, digest.encode(),
+    return digest, _stored(body, digest, event_id)
+
+
+def _stored(body: bytes, digest: str, event_id: UUID | str) -> bytes:
+    """The one stored layout (keys sorted, like the body), written without re-parsing."""
+    return b'{"event":%b,"hash":"%b","id":"%b"}' % (body, digest.encode(),
                                                     str(event_id).encode())
-    return digest, data
 
 
 def stamped(event: Event, event_id: UUID | str, digest: str) -> Event:
@@ -70,8 +74,7 @@ def encode(event: Event) -> bytes:
     """Stored bytes of an already stamped event."""
     if event.id is None or event.hash is None:
         raise ValueError(f"{event.type} is not stamped; call stamp() before storing it")
-    body = canonical_body(event)
-    return orjson.dumps({"id": str(event.id), "hash": event.hash, "event": orjson.Fragment(body)})
+    return _stored(canonical_body(event), event.hash, event.id)
 
 
 def decode(data: bytes | str, *, run_id: object = None, seq: int | None = None) -> Event:
@@ -84,6 +87,15 @@ def decode(data: bytes | str, *, run_id: object = None, seq: int | None = None) 
         return parse_event(body)
     except Exception as exc:  # any decoding failure means the stored event is unusable
         raise CorruptRun(run_id, f"cannot decode event: {exc}", seq=seq) from exc
+
+
+def check_json(value: Any) -> str | None:
+    """Why `value` cannot be stored as JSON (e.g. an integer beyond 64 bits), or None."""
+    try:
+        orjson.dumps(value, option=_OPTS)
+    except (orjson.JSONEncodeError, TypeError) as exc:
+        return str(exc)
+    return None
 
 
 def to_json(value: Any) -> bytes:

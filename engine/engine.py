@@ -238,6 +238,7 @@ class Engine:
         self._check_open()
         definition = self.registry.latest(workflow)
         checked = _validate(definition.input_schema, input, f"input of {workflow!r}")
+        _check_storable(checked, f"input of {workflow!r}")
         if idempotency_key is not None:
             run_id = uuid5(RUN_NAMESPACE, f"{workflow}\x00{idempotency_key}")
             while run_id in self._starting:  # another caller is creating it right now
@@ -362,6 +363,7 @@ class Engine:
                     step.signal == name
                 ):
                     payload = _validate(step.output, payload, f"signal {name!r}")
+        _check_storable(payload, f"payload of signal {name!r}")
         async with run.lock:
             self._check_live(run)
             await self._commit(run, [ev.SignalReceived(at=self._clock.now(), name=name,
@@ -598,6 +600,10 @@ class Engine:
             except ValidationError as exc:
                 return self._failure(start, "invalid_output", _validation_summary(exc), True,
                                      began, usage=result.usage)
+        problem = codec.check_json(output)
+        if problem is not None:
+            return self._failure(start, "invalid_output", f"output cannot be stored: {problem}",
+                                 True, began, usage=result.usage)
         if start.limiter is not None and start.admission is not None:
             start.limiter.settle(start.admission, result.usage.tokens)
         return ev.AttemptSucceeded(
@@ -839,6 +845,12 @@ def _validate(schema: type[BaseModel] | None, value: Any, what: str) -> Any:
         return schema.model_validate(value).model_dump(mode="json")
     except ValidationError as exc:
         raise InvalidInput(f"{what}: {_validation_summary(exc)}") from None
+
+
+def _check_storable(value: Any, what: str) -> None:
+    problem = codec.check_json(value)
+    if problem is not None:
+        raise InvalidInput(f"{what} cannot be stored as JSON: {problem}")
 
 
 def _validation_summary(exc: ValidationError) -> str:

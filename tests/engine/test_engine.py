@@ -440,3 +440,17 @@ async def test_a_retry_backoff_survives_a_restart(sqlite_url: str) -> None:
 async def _events(url: str, run_id: Any) -> list[Any]:
     async with Engine(url, recover=False) as engine:
         return await engine.events(run_id)
+
+
+async def test_values_json_cannot_hold_are_refused_not_crashed(store_url: str) -> None:
+    async def huge(task: Task) -> Any:
+        return {"n": 2**70}
+
+    wf = Workflow("huge", on_failure=FAIL, steps=[Step("s", executor="huge",
+                                                       retry=Retry(attempts=1))])
+    async with Engine(store_url, [wf], {"huge": huge}) as engine:
+        with pytest.raises(InvalidInput, match="JSON"):
+            await engine.start("huge", {"n": 2**70})
+        view = await engine.wait(await engine.start("huge", {}), timeout=5)
+        assert view.status == "failed"
+        assert view.error_type == "invalid_output"

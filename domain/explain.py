@@ -25,6 +25,7 @@ class _StepStats:
     executing: float = 0.0
     waiting: float = 0.0  # backoff, rate limits, queueing: scheduled -> started
     signal_wait: float = 0.0
+    grant: float = 0.0  # the worst case of the attempt last scheduled
 
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -84,7 +85,7 @@ def explain(events: Sequence[ev.Event], definition: Workflow | None = None,
                      f"{st.tokens:>8} {st.executing:>11.3f} {st.waiting:>9.3f} "
                      f"{st.signal_wait:>8.3f}")
         for name in ("attempts", "retries", "cost", "tokens", "executing", "waiting",
-                     "signal_wait"):
+                     "signal_wait"):  # grant is per step, not summed
             setattr(totals, name, getattr(totals, name) + getattr(st, name))
     lines.append(f"  {'total':<24} {totals.attempts:>8} {totals.retries:>7} "
                  f"{totals.cost:>10.4f} {totals.tokens:>8} {totals.executing:>11.3f} "
@@ -100,6 +101,7 @@ def _line(event: ev.Event, scheduled_at: dict[str, datetime], started_at: dict[s
         case ev.StepScheduled():
             st = stats.setdefault(event.step, _StepStats())
             scheduled_at[event.step] = event.at
+            st.grant = event.max_cost
             if event.attempt > 1:
                 st.retries += 1
             if event.kind == "signal":
@@ -134,7 +136,10 @@ def _line(event: ev.Event, scheduled_at: dict[str, datetime], started_at: dict[s
                     f"({kind}{after}): {event.message} ({usage})")
         case ev.AttemptAbandoned():
             started_at.pop(event.step, None)
-            return f"{event.step}: attempt {event.attempt} abandoned ({event.why})"
+            st = stats.setdefault(event.step, _StepStats())
+            st.cost += st.grant  # what it spent is unknown: the budget charges its worst case
+            return (f"{event.step}: attempt {event.attempt} abandoned ({event.why}); "
+                    f"charged its worst case ${st.grant:g}")
         case ev.StepCompleted():
             if event.signal is not None:
                 st = stats.setdefault(event.step, _StepStats())

@@ -76,7 +76,7 @@ class Simulator:
         running = [st for st in self.state.steps.values()
                    if st.status == "running" and st.kind == "task"]
         if not running or self.state.terminal:
-            return self._commit() if not self.state.terminal else []
+            return []  # nothing was in flight: recovery has nothing to record
         return self._commit(*(ev.AttemptAbandoned(at=self.now, step=st.key, attempt=st.attempt,
                                                   why="engine restarted") for st in running))
 

@@ -31,7 +31,7 @@ from domain.decider import decide
 from domain.definitions import Map, Parallel, Step, WaitForSignal, Workflow
 from domain.errors import RuleboundError
 from domain.simulator import Simulator
-from domain.state import RunState, evolve, replay
+from domain.state import RunState, evolve
 
 _EPS = 1e-9
 
@@ -44,62 +44,88 @@ def canonical_state(state: RunState) -> bytes:
     return orjson.dumps(state.to_dict(), option=orjson.OPT_SORT_KEYS)
 
 
-def decision_batches(history: Sequence[ev.Event]) -> list[tuple[int, int]]:
-    """(start, end) index ranges of the decider's batches: maximal runs of decider events."""
-    batches, i = [], 0
-    while i < len(history):
-        if history[i].type in ev.DECIDER_EVENTS:
-            j = i
-            while j < len(history) and history[j].type in ev.DECIDER_EVENTS:
-                j += 1
-            batches.append((i, j))
-            i = j
-        else:
-            i += 1
-    return batches
+class HistoryChecker:
+    """Checks a growing history against every invariant, each event and batch once.
+
+    Feed it the events as they are appended (`feed`); it keeps the replayed state and the
+    position of the last checked decision batch, so a long exploration stays linear.
+    """
+
+    def __init__(self, definition: Workflow) -> None:
+        self.definition = definition
+        self.state = RunState()
+        self.seen = 0
+        self.first_visits: dict[str, int] = {}
+        self._batch_start: int | None = None
+        self._batch_state: RunState | None = None
+        self._history: list[ev.Event] = []
+
+    def feed(self, history: Sequence[ev.Event], live: RunState | None = None) -> None:
+        limits = self.definition.limits
+        for event in history[self.seen:]:
+            index = len(self._history)
+            if self.state.terminal:
+                raise InvariantViolated(f"event {index + 1} ({event.type}) after the run ended")
+            is_decision = event.type in ev.DECIDER_EVENTS
+            if is_decision and self._batch_start is None:
+                self._batch_start, self._batch_state = index, self.state
+            elif not is_decision and self._batch_start is not None:
+                self._check_batch(index)
+            if isinstance(event, ev.StepScheduled):
+                self._check_schedule(index, event)
+            self.state = evolve(self.state, event)
+            self._history.append(event)
+            if self.state.steps_taken > limits.max_steps:
+                raise InvariantViolated(f"event {index + 1}: {self.state.steps_taken} steps "
+                                        f"taken, more than max_steps={limits.max_steps}")
+        self.seen = len(history)
+        if self._batch_start is not None:
+            self._check_batch(len(self._history))
+        if live is not None and canonical_state(self.state) != canonical_state(live):
+            raise InvariantViolated("replaying the log does not give the live state")
+
+    def _check_schedule(self, index: int, event: ev.StepScheduled) -> None:
+        limits, state = self.definition.limits, self.state
+        left_cost = limits.max_cost - state.cost - state.reserved_cost
+        if event.max_cost > left_cost + _EPS:
+            raise InvariantViolated(
+                f"event {index + 1}: {event.step} scheduled with worst case "
+                f"${event.max_cost:g} but only ${left_cost:g} was left")
+        if event.max_tokens is not None:
+            left_tokens = limits.max_tokens - state.tokens - state.reserved_tokens
+            if event.max_tokens > left_tokens:
+                raise InvariantViolated(
+                    f"event {index + 1}: {event.step} may use {event.max_tokens} tokens "
+                    f"but only {left_tokens} were left")
+        if event.attempt == 1 and event.parent is None:
+            visits = self.first_visits.get(event.step, 0) + 1
+            self.first_visits[event.step] = visits
+            if visits > self.definition.max_visits(event.step):
+                raise InvariantViolated(
+                    f"event {index + 1}: {event.step} visited {visits} times, more than its "
+                    f"limit {self.definition.max_visits(event.step)}")
+
+    def _check_batch(self, end: int) -> None:
+        """The decisions recorded in [start, end) must come out of the decider again.
+
+        Feed whole commits (as the engine and the Simulator append them): a batch is checked
+        when a fact follows it or the history ends.
+        """
+        start, before = self._batch_start, self._batch_state
+        assert start is not None and before is not None
+        recorded = [e.body() for e in self._history[start:end]]
+        again = [e.body() for e in decide(self.definition, before, self._history[start].at)]
+        if again != recorded:
+            raise InvariantViolated(
+                f"events {start + 1}-{end}: re-deciding gives {[e['type'] for e in again]}, "
+                f"the log has {[e['type'] for e in recorded]}")
+        self._batch_start = self._batch_state = None
 
 
 def check_history(definition: Workflow, history: Sequence[ev.Event],
                   live: RunState | None = None) -> None:
     """Check a whole recorded history against every invariant; raise on the first breach."""
-    state = RunState()
-    limits = definition.limits
-    first_visits: dict[str, int] = {}
-    for index, event in enumerate(history):
-        if state.terminal:
-            raise InvariantViolated(f"event {index + 1} ({event.type}) after the run ended")
-        if isinstance(event, ev.StepScheduled):
-            left_cost = limits.max_cost - state.cost - state.reserved_cost
-            if event.max_cost > left_cost + _EPS:
-                raise InvariantViolated(
-                    f"event {index + 1}: {event.step} scheduled with worst case "
-                    f"${event.max_cost:g} but only ${left_cost:g} was left")
-            if event.max_tokens is not None:
-                left_tokens = limits.max_tokens - state.tokens - state.reserved_tokens
-                if event.max_tokens > left_tokens:
-                    raise InvariantViolated(
-                        f"event {index + 1}: {event.step} may use {event.max_tokens} tokens "
-                        f"but only {left_tokens} were left")
-            if event.attempt == 1 and event.parent is None:
-                first_visits[event.step] = first_visits.get(event.step, 0) + 1
-                if first_visits[event.step] > definition.max_visits(event.step):
-                    raise InvariantViolated(
-                        f"event {index + 1}: {event.step} visited {first_visits[event.step]} "
-                        f"times, more than its limit {definition.max_visits(event.step)}")
-        state = evolve(state, event)
-        if state.steps_taken > limits.max_steps:
-            raise InvariantViolated(f"event {index + 1}: {state.steps_taken} steps taken, "
-                                    f"more than max_steps={limits.max_steps}")
-    if live is not None and canonical_state(replay(history)) != canonical_state(live):
-        raise InvariantViolated("replaying the log does not give the live state")
-    for start, end in decision_batches(history):
-        before = replay(history[:start])
-        recorded = [e.body() for e in history[start:end]]
-        again = [e.body() for e in decide(definition, before, history[start].at)]
-        if again != recorded:
-            raise InvariantViolated(
-                f"events {start + 1}-{end}: re-deciding gives {[e['type'] for e in again]}, "
-                f"the log has {[e['type'] for e in recorded]}")
+    HistoryChecker(definition).feed(history, live)
 
 
 def _tasks(definition: Workflow) -> dict[str, Step]:
@@ -153,6 +179,7 @@ def check_workflow(definition: Workflow, outputs: Mapping[str, Any] | None = Non
     @given(data=st.data(), seed=st.integers(0, 2**31))
     def explore(data: Any, seed: int) -> None:
         sim = Simulator(definition, seed=seed)
+        checker = HistoryChecker(definition)
         sim.start(data.draw(input_strategy, label="input"))
         for _ in range(max_actions):
             if sim.state.terminal:
@@ -185,7 +212,7 @@ def check_workflow(definition: Workflow, outputs: Mapping[str, Any] | None = Non
                 sim.cancel("explored cancellation")
             else:
                 sim.advance_time(data.draw(st.floats(0.001, 120), label="seconds"))
-            check_history(definition, sim.history, sim.state)
+            checker.feed(sim.history, sim.state)
         # Termination: with every attempt succeeding and time passing, the run must end.
         sim.run_to_end({name: data.draw(s, label=f"final {name}")
                         for name, s in out_strategies.items()}, max_rounds=10_000)
@@ -193,6 +220,6 @@ def check_workflow(definition: Workflow, outputs: Mapping[str, Any] | None = Non
             sim.advance_time(definition.limits.deadline + 1)
         if not sim.state.terminal:
             raise InvariantViolated("the run did not end, even after its deadline")
-        check_history(definition, sim.history, sim.state)
+        checker.feed(sim.history, sim.state)
 
     explore()

@@ -7,6 +7,7 @@ Every inherited test runs; none is excluded.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,14 @@ class _StoreRecorders:
     def setUp(self) -> None:
         super().setUp()  # type: ignore[misc]
         self._stores: list[Any] = []
+        self._threads = set(threading.enumerate())
 
     def tearDown(self) -> None:
+        # The library's concurrency cases can return while their reader threads are still
+        # finishing a query; closing connections under them would crash SQLite. Wait first.
+        for thread in set(threading.enumerate()) - self._threads:
+            if not thread.daemon:  # the test's readers; connection pools run daemon workers
+                thread.join(timeout=10)
         for store in self._stores:
             store.close()
         super().tearDown()  # type: ignore[misc]

@@ -35,8 +35,7 @@ def _registry(args: argparse.Namespace) -> Registry:
 
 def _reader(args: argparse.Namespace) -> Engine:
     """An engine that only reads: it does not take charge of unfinished runs."""
-    registry = _registry(args)
-    return Engine(_store(args), registry=Registry(registry._by_hash.values()), recover=False)
+    return Engine(_store(args), registry=_registry(args), read_only=True)
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
@@ -46,8 +45,16 @@ async def cmd_demo(args: argparse.Namespace) -> int:
                           explain=not args.no_explain)
 
 
+def _index_progress(position: int, last: int) -> None:
+    """Catching up the run index over a long log: say how far it got (on stderr)."""
+    if last > 5_000:
+        end = "\r" if sys.stderr.isatty() and position < last else "\n"
+        print(f"indexing runs: {position}/{last} events", end=end, file=sys.stderr, flush=True)
+
+
 async def cmd_runs(args: argparse.Namespace) -> int:
     async with _reader(args) as engine:
+        await engine.storage.project(progress=_index_progress)
         rows = await engine.runs(status=args.status, workflow=args.workflow, limit=args.limit)
         counts = await engine.count_runs()
     if args.json:

@@ -94,6 +94,8 @@ class Engine:
     rate_limits: per executor name, requests and tokens per window; attempts wait for it.
     drain_timeout: on exit, how long running attempts may finish before being cancelled
       (a cancelled attempt is marked abandoned and retried by the next engine start).
+    read_only: inspect a store (get, events, explain, runs) without running anything: no
+      recovery, no executors needed; start, signal and cancel are refused.
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class Engine:
         recover: bool = True,
         drain_timeout: float = 10.0,
         keep_finished: int = 10_000,
+        read_only: bool = False,
     ) -> None:
         self.registry = registry or Registry()
         for workflow in workflows:
@@ -123,7 +126,8 @@ class Engine:
         self._max_concurrency = max_concurrency
         self._free_slots = max_concurrency
         self._max_active = max_active_runs
-        self._recover_on_start = recover
+        self._read_only = read_only
+        self._recover_on_start = recover and not read_only
         self._drain_timeout = drain_timeout
         self._keep_finished = keep_finished
         self._runs: dict[UUID, _Run] = {}
@@ -155,7 +159,7 @@ class Engine:
     async def open(self) -> None:
         if self._open:
             return
-        missing = self.registry.missing_executors()
+        missing = [] if self._read_only else self.registry.missing_executors()
         if missing:
             text = ", ".join(f"{e!r} (workflow {w!r})" for w, e in missing)
             raise DefinitionError(f"no executor registered for {text}")
@@ -165,7 +169,7 @@ class Engine:
         self._storage = StoreWorker(store)
         self._storage.start()
         self._limiters = {k: SlidingWindow(v) for k, v in self.registry.rate_limits.items()}
-        for executor in self.registry.executors.values():
+        for executor in () if self._read_only else self.registry.executors.values():
             opener = getattr(executor, "open", None)
             if opener is not None:
                 await opener(self._context)
@@ -800,6 +804,9 @@ class Engine:
     def _check_open(self) -> None:
         if not self._open or self._closing:
             raise EngineClosed("the engine is not open; use `async with Engine(...)`")
+        if self._read_only:
+            raise EngineClosed("this engine is read-only: it inspects runs, it does not run "
+                               "them")
 
     async def _active(self, run_id: UUID) -> _Run:
         self._check_open()

@@ -170,12 +170,18 @@ class StoreWorker:
 
     # --- the read model -------------------------------------------------------------
 
-    async def project(self, batch: int = 2000) -> int:
-        """Bring the runs table up to date with the log; returns the position reached."""
-        return await self.call(self._project_sync, batch)
+    async def project(self, batch: int = 2000,
+                      progress: Callable[[int, int], None] | None = None) -> int:
+        """Bring the runs table up to date with the log; returns the position reached.
 
-    def _project_sync(self, batch: int) -> int:
+        `progress(position, last)` is called after each batch (from a reader thread).
+        """
+        return await self.call(self._project_sync, batch, progress)
+
+    def _project_sync(self, batch: int,
+                      progress: Callable[[int, int], None] | None = None) -> int:
         position = self.store.run_changes_position()
+        last = self.store.last_position() if progress is not None else 0
         while True:
             notes = self.store.read_all(position, batch)
             if not notes:
@@ -183,6 +189,8 @@ class StoreWorker:
             changes = [c for n in notes if (c := run_change(n)) is not None]
             position = notes[-1].position
             self.store.apply_run_changes(changes, position)
+            if progress is not None:
+                progress(position, last)
 
 
 def run_change(note: Notification) -> RunChange | None:

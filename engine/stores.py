@@ -20,7 +20,10 @@ def open_store(url: str) -> EventStore:
     found = [e for e in entry_points(group="rulebound.stores") if e.name == scheme]
     if not found:
         known = sorted({e.name for e in entry_points(group="rulebound.stores")})
-        raise StoreError(f"no store for {scheme}:// URLs (known: {', '.join(known) or 'none'};"
-                         " is rulebound installed?)")
+        if not known:
+            raise StoreError("no store implementations are registered: install rulebound "
+                             "(pip install -e .) so its entry points exist")
+        raise StoreError(f"no store for {scheme}:// URLs; use one of: "
+                         + ", ".join(f"{k}://" for k in known))
     factory = found[0].load()
     return factory(url)

@@ -118,8 +118,25 @@ class StoreWorker:
             if len(batch) == 1:
                 _settle(batch[0], exc)
                 return
-            for write in batch:  # find the conflicting run(s); the others go through
-                self._write_batch([write])
+            # Find the writes whose first position is taken; the others still go in together.
+            clean: list[_Write] = []
+            for write in batch:
+                first = write.records[0]
+                try:
+                    taken = bool(self.store.read(first.run_id, after=first.seq - 1))
+                except Exception:
+                    taken = False  # unknown: let it try again with the others
+                if taken:
+                    _settle(write, ConcurrencyConflict(
+                        f"run {first.run_id} already has an event at {first.seq}",
+                        [first.run_id]))
+                else:
+                    clean.append(write)
+            if len(clean) == len(batch):  # could not tell which: fall back to one by one
+                for write in batch:
+                    self._write_batch([write])
+            elif clean:
+                self._write_batch(clean)
             return
         except Exception as exc:
             for write in batch:

@@ -1,28 +1,23 @@
 """The offline stand-in for a language model in the demo, and the demo's plain tools.
 
-Deterministic: every output, latency, failure and token count is derived from the task
-(its input and idempotency key), so two demo runs over the same tickets tell the same story.
-It behaves like a model served over a network: it takes time, reports usage, is sometimes
-rate limited or unavailable, and sometimes returns output that does not fit the schema.
+The model is a ScriptedModel: every output, latency, failure and token count is derived from
+the task (its input and idempotency key), so two demo runs over the same tickets tell the
+same story. It behaves like a model served over a network: it takes time, reports usage, is
+sometimes rate limited or unavailable, and sometimes returns output that does not fit the
+schema.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 from typing import Any
 
+from adapters.executors.scripted import Script, ScriptedModel, unit
 from domain.events import Usage
-from engine.executor import ExecutorError, PermanentError, Result, RetryableError, Task
+from engine.executor import ExecutorError, PermanentError, Task
 
 PRICE_IN, PRICE_OUT = 3.0 / 1e6, 15.0 / 1e6  # USD per token
-
-
-def _unit(*parts: object) -> float:
-    """A stable number in [0, 1) from the parts (no global random state)."""
-    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
 
 
 def _usage(text: str, out_tokens: int) -> Usage:
@@ -31,75 +26,65 @@ def _usage(text: str, out_tokens: int) -> Usage:
                  cost=round(tokens_in * PRICE_IN + out_tokens * PRICE_OUT, 8))
 
 
-class TriageModel:
-    """Answers the demo's three model steps (classify, extract, draft) like a small LLM."""
+def triage_model(latency: float = 0.02, flaky: float = 0.2) -> ScriptedModel:
+    """The demo's three model steps (classify, extract, draft), scripted like a small LLM:
+    about `flaky` of first attempts hit a rate limit or a 503, answers take time and cost
+    tokens in proportion to the text, and some tickets make the model misbehave."""
+    common = {"latency": latency, "jitter": 0.5, "flaky": flaky}
+    return ScriptedModel({
+        "classify": Script(output=_classify, usage=_usage_for(30), flaky_kind="rate_limited",
+                           retry_after=0.05, **common),
+        "extract": Script(output=_extract, usage=_usage_for(60), **common),
+        "draft": Script(output=_draft, usage=_usage_for(180), **common),
+    })
 
-    def __init__(self, latency: float = 0.02, flaky: float = 0.2) -> None:
-        self.latency = latency
-        self.flaky = flaky  # share of first attempts that hit a transient error
 
-    async def __call__(self, task: Task) -> Result:
-        step = task.step
-        data: dict[str, Any] = task.input or {}
-        text = str(data)
-        roll = _unit(task.idempotency_key, task.attempt)
-        await asyncio.sleep(self.latency * (0.5 + roll))
-        if task.attempt == 1 and roll < self.flaky:
-            if roll < self.flaky / 2:
-                raise RetryableError("429 Too Many Requests", kind="rate_limited",
-                                     retry_after=0.05)
-            raise RetryableError("503 Service Unavailable", kind="server_error")
-        if step == "classify":
-            return Result(self._classify(data), _usage(text, 30))
-        if step == "extract":
-            body = str(data.get("body", ""))
-            if "####" in body:  # unreadable: the model answers, but not in the schema
-                return Result({"summary": None, "amount": "lots"}, _usage(text, 60))
-            return Result(self._extract(body), _usage(text, 60))
-        if step == "draft":
-            ticket = data.get("ticket", {})
-            if "[storm]" in str(ticket.get("body", "")):
-                # Rambling output that never fits the schema: each attempt still costs.
-                raise ExecutorError("output is not valid JSON for Draft", kind="invalid_output",
-                                     retryable=True, usage=Usage(tokens_in=1500,
-                                                                 tokens_out=500, cost=0.0120))
-            return Result(self._draft(data), _usage(text, 180))
-        raise PermanentError(f"the demo model does not know step {step!r}", kind="client_error")
+def _usage_for(out_tokens: int) -> Any:
+    return lambda data: _usage(str(data), out_tokens)
 
-    @staticmethod
-    def _classify(data: dict[str, Any]) -> dict[str, Any]:
-        text = f"{data.get('subject', '')} {data.get('body', '')}".lower()
-        if "winner" in text or "crypto" in text:
-            category = "spam"
-        elif any(w in text for w in ("refund", "charge", "invoice", "billing")):
-            category = "billing"
-        elif any(w in text for w in ("password", "login", "account", "email")):
-            category = "account"
-        else:
-            category = "technical"
-        urgency = "high" if any(w in text for w in ("urgent", "asap", "down", "twice")) else "low"
-        return {"category": category, "urgency": urgency,
-                "confidence": round(0.6 + 0.4 * _unit(text), 2)}
 
-    @staticmethod
-    def _extract(body: str) -> dict[str, Any]:
-        order = re.search(r"\b(ORD-\d+)\b", body)
-        amount = re.search(r"\$(\d+(?:\.\d+)?)", body)
-        first = body.strip().split(".")[0][:80]
-        return {"order_id": order.group(1) if order else None,
-                "amount": float(amount.group(1)) if amount else None, "summary": first}
+def _classify(data: dict[str, Any]) -> dict[str, Any]:
+    text = f"{data.get('subject', '')} {data.get('body', '')}".lower()
+    if "winner" in text or "crypto" in text:
+        category = "spam"
+    elif any(w in text for w in ("refund", "charge", "invoice", "billing")):
+        category = "billing"
+    elif any(w in text for w in ("password", "login", "account", "email")):
+        category = "account"
+    else:
+        category = "technical"
+    urgency = "high" if any(w in text for w in ("urgent", "asap", "down", "twice")) else "low"
+    return {"category": category, "urgency": urgency,
+            "confidence": round(0.6 + 0.4 * unit(text), 2)}
 
-    @staticmethod
-    def _draft(data: dict[str, Any]) -> dict[str, Any]:
-        facts = data.get("facts") or {}
-        label = data.get("label") or {}
-        amount = facts.get("amount") or 0.0
-        refund = amount if label.get("category") == "billing" else 0.0
-        reply = (f"Hello, thanks for reaching out about: {facts.get('summary', 'your issue')}. "
-                 + (f"We will refund ${refund:.2f}." if refund else "We are on it."))
-        if "guarantee" in str(data.get("ticket", {}).get("body", "")).lower():
-            reply += " We guarantee this will never happen again."
-        return {"reply": reply, "refund": refund}
+
+def _extract(data: dict[str, Any]) -> dict[str, Any]:
+    body = str(data.get("body", ""))
+    if "####" in body:  # unreadable: the model answers, but not in the schema
+        return {"summary": None, "amount": "lots"}
+    order = re.search(r"\b(ORD-\d+)\b", body)
+    amount = re.search(r"\$(\d+(?:\.\d+)?)", body)
+    first = body.strip().split(".")[0][:80]
+    return {"order_id": order.group(1) if order else None,
+            "amount": float(amount.group(1)) if amount else None, "summary": first}
+
+
+def _draft(data: dict[str, Any]) -> dict[str, Any]:
+    ticket = data.get("ticket", {})
+    if "[storm]" in str(ticket.get("body", "")):
+        # Rambling output that never fits the schema: each attempt still costs.
+        raise ExecutorError("output is not valid JSON for Draft", kind="invalid_output",
+                            retryable=True,
+                            usage=Usage(tokens_in=1500, tokens_out=500, cost=0.0120))
+    facts = data.get("facts") or {}
+    label = data.get("label") or {}
+    amount = facts.get("amount") or 0.0
+    refund = amount if label.get("category") == "billing" else 0.0
+    reply = (f"Hello, thanks for reaching out about: {facts.get('summary', 'your issue')}. "
+             + (f"We will refund ${refund:.2f}." if refund else "We are on it."))
+    if "guarantee" in str(ticket.get("body", "")).lower():
+        reply += " We guarantee this will never happen again."
+    return {"reply": reply, "refund": refund}
 
 
 async def crm(task: Task) -> dict[str, Any]:
@@ -116,7 +101,7 @@ async def orders(task: Task) -> dict[str, Any]:
     customer = str(task.input["customer_id"])
     if customer.endswith("0"):
         raise PermanentError("order service: customer archived", kind="not_found")
-    count = int(_unit(customer) * 20)
+    count = int(unit(customer) * 20)
     return {"orders": count, "last_order": f"ORD-{1000 + count}"}
 
 

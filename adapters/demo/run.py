@@ -14,7 +14,7 @@ from uuid import UUID
 
 from engine import Engine, RateLimit, Registry
 
-from .model import Outbox, TriageModel, crm, orders, policy
+from .model import Outbox, crm, orders, policy, triage_model
 from .workflow import triage
 
 TICKETS = Path(__file__).with_name("tickets.jsonl")
@@ -25,7 +25,7 @@ def demo_registry(outbox: Outbox | None = None, model: Any = None) -> Registry:
     outbox = outbox or Outbox()
     return Registry(
         workflows=[triage],
-        executors={"llm": model or _model_from_env() or TriageModel(), "crm": crm,
+        executors={"llm": model or _model_from_env() or triage_model(), "crm": crm,
                    "orders": orders, "policy": policy, "mailer": outbox.send,
                    "human_queue": outbox.escalate},
         rate_limits={"llm": RateLimit(requests=600, tokens=400_000, per=60)},

@@ -8,7 +8,7 @@ not-before time, so every retry is visible in the log.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
@@ -108,16 +108,21 @@ class ExecutorContext:
     resources: dict[str, Any] = field(default_factory=dict)
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
-    def http_session(self) -> Any:
-        """The engine's one aiohttp ClientSession, created on first use, closed with the engine."""
-        session = self.resources.get("http")
+    def http_session(self, key: Hashable = "http",
+                     factory: Callable[[], Any] | None = None) -> Any:
+        """The engine's aiohttp ClientSession for `key`, created on first use, closed with
+        the engine. Executors that need a differently configured connector (the SSRF-guarded
+        one of HTTP tools) pass their own key and factory; equal keys share one session."""
+        session = self.resources.get(key)
         if session is None or session.closed:
-            import aiohttp  # engine owns the session's lifetime; adapters only use it
+            if factory is None:
+                import aiohttp  # the engine owns the session's lifetime; adapters use it
 
-            session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None), trust_env=False
-            )
-            self.resources["http"] = session
+                session = aiohttp.ClientSession(
+                    timeout=aiohttp.ClientTimeout(total=None), trust_env=False)
+            else:
+                session = factory()
+            self.resources[key] = session
             self._closers.append(session.close)
         return session
 

@@ -35,7 +35,7 @@ def demo_registry(outbox: Outbox | None = None, model: Any = None) -> Registry:
 def _model_from_env() -> Any:
     if not os.environ.get("RULEBOUND_OPENAI_BASE_URL"):
         return None
-    from adapters.executors.openai_chat import OpenAIChat
+    from adapters.executors import OpenAIChat
 
     return OpenAIChat.from_env()
 

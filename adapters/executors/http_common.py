@@ -1,0 +1,121 @@
+"""What every HTTP executor shares: failure classification, Retry-After, bounded reads.
+
+Messages are built from the status and a short reason only: never the URL's query or
+credentials, never request headers, never repr() of aiohttp's errors (their request_info
+carries the Authorization header).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+import orjson
+
+from engine.executor import ExecutorError
+
+DEFAULT_MAX_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_RETRY_AFTER = 300.0
+
+_KINDS = {408: "timeout", 409: "conflict", 429: "rate_limited", 400: "client_error",
+          401: "auth", 403: "auth", 404: "not_found", 422: "client_error"}
+
+
+def retry_after(headers: Mapping[str, str], cap: float = DEFAULT_MAX_RETRY_AFTER,
+                now: float | None = None) -> float | None:
+    """Seconds the server asks us to wait: retry-after-ms, Retry-After seconds or HTTP date."""
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms is not None:
+        try:
+            return min(cap, max(0.0, float(raw_ms) / 1000))
+        except ValueError:
+            pass
+    raw = headers.get("Retry-After")
+    if raw is None:
+        return None
+    raw = raw.strip()
+    try:
+        return min(cap, max(0.0, float(raw)))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return min(cap, max(0.0, when.timestamp() - (now if now is not None else time.time())))
+
+
+def status_error(service: str, status: int, reason: str, headers: Mapping[str, str],
+                 *, cap: float = DEFAULT_MAX_RETRY_AFTER) -> ExecutorError:
+    """Classify a non-2xx answer: 408, 409, 429 and 5xx retry; other 4xx do not."""
+    retryable = status in (408, 409, 429) or status >= 500
+    kind = _KINDS.get(status, "server_error" if status >= 500 else "client_error")
+    hint = retry_after(headers, cap) if retryable else None
+    return ExecutorError(f"{service} answered {status} {reason}".strip()[:200], kind=kind,
+                         retryable=retryable, retry_after=hint)
+
+
+def transport_error(service: str, exc: BaseException) -> ExecutorError:
+    """A failure below HTTP: named by type only (the repr would carry request headers)."""
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError | aiohttp.ServerTimeoutError):
+        return ExecutorError(f"{service} did not answer in time", kind="timeout",
+                             retryable=True)
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return ExecutorError(f"{service} sent a truncated body", kind="truncated",
+                             retryable=True)
+    return ExecutorError(f"{service}: connection failed ({type(exc).__name__})",
+                         kind="connection", retryable=True)
+
+
+async def read_capped(response: aiohttp.ClientResponse, max_bytes: int, service: str) -> bytes:
+    """Read at most max_bytes; a larger or never-ending body is an error, not a hang."""
+    declared = response.content_length
+    if declared is not None and declared > max_bytes:
+        raise ExecutorError(f"{service} answered {declared} bytes, more than the cap of "
+                            f"{max_bytes}", kind="too_large", retryable=False)
+    chunks, size = [], 0
+    while True:
+        chunk = await response.content.read(64 * 1024)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > max_bytes:
+            raise ExecutorError(f"{service} sent more than the cap of {max_bytes} bytes",
+                                kind="too_large", retryable=False)
+        chunks.append(chunk)
+
+
+def parse_json(raw: bytes, service: str) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ExecutorError(f"{service} answered with malformed JSON", kind="bad_response",
+                            retryable=True) from None
+
+
+def fill(template: str, values: Mapping[str, Any]) -> str:
+    """Fill {name} and {name.field} placeholders from the step input (missing: left empty)."""
+    out, i = [], 0
+    while i < len(template):
+        start = template.find("{", i)
+        if start < 0:
+            out.append(template[i:])
+            break
+        end = template.find("}", start)
+        if end < 0:
+            out.append(template[i:])
+            break
+        out.append(template[i:start])
+        value: Any = values
+        for part in template[start + 1:end].split("."):
+            value = value.get(part) if isinstance(value, Mapping) else None
+        out.append("" if value is None else (value if isinstance(value, str) else
+                                             orjson.dumps(value).decode()))
+        i = end + 1
+    return "".join(out)

@@ -1,0 +1,276 @@
+"""Model and tool executors against a real loopback server speaking the providers' protocols."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import uuid4
+
+import pytest
+from aiohttp import web
+from pydantic import BaseModel
+
+from adapters.executors import AnthropicMessages, HttpTool, OpenAIChat
+from engine import ExecutorError, Task
+
+from .fake_providers import MODE, make_app
+
+CANARY = "sk-canary-7f3a9c1e-DO-NOT-LEAK"
+
+
+class Label(BaseModel):
+    category: str
+
+
+class Customer(BaseModel):
+    customer: str
+    tier: str
+
+
+class Server:
+    def __init__(self, app: web.Application, base: str) -> None:
+        self.app, self.base = app, base
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return self.app[MODE]
+
+    def mode(self, mode: str, **extra: Any) -> None:
+        self.state.clear()
+        self.state.update({"mode": mode, **extra})
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Server]:
+    app = make_app()
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield Server(app, f"http://127.0.0.1:{port}")
+    await runner.cleanup()
+
+
+def task(data: Any = None, schema: type[BaseModel] | None = Label, timeout: float = 2.0,
+         max_tokens: int | None = 300, prompt: str = "Classify: {text}") -> Task:
+    return Task(run_id=uuid4(), step="classify", attempt=1, idempotency_key="r:classify:1",
+                input=data if data is not None else {"text": "refund me"},
+                config={"prompt": prompt}, output_schema=schema, timeout=timeout,
+                deadline=datetime.now(UTC) + timedelta(seconds=timeout),
+                max_tokens=max_tokens, max_cost=1.0)
+
+
+def openai(server: Server, **kw: Any) -> OpenAIChat:
+    return OpenAIChat("gpt-4o-mini", base_url=f"{server.base}/v1", api_key=lambda: CANARY,
+                      **kw)
+
+
+def assert_clean(exc: BaseException) -> None:
+    for text in (str(exc), repr(exc), *map(str, exc.args)):
+        assert CANARY not in text
+        assert "Authorization" not in text
+
+
+async def test_openai_structured_output_usage_and_cost(server: Server) -> None:
+    server.mode("ok")
+    async with openai(server) as model:
+        result = await model(task())
+    assert result.output == {"category": "billing"}
+    assert (result.usage.tokens_in, result.usage.tokens_out) == (12, 7)
+    assert result.usage.cost == pytest.approx(12 * 0.15e-6 + 7 * 0.6e-6)
+    sent = server.state["requests"][0]
+    assert sent["headers"]["Authorization"] == f"Bearer {CANARY}"
+    body = sent["body"]
+    assert body["max_tokens"] == 300
+    assert body["messages"][-1] == {"role": "user", "content": "Classify: refund me"}
+    schema = body["response_format"]["json_schema"]["schema"]
+    assert schema["properties"]["category"]["type"] == "string"
+
+
+async def test_an_invalid_answer_is_repaired_once_and_the_repair_is_counted(
+    server: Server,
+) -> None:
+    server.mode("invalid-then-valid")
+    async with openai(server) as model:
+        result = await model(task())
+    assert result.output == {"category": "billing"}
+    assert result.usage.tokens_in == 24  # both asks count
+    second = server.state["requests"][1]["body"]["messages"]
+    assert second[-2] == {"role": "assistant", "content": '{"category": 42}'}
+    assert "does not match" in second[-1]["content"]
+
+
+async def test_a_persistently_invalid_answer_is_a_failed_attempt_with_its_usage(
+    server: Server,
+) -> None:
+    server.mode("always-invalid")
+    async with openai(server, repairs=2) as model:
+        with pytest.raises(ExecutorError) as caught:
+            await model(task())
+    assert caught.value.kind == "invalid_output"
+    assert caught.value.usage.tokens_in == 36
+    assert len(server.state["requests"]) == 3
+
+
+@pytest.mark.parametrize(("mode", "kind", "retryable", "after"), [
+    ("429", "rate_limited", True, 7.0), ("429-ms", "rate_limited", True, 1.5),
+    ("500", "server_error", True, None), ("503", "server_error", True, None),
+    ("529", "server_error", True, None), ("408", "timeout", True, None),
+    ("409", "conflict", True, None), ("400", "client_error", False, None),
+    ("401", "auth", False, None), ("403", "auth", False, None),
+    ("404", "not_found", False, None), ("422", "client_error", False, None),
+    ("malformed", "bad_response", True, None), ("slow", "timeout", True, None),
+    ("oversized", "too_large", False, None), ("endless", "too_large", False, None),
+    ("truncated", "truncated", True, None),
+])
+async def test_failures_are_classified_for_the_decider(
+    server: Server, caplog: pytest.LogCaptureFixture, mode: str, kind: str, retryable: bool,
+    after: float | None,
+) -> None:
+    server.mode(mode)
+    caplog.set_level(logging.DEBUG)
+    async with openai(server) as model:
+        with pytest.raises(ExecutorError) as caught:
+            await model(task(timeout=0.5))
+    assert (caught.value.kind, caught.value.retryable) == (kind, retryable)
+    assert caught.value.retry_after == after
+    assert_clean(caught.value)
+    assert CANARY not in caplog.text
+
+
+async def test_retry_after_as_an_http_date(server: Server) -> None:
+    server.mode("429-date")
+    async with openai(server) as model:
+        with pytest.raises(ExecutorError) as caught:
+            await model(task())
+    assert 25 <= caught.value.retry_after <= 31  # type: ignore[operator]
+
+
+async def test_anthropic_tool_use_output_and_headers(server: Server) -> None:
+    server.mode("ok")
+    async with AnthropicMessages("claude-haiku-4-5", base_url=server.base,
+                                 api_key=lambda: CANARY) as model:
+        result = await model(task())
+    assert result.output == {"category": "billing"}
+    assert (result.usage.tokens_in, result.usage.tokens_out) == (20, 9)
+    assert result.usage.cost == pytest.approx(20 * 1e-6 + 9 * 5e-6)
+    sent = server.state["requests"][0]
+    assert sent["headers"]["x-api-key"] == CANARY
+    assert sent["headers"]["anthropic-version"] == "2023-06-01"
+    assert sent["body"]["tool_choice"] == {"type": "tool", "name": "respond"}
+    assert sent["body"]["max_tokens"] == 300
+
+
+@pytest.mark.parametrize(("mode", "kind"), [("529", "server_error"), ("429", "rate_limited"),
+                                            ("401", "auth")])
+async def test_anthropic_failures(server: Server, mode: str, kind: str) -> None:
+    server.mode(mode)
+    async with AnthropicMessages("claude", base_url=server.base,
+                                 api_key=lambda: CANARY) as model:
+        with pytest.raises(ExecutorError) as caught:
+            await model(task())
+    assert caught.value.kind == kind
+    assert_clean(caught.value)
+
+
+async def test_cancellation_leaves_no_task_or_connection_behind(server: Server) -> None:
+    server.mode("slow")
+    model = openai(server)
+    call = asyncio.create_task(model(task(timeout=10)))
+    await asyncio.sleep(0.2)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    session = model._session()
+    await model.close()
+    assert session.closed
+    await asyncio.sleep(0)
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()
+            and "chat" in repr(t.get_coro())] == []
+
+
+# --- HTTP tools and the SSRF guard ---------------------------------------------------------
+
+
+def tool(server_base: str, **kw: Any) -> HttpTool:
+    return HttpTool("GET", f"{server_base}/customers/{{customer_id}}", response=Customer, **kw)
+
+
+async def test_a_tool_call_with_an_allow_listed_loopback(server: Server) -> None:
+    server.mode("ok")
+    http = tool(server.base, allow=["127.0.0.1/32"])
+    result = await http(task({"customer_id": "c/1 x"}, schema=None))
+    await http.close()
+    assert result.output == {"customer": "c/1 x", "tier": "gold"}
+    assert server.state["requests"][0]["path"] == "/customers/c%2F1%20x"
+    assert server.state["requests"][0]["headers"]["Idempotency-Key"] == "r:classify:1"
+
+
+@pytest.mark.parametrize("host", [
+    "127.0.0.1", "10.1.2.3", "192.168.1.1", "172.16.0.1", "169.254.169.254", "100.64.0.1",
+    "0.0.0.0", "[::1]", "[fd00:ec2::254]", "[::ffff:127.0.0.1]", "[::ffff:10.0.0.1]",
+    "[64:ff9b::a00:1]", "[2002:a00:1::]", "[fe80::1]", "224.0.0.1",
+])
+async def test_internal_addresses_are_refused_unless_allow_listed(host: str) -> None:
+    http = HttpTool("GET", f"http://{host}:9/x")
+    with pytest.raises(ExecutorError) as caught:
+        await http(task(schema=None))
+    await http.close()
+    assert caught.value.kind == "refused"
+    assert not caught.value.retryable
+
+
+async def test_a_name_resolving_to_loopback_is_refused_at_connect(server: Server) -> None:
+    port = server.base.rsplit(":", 1)[1]
+    http = HttpTool("GET", f"http://localhost:{port}/customers/1")
+    with pytest.raises(ExecutorError) as caught:
+        await http(task(schema=None))
+    await http.close()
+    assert caught.value.kind == "refused"
+    assert "requests" not in server.state or not server.state["requests"]
+
+
+async def test_redirects_are_off_by_default_and_checked_per_hop(server: Server) -> None:
+    server.mode("redirect:http://10.0.0.1/customers/1")
+    off = tool(server.base, allow=["127.0.0.1"])
+    with pytest.raises(ExecutorError, match="redirects are off"):
+        await off(task({"customer_id": "1"}, schema=None))
+    await off.close()
+    on = tool(server.base, allow=["127.0.0.1"], follow_redirects=True)
+    with pytest.raises(ExecutorError) as caught:
+        await on(task({"customer_id": "1"}, schema=None))
+    await on.close()
+    assert caught.value.kind == "refused"
+    assert "10.0.0.1" in caught.value.message
+
+
+@pytest.mark.parametrize(("mode", "kind"), [("oversized", "too_large"),
+                                            ("endless", "too_large"), ("500", "server_error"),
+                                            ("404", "not_found")])
+async def test_tool_failures(server: Server, mode: str, kind: str) -> None:
+    server.mode(mode)
+    http = tool(server.base, allow=["127.0.0.1"], max_bytes=1024 * 1024)
+    with pytest.raises(ExecutorError) as caught:
+        await http(task({"customer_id": "1"}, schema=None, timeout=5))
+    await http.close()
+    assert caught.value.kind == kind
+
+
+async def test_tool_secrets_come_from_the_environment_and_stay_out_of_errors(
+    server: Server, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CRM_TOKEN", CANARY)
+    server.mode("401")
+    http = tool(server.base, allow=["127.0.0.1"],
+                headers={"Authorization": "Bearer ${CRM_TOKEN}"})
+    with pytest.raises(ExecutorError) as caught:
+        await http(task({"customer_id": "1"}, schema=None))
+    await http.close()
+    assert server.state["requests"][0]["headers"]["Authorization"] == f"Bearer {CANARY}"
+    assert caught.value.kind == "auth"
+    assert_clean(caught.value)
+    assert CANARY not in repr(http)

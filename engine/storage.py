@@ -32,6 +32,7 @@ T = TypeVar("T")
 _STOP = object()
 _TERMINAL_STATUS = {"RunCompleted": "completed", "RunFailed": "failed",
                     "RunCancelled": "cancelled"}
+STATUS_TOPICS = ("RunStarted", *_TERMINAL_STATUS)
 
 
 class _Write:
@@ -198,16 +199,16 @@ class StoreWorker:
     def _project_sync(self, batch: int,
                       progress: Callable[[int, int], None] | None = None) -> int:
         position = self.store.run_changes_position()
-        last = self.store.last_position() if progress is not None else 0
-        while True:
-            notes = self.store.read_all(position, batch)
-            if not notes:
-                return position
+        last = self.store.last_position()
+        while position < last:
+            # Only starts and ends change a run's row: let the store filter by topic.
+            notes = self.store.read_all(position, batch, topics=STATUS_TOPICS, stop=last)
             changes = [c for n in notes if (c := run_change(n)) is not None]
-            position = notes[-1].position
+            position = notes[-1].position if len(notes) == batch else last
             self.store.apply_run_changes(changes, position)
             if progress is not None:
                 progress(position, last)
+        return position
 
 
 def run_change(note: Notification) -> RunChange | None:

@@ -86,8 +86,10 @@ class EventStore(Protocol):
     def read(self, run_id: UUID, after: int = 0) -> list[Record]:
         """The run's records with seq > after, in order (empty if the run does not exist)."""
 
-    def read_all(self, after: int, limit: int) -> list[Notification]:
-        """Records of all runs with position > after, in position order, at most `limit`."""
+    def read_all(self, after: int, limit: int, *, topics: Sequence[str] = (),
+                 stop: int | None = None) -> list[Notification]:
+        """Records of all runs with after < position <= stop, in position order, at most
+        `limit`, only of the given topics when some are given."""
 
     def last_position(self) -> int:
         """The largest position written so far (0 when empty)."""

@@ -59,9 +59,10 @@ class RecorderStore:
         return [Record(_uuid(r.originator_id), r.originator_version, r.topic, bytes(r.state))
                 for r in rows]
 
-    def read_all(self, after: int, limit: int) -> list[Notification]:
+    def read_all(self, after: int, limit: int, *, topics: Sequence[str] = (),
+                 stop: int | None = None) -> list[Notification]:
         rows = self._retrying(lambda: self.recorder.select_notifications(
-            after, limit, inclusive_of_start=False))
+            after, limit, stop=stop, topics=list(topics), inclusive_of_start=False))
         return [Notification(n.id, Record(_uuid(n.originator_id), n.originator_version,
                                           n.topic, bytes(n.state))) for n in rows]
 

@@ -10,15 +10,50 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, Self
 
 import aiohttp
 import orjson
 
-from engine.executor import ExecutorError
+from engine.executor import ExecutorContext, ExecutorError
 
 DEFAULT_MAX_BYTES = 4 * 1024 * 1024
+
+
+class SessionUser:
+    """Executors over HTTP: the engine's shared session when run by an engine (`open`), their
+    own when used standalone (`async with`). `session_key`/`session_factory` pick a
+    differently configured session (one per engine per key)."""
+
+    session_key: Hashable = "http"
+    _context: ExecutorContext | None = None
+    _own: aiohttp.ClientSession | None = None
+
+    def session_factory(self) -> Callable[[], aiohttp.ClientSession] | None:
+        return None
+
+    async def open(self, context: ExecutorContext) -> None:
+        self._context = context
+
+    async def close(self) -> None:
+        if self._own is not None:
+            await self._own.close()
+            self._own = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _session(self) -> aiohttp.ClientSession:
+        factory = self.session_factory()
+        if self._context is not None:
+            return self._context.http_session(self.session_key, factory)
+        if self._own is None or self._own.closed:
+            self._own = factory() if factory else aiohttp.ClientSession(trust_env=False)
+        return self._own
 DEFAULT_MAX_RETRY_AFTER = 300.0
 
 _KINDS = {408: "timeout", 409: "conflict", 429: "rate_limited", 400: "client_error",

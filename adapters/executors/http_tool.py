@@ -13,9 +13,9 @@ import aiohttp
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from engine.executor import ExecutorContext, ExecutorError, Result, Task
+from engine.executor import ExecutorError, Result, Task
 
-from .http_common import parse_json, read_capped, status_error, transport_error
+from .http_common import SessionUser, parse_json, read_capped, status_error, transport_error
 from .ssrf import Guard, Refused, session_factory
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -43,7 +43,7 @@ def _fill_json(template: Any, values: Any) -> Any:
     return template
 
 
-class HttpTool:
+class HttpTool(SessionUser):
     """An HTTP call as a step.
 
     url: a template; {field} placeholders are filled from the step input, URL-quoted.
@@ -71,27 +71,13 @@ class HttpTool:
         self.follow_redirects = follow_redirects
         self.max_redirects = max_redirects
         self.guard = Guard(allow)
-        self._context: ExecutorContext | None = None
-        self._own: aiohttp.ClientSession | None = None
+        self.session_key = ("http-tool", self.guard.key)
 
     def __repr__(self) -> str:
         return f"HttpTool({self.method} {urlsplit(self.url).netloc})"
 
-    async def open(self, context: ExecutorContext) -> None:
-        self._context = context
-
-    async def close(self) -> None:
-        if self._own is not None:
-            await self._own.close()
-            self._own = None
-
-    def _session(self) -> aiohttp.ClientSession:
-        factory = session_factory(self.guard)
-        if self._context is not None:  # one guarded session per engine and allow-list
-            return self._context.http_session(("http-tool", self.guard.key), factory)
-        if self._own is None or self._own.closed:
-            self._own = factory()
-        return self._own
+    def session_factory(self) -> Any:
+        return session_factory(self.guard)  # one guarded session per engine and allow-list
 
     def _headers(self) -> dict[str, str]:
         def secret(match: re.Match[str]) -> str:

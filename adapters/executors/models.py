@@ -19,10 +19,11 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from domain.events import Usage
-from engine.executor import ExecutorContext, ExecutorError, Result, Task
+from engine.executor import ExecutorError, Result, Task
 
 from .http_common import (
     DEFAULT_MAX_BYTES,
+    SessionUser,
     fill,
     parse_json,
     read_capped,
@@ -39,7 +40,7 @@ DEFAULT_PRICES: dict[str, tuple[float, float]] = {
 SecretProvider = Callable[[], str | None]
 
 
-class _ModelExecutor:
+class _ModelExecutor(SessionUser):
     service = "model"
 
     def __init__(self, *, model: str, base_url: str, api_key_env: str | None,
@@ -62,34 +63,9 @@ class _ModelExecutor:
         self.default_price = default_price
         self.max_bytes = max_bytes
         self.default_max_tokens = default_max_tokens
-        self._context: ExecutorContext | None = None
-        self._own: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:  # never the key
         return f"{type(self).__name__}(model={self.model!r}, base_url={self.base_url!r})"
-
-    # --- lifecycle: the engine's shared session, or our own when used standalone ---------
-
-    async def open(self, context: ExecutorContext) -> None:
-        self._context = context
-
-    async def close(self) -> None:
-        if self._own is not None:
-            await self._own.close()
-            self._own = None
-
-    async def __aenter__(self) -> _ModelExecutor:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    def _session(self) -> aiohttp.ClientSession:
-        if self._context is not None:
-            return self._context.http_session()
-        if self._own is None or self._own.closed:
-            self._own = aiohttp.ClientSession(trust_env=False)
-        return self._own
 
     def _key(self) -> str | None:
         if self._api_key is not None:

@@ -1,0 +1,1 @@
+"""Reproducible performance figures: rulebound beside its peers (see run.py)."""

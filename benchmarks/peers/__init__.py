@@ -1,0 +1,1 @@
+"""Peer workloads: the same five-step workflow written the way each peer's docs recommend."""

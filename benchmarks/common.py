@@ -38,8 +38,11 @@ def wal_file(db: Path) -> None:
 
     For systems that open the file in rollback-journal mode themselves (DBOS, Burr); the
     journal mode lives in the file, so their own connections then write through the WAL.
-    Python's sqlite3 leaves synchronous=FULL, the strongest setting, in place.
+    Python's sqlite3 leaves synchronous=FULL, the strongest setting, in place. An existing
+    file (a restart) is left alone.
     """
+    if db.exists():
+        return
     with sqlite3.connect(db) as conn:
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
     check(mode == "wal", f"{db}: journal_mode is {mode}, not wal")

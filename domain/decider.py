@@ -18,6 +18,7 @@ from typing import Any
 from . import events as ev
 from .conditions import MISSING, resolve
 from .definitions import END, FAIL, Map, Parallel, Step, WaitForSignal, Workflow
+from .events import trusted
 from .state import RunState, StepState, evolve
 
 _MAX_DECISIONS = 100_000  # a safety net; real batches are a handful of events
@@ -72,7 +73,8 @@ def _next(wf: Workflow, s: RunState, now: datetime) -> list[ev.Event]:
             return _route_failure(wf, s, current, now)
     for st in s.steps.values():
         if st.status == "succeeded":
-            return [ev.StepCompleted(at=now, step=st.key, visit=st.visit, output=st.output)]
+            return [trusted(ev.StepCompleted, at=now, step=st.key, visit=st.visit,
+                            output=st.output)]
         if st.status == "attempt_failed":
             return _after_failed_attempt(wf, s, st, now)
         if st.status == "waiting":
@@ -109,8 +111,8 @@ def _route(wf: Workflow, s: RunState, st: StepState, now: datetime) -> list[ev.E
             target, condition, values = route.to, str(route.when), reads
             break
         values.update(reads)  # an "otherwise" shows what the failed conditions read
-    taken = ev.TransitionTaken(at=now, from_step=st.key, to_step=target, condition=condition,
-                               values=_jsonable(values))
+    taken = trusted(ev.TransitionTaken, at=now, from_step=st.key, to_step=target,
+                    condition=condition, values=_jsonable(values))
     if target == END:
         return [taken, ev.RunCompleted(at=now, output=st.output,
                                        reason=f"step {st.key!r} finished the workflow")]
@@ -312,8 +314,8 @@ def _schedule(
             reason=f"{limit} limit reached before step {target!r} "
                    f"(limit {limit_value:g}, used {used:g})")]
     if isinstance(step, Step):
-        return [ev.StepScheduled(
-            at=now, step=target, kind="task", visit=visit, attempt=1,
+        return [trusted(
+            ev.StepScheduled, at=now, step=target, kind="task", visit=visit, attempt=1,
             not_before=_not_before(step, now), reason=reason, max_cost=step.cost,
             max_tokens=step.max_tokens)]
     if isinstance(step, WaitForSignal):
@@ -377,6 +379,9 @@ def build_input(definition: Workflow, state: RunState, key: str) -> Any:
     """The task input of step key `key`, built from the run input and earlier outputs."""
     st = state.steps[key]
     task = definition.task(st.name)
+    spec = task.input
+    if spec is None and st.item is None:
+        return state.input  # the common case, without building the whole context
     if st.parent is not None and st.item is not None:
         parent = definition.step(st.parent)
         assert isinstance(parent, Map)
@@ -384,7 +389,6 @@ def build_input(definition: Workflow, state: RunState, key: str) -> Any:
         ctx = context(state, item=items[st.item], index=st.item)
     else:
         ctx = context(state)
-    spec = task.input
     if spec is None:
         return ctx.get("item", state.input)
     if isinstance(spec, str):

@@ -8,7 +8,7 @@ validated models) and serialise to canonical JSON for byte-equal comparisons in 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -105,6 +105,25 @@ class RunState:
     def to_dict(self) -> dict[str, Any]:
         """Plain data for canonical JSON (datetimes as ISO strings)."""
         return _plain(asdict(self))
+
+
+# Every field in declaration order (required ones as None, always given by the caller).
+_STEP_DEFAULTS = {f.name: None if f.default is MISSING else f.default for f in fields(StepState)}
+_new = object.__new__
+_set_dict = object.__setattr__
+
+
+def _new_step(**values: Any) -> StepState:
+    """A StepState built without its frozen __init__ (20 guarded setattrs per call).
+
+    Same result as `StepState(**values)`: `evolve` builds one per scheduled step, on every
+    fold and on the engine's hot path.
+    """
+    step = _new(StepState)
+    data = dict(_STEP_DEFAULTS)
+    data.update(values)
+    _set_dict(step, "__dict__", data)
+    return step
 
 
 def _plain(value: Any) -> Any:
@@ -244,7 +263,7 @@ def _scheduled(state: RunState, event: ev.StepScheduled) -> dict[str, Any]:
         raise InvalidEvent(f"{event.step!r} scheduled while {old.status}")
     status = {"task": "scheduled", "signal": "waiting"}.get(event.kind, "running")
     name = event.step.partition("[")[0]
-    step = StepState(
+    step = _new_step(
         key=event.step, name=name, kind=event.kind, status=status, visit=event.visit,
         attempt=event.attempt, reason=event.reason, parent=event.parent, item=event.item,
         items=event.items, not_before=event.not_before, max_cost=event.max_cost,

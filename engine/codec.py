@@ -19,10 +19,8 @@ from domain.errors import CorruptRun
 from domain.events import Event, parse_event
 
 GENESIS_HASH = "0" * 64
+_sha256 = hashlib.sha256
 _OPTS = orjson.OPT_SORT_KEYS
-
-
-_STAMP = ("id", "hash")
 
 
 def _plain(value: Any) -> Any:
@@ -37,14 +35,13 @@ def canonical_body(event: Event) -> bytes:
     Serialises the model's field dict directly (pydantic keeps field values in __dict__):
     the same bytes as model_dump() + orjson, without building an intermediate dict tree.
     """
-    fields = {k: v for k, v in event.__dict__.items() if k not in _STAMP}
+    fields = event.__dict__.copy()  # a C-level copy beats filtering in Python
+    del fields["id"], fields["hash"]
     return orjson.dumps(fields, default=_plain, option=_OPTS)
 
 
 def chain_hash(prev_hash: str, body: bytes) -> str:
-    digest = hashlib.sha256(prev_hash.encode())
-    digest.update(body)
-    return digest.hexdigest()
+    return _sha256(prev_hash.encode() + body).hexdigest()
 
 
 def stamp(event: Event, event_id: UUID | str, prev_hash: str) -> tuple[str, bytes]:

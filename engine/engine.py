@@ -65,8 +65,8 @@ class _Start:
 
 
 class _Run:
-    __slots__ = ("definition", "dirty", "held", "last_hash", "lock", "run_id", "state",
-                 "tasks", "timer", "timer_at", "waiters", "watchers")
+    __slots__ = ("deadline_at", "definition", "dirty", "held", "last_hash", "lock", "run_id",
+                 "state", "tasks", "timer", "timer_at", "waiters", "watchers")
 
     def __init__(self, run_id: UUID, definition: Workflow | None, state: RunState,
                  last_hash: str) -> None:
@@ -82,6 +82,7 @@ class _Run:
         self.timer_at: datetime | None = None
         self.held: str | None = None
         self.dirty = False
+        self.deadline_at: datetime | None = None
 
 
 class Engine:
@@ -490,9 +491,9 @@ class Engine:
             deadline = now + timedelta(seconds=task.timeout)
             assert state.started_at is not None
             run_deadline = state.started_at + timedelta(seconds=state.limits["deadline"])
-            started = ev.AttemptStarted(
-                at=now, step=st.key, attempt=st.attempt, executor=task.executor,
-                worker=self.worker, deadline=min(deadline, run_deadline))
+            started = ev.trusted(
+                ev.AttemptStarted, at=now, step=st.key, attempt=st.attempt,
+                executor=task.executor, worker=self.worker, deadline=min(deadline, run_deadline))
             state = evolve(state, started)
             claimed.append(_Start(started, st.key, limiter, admission))
         return claimed, state
@@ -507,13 +508,15 @@ class Engine:
                     queue.put_nowait((first_seq + n, event))
         metrics = self.metrics
         for event in batch:
-            if isinstance(event, ev.AttemptSucceeded | ev.AttemptFailed):
+            kind = event.type
+            if kind == "AttemptSucceeded" or kind == "AttemptFailed":
+                usage = event.usage  # type: ignore[attr-defined]
                 metrics.attempts += 1
-                metrics.attempts_failed += isinstance(event, ev.AttemptFailed)
-                metrics.cost += event.usage.cost
-                metrics.tokens += event.usage.tokens
-                metrics.latency.observe(event.latency)
-            elif isinstance(event, ev.StepScheduled) and event.attempt > 1:
+                metrics.attempts_failed += kind == "AttemptFailed"
+                metrics.cost += usage.cost
+                metrics.tokens += usage.tokens_in + usage.tokens_out
+                metrics.latency.observe(event.latency)  # type: ignore[attr-defined]
+            elif kind == "StepScheduled" and event.attempt > 1:  # type: ignore[attr-defined]
                 metrics.retries += 1
         if batch[0].type == "RunStarted" or run.state.terminal:
             self._poke_projector()
@@ -608,11 +611,14 @@ class Engine:
         if problem is not None:
             return self._failure(start, "invalid_output", f"output cannot be stored: {problem}",
                                  True, began, usage=result.usage)
+        usage = result.usage
+        if type(usage) is not ev.Usage:  # the event is built unvalidated: check what came in
+            usage = ev.Usage.model_validate(usage)
         if start.limiter is not None and start.admission is not None:
-            start.limiter.settle(start.admission, result.usage.tokens)
-        return ev.AttemptSucceeded(
-            at=self._clock.now(), step=task.step, attempt=task.attempt, output=output,
-            usage=result.usage, latency=round(self._clock.monotonic() - began, 6))
+            start.limiter.settle(start.admission, usage.tokens)
+        return ev.trusted(
+            ev.AttemptSucceeded, at=self._clock.now(), step=task.step, attempt=task.attempt,
+            output=output, usage=usage, latency=round(self._clock.monotonic() - began, 6))
 
     def _failure(self, start: _Start, kind: str, message: str, retryable: bool, began: float,
                  *, usage: ev.Usage | None = None, retry_after: datetime | None = None
@@ -656,14 +662,30 @@ class Engine:
 
     def _arm_timer(self, run: _Run, at: datetime | None = None) -> None:
         """Wake the run at its next due time (a not-before, a signal timeout, the deadline)."""
-        if run.definition is None or run.state.terminal or self._closing:
+        state = run.state
+        if run.definition is None or state.terminal or self._closing:
             return
-        candidates = [when for when, _name in timers(run.definition, run.state)]
-        candidates += [st.not_before for st in dispatchable(run.state)
-                       if st.not_before is not None]
-        if at is not None:
-            candidates.append(at)
-        due = min(candidates) if candidates else None
+        # The same moments as `timers()` plus due attempts, in one pass over the steps: this
+        # runs after every commit, and the run's deadline never changes.
+        due = run.deadline_at
+        if due is None:
+            if state.started_at is None:
+                return
+            due = run.deadline_at = state.started_at + timedelta(
+                seconds=state.limits["deadline"])
+        for st in state.steps.values():
+            status = st.status
+            if status == "scheduled":
+                if st.not_before is not None and st.not_before < due:
+                    due = st.not_before
+            elif status == "waiting" and st.waiting_since is not None:
+                step = run.definition.step(st.name)
+                assert isinstance(step, WaitForSignal)
+                when = st.waiting_since + timedelta(seconds=step.timeout)
+                if when < due:
+                    due = when
+        if at is not None and at < due:
+            due = at
         if run.timer is not None:
             if due == run.timer_at:
                 return  # already armed for that moment

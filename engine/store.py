@@ -10,15 +10,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import NamedTuple, Protocol
 from uuid import UUID
 
 from domain.errors import RuleboundError
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One stored event: its run, position, topic (the event type) and bytes (engine.codec)."""
+class Record(NamedTuple):
+    """One stored event: its run, position, topic (the event type) and bytes (engine.codec).
+
+    A named tuple rather than a frozen dataclass: the engine builds one per event on the hot
+    path, and a tuple is built several times faster than a frozen dataclass instance.
+    """
 
     run_id: UUID
     seq: int
@@ -26,8 +29,7 @@ class Record:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Notification:
+class Notification(NamedTuple):
     """A record with its position in the store-wide sequence (may have gaps on PostgreSQL)."""
 
     position: int

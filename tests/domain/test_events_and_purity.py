@@ -63,6 +63,26 @@ def test_every_event_round_trips_exactly_through_the_stored_format(event: ev.Eve
     assert codec.encode(back) == data
 
 
+HOT_PATH_EVENTS = (ev.StepScheduled, ev.TransitionTaken, ev.StepCompleted, ev.AttemptStarted,
+                   ev.AttemptSucceeded)
+
+
+@settings(max_examples=300, deadline=None)
+@given(event=st.one_of(*(event_strategy(cls) for cls in HOT_PATH_EVENTS)))
+def test_trusted_construction_equals_validated_construction(event: ev.Event) -> None:
+    # The decider and engine build these without validation; given well-typed values the
+    # result must be indistinguishable: same fields, same order, same bytes, same hash.
+    values = {k: v for k, v in event.__dict__.items() if k in event.model_fields_set}
+    built = ev.trusted(type(event), **values)
+    assert built == event
+    assert list(built.__dict__) == list(event.__dict__)
+    assert built.model_fields_set == event.model_fields_set
+    assert codec.stamp(built, UUID(int=7), codec.GENESIS_HASH) == codec.stamp(
+        event, UUID(int=7), codec.GENESIS_HASH)
+    if "values" in type(event).model_fields and "values" not in values:
+        assert built.values is not ev.trusted(type(event), **values).values  # fresh default
+
+
 def test_every_event_type_is_in_the_vocabulary() -> None:
     assert set(ev.EVENT_TYPES) == {
         "RunStarted", "StepScheduled", "AttemptStarted", "AttemptSucceeded", "AttemptFailed",

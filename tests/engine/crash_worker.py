@@ -15,13 +15,13 @@ import sys
 from domain import FAIL, Limits, Retry, Step, Workflow
 from engine import Engine
 
-STEPS = 60  # long enough that 20 kills land mid-run, not after the end
+STEPS = 150  # long enough that 20 kills land mid-run (~19 s of work per run), not after the end
 
 
 def workflow() -> Workflow:
     return Workflow(
         "crash-chain",
-        limits=Limits(max_steps=100, deadline=3600),
+        limits=Limits(max_steps=200, deadline=3600),
         on_failure=FAIL,
         steps=[Step(f"s{i}", executor="work", timeout=30,
                     retry=Retry(attempts=100, backoff=0.001, max_backoff=0.01),

@@ -217,6 +217,37 @@ def ratios(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 6's targets for rulebound, as ratios measured in this run."""
+    def median(key: str, system: str, metric: str) -> float | None:
+        value = results.get(key, {}).get(system, {}).get(metric)
+        return value["median"] if value else None
+
+    def fastest(key: str) -> tuple[str, float] | None:
+        found = [(p, v) for p in PEERS if (v := median(key, p, "us_per_step")) is not None]
+        return min(found, key=lambda pv: pv[1]) if found else None
+
+    out: list[dict[str, Any]] = []
+    for key, share, label in (("W1", 3, "W1 per step <= 1/3 of the fastest peer"),
+                              ("W2", 5, "W2 per step <= 1/5 of the fastest durable peer")):
+        mine, best = median(key, "rulebound", "us_per_step"), fastest(key)
+        if mine is not None and best is not None:
+            out.append({"target": label, "value": f"{mine / best[1]:.2f}x {best[0]}",
+                        "met": mine * share <= best[1]})
+    ratio = median("W3s", "rulebound", "ratio_to_ideal")
+    if ratio is not None:
+        out.append({"target": "W3 on SQLite within 2x of the ideal", "value": f"{ratio:.2f}x",
+                    "met": ratio <= 2.0})
+    rerun = results.get("W4", {}).get("rulebound", {}).get("steps_1_3_rerun")
+    resume = median("W4", "rulebound", "from_engine_start_ms")
+    if rerun is not None and resume is not None:
+        out.append({"target": "W4 re-runs no completed step", "value": f"{rerun['max']:g}",
+                    "met": rerun["max"] == 0})
+        out.append({"target": "W4 step 4 within 100 ms of engine start",
+                    "value": f"{resume:.0f} ms", "met": resume < 100})
+    return out
+
+
 def table(results: dict[str, Any], rat: dict[str, dict[str, float]]) -> str:
     lines = []
     for workload in WORKLOADS:
@@ -316,19 +347,26 @@ def main() -> None:
         else:
             entry[system] = summarise(samples[(workload.key, system)])
     rat = ratios(results)
+    goals = targets(results)
     meta = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "date":
             time.strftime("%Y-%m-%d"), "repeat": args.repeat, "runs": args.runs,
             "versions": versions(), "skipped": skipped,
             "notes": {w.key: w.notes for w in WORKLOADS if w.notes}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results,
-                                          "ratios_rulebound_over_peer": rat}, indent=2) + "\n")
+                                          "ratios_rulebound_over_peer": rat,
+                                          "targets": goals}, indent=2) + "\n")
     v = meta["versions"]
     print(f"\nrulebound ({v['rulebound']}) beside its peers - {meta['machine']}, "
           f"Python {v['python']}, SQLite {v['sqlite']}, {meta['date']}; median of "
           f"{args.repeat} fresh processes (min-max); lower is better except steps_per_s")
     print("peers: " + ", ".join(f"{k} {v[k]}" for k in VERSIONS if k in v))
     print(table(results, rat))
+    if goals:
+        print("\nrulebound's targets (issue 6), from this run:")
+        for goal in goals:
+            print(f"  {goal['target']:<48} {goal['value']:>14}   "
+                  f"{'met' if goal['met'] else 'MISSED'}")
     print(f"\nJSON: {args.out}")
     if errors:
         print(f"\n{len(errors)} case(s) FAILED: "

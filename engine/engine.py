@@ -164,6 +164,12 @@ class Engine:
         if missing:
             text = ", ".join(f"{e!r} (workflow {w!r})" for w, e in missing)
             raise DefinitionError(f"no executor registered for {text}")
+        unreserved = [] if self._read_only else self.registry.unreserved_token_steps()
+        if unreserved:
+            text = ", ".join(f"{s!r} of {w!r} (executor {e!r})" for w, s, e in unreserved)
+            raise DefinitionError(
+                f"steps on an executor with a token rate limit must declare max_tokens, so "
+                f"each call reserves its worst case in the window: {text}")
         store = self._store_spec
         if isinstance(store, str):
             store = await asyncio.get_running_loop().run_in_executor(None, open_store, store)
@@ -614,6 +620,14 @@ class Engine:
         usage = result.usage
         if type(usage) is not ev.Usage:  # the event is built unvalidated: check what came in
             usage = ev.Usage.model_validate(usage)
+        if (task.max_tokens is not None and usage.tokens_in + usage.tokens_out > task.max_tokens
+                ) or (task.max_cost and usage.cost > task.max_cost + 1e-9):
+            # The fact is recorded as reported (the spend happened), but an executor that
+            # overruns its grant breaks the budget guarantee: make it loud.
+            self.metrics.grant_overruns += 1
+            log.warning("executor %r overran its grant on %s attempt %d: %d tokens, $%.6f "
+                        "(granted %s tokens, $%s)", step.executor, task.step, task.attempt,
+                        usage.tokens, usage.cost, task.max_tokens, task.max_cost)
         if start.limiter is not None and start.admission is not None:
             start.limiter.settle(start.admission, usage.tokens)
         return ev.trusted(

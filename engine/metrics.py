@@ -45,5 +45,6 @@ class EngineMetrics:
     cost: float = 0.0
     tokens: int = 0
     commits: int = 0
+    grant_overruns: int = 0  # attempts that reported more usage than their grant
     latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     loop_lag: Histogram = field(default_factory=lambda: Histogram(LAG_BUCKETS))

@@ -72,17 +72,39 @@ class Registry:
         return sorted(set(missing))
 
 
-def _executors_of(wf: Workflow) -> set[str]:
-    found: set[str] = set()
+    def unreserved_token_steps(self) -> list[tuple[str, str, str]]:
+        """(workflow, step, executor) for task steps on a token-rate-limited executor that
+        declare no `max_tokens`.
+
+        A token window can only be kept if every call reserves its worst case before it is
+        made; a step without one would be admitted for free and could flood the window.
+        """
+        found = []
+        for versions in self._versions.values():
+            for wf in versions:
+                for task in _tasks_of(wf):
+                    limit = self.rate_limits.get(task.executor)
+                    if limit is not None and limit.tokens is not None and (
+                            task.max_tokens is None):
+                        found.append((wf.name, task.name, task.executor))
+        return sorted(set(found))
+
+
+def _tasks_of(wf: Workflow) -> list[Step]:
+    """Every runnable task step: top-level steps, parallel branches, map templates."""
+    found: list[Step] = []
     for step in wf.steps:
         if isinstance(step, Step):
-            found.add(step.executor)
-        for child in getattr(step, "branches", ()):
-            found.add(child.executor)
+            found.append(step)
+        found.extend(getattr(step, "branches", ()))
         inner = getattr(step, "step", None)
         if isinstance(inner, Step):
-            found.add(inner.executor)
+            found.append(inner)
     return found
+
+
+def _executors_of(wf: Workflow) -> set[str]:
+    return {task.executor for task in _tasks_of(wf)}
 
 
 class AppLoadError(RuleboundError):

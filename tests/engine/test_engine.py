@@ -21,7 +21,7 @@ from domain import (
     Workflow,
     field,
 )
-from domain.errors import RunNotFound
+from domain.errors import DefinitionError, RunNotFound
 from engine import (
     Engine,
     InvalidInput,
@@ -157,6 +157,35 @@ async def test_rate_limits_delay_and_never_drop(store_url: str) -> None:
     for i, t in enumerate(calls):  # no 0.5 s window ever holds more than 4 calls
         assert sum(1 for u in calls[i:] if u - t < limit.per - 0.01) <= limit.requests
     assert calls[-1] - calls[0] >= 3 * limit.per - 0.05  # it was delayed, not dropped
+
+
+async def test_token_rate_limits_hold_in_every_window_and_drop_nothing(store_url: str) -> None:
+    calls: list[tuple[float, int]] = []
+
+    async def call(task: Task) -> Any:
+        calls.append((time.monotonic(), task.max_tokens or 0))
+        return Result(output={}, usage=Usage(tokens_in=10, tokens_out=task.max_tokens - 10))
+
+    wf = Workflow("tokens", on_failure=FAIL, limits=Limits(max_tokens=10_000),
+                  steps=[Step("s", executor="llm", max_tokens=40)])
+    limit = RateLimit(tokens=100, per=0.4)  # two 40-token calls fit a window, three do not
+    async with Engine(store_url, [wf], {"llm": call}, rate_limits={"llm": limit}) as engine:
+        ids = [await engine.start("tokens", {"i": i}) for i in range(9)]
+        views = [await engine.wait(r, timeout=20) for r in ids]
+    assert all(v.status == "completed" for v in views)
+    assert len(calls) == 9 and all(granted == 40 for _, granted in calls)
+    calls.sort()
+    for i, (t, _) in enumerate(calls):  # no 0.4 s window ever holds more than 100 tokens
+        assert sum(n for u, n in calls[i:] if u - t < limit.per - 0.01) <= limit.tokens
+    assert calls[-1][0] - calls[0][0] >= 3 * limit.per - 0.05  # delayed, not dropped
+
+
+async def test_a_token_rate_limit_needs_a_reservation_on_every_step(store_url: str) -> None:
+    wf = Workflow("unreserved", on_failure=FAIL, steps=[Step("s", executor="llm")])
+    engine = Engine(store_url, [wf], {"llm": echo},
+                    rate_limits={"llm": RateLimit(tokens=100, per=1)})
+    with pytest.raises(DefinitionError, match=r"max_tokens.*'s' of 'unreserved'"):
+        await engine.open()
 
 
 async def test_idempotent_start_under_50_concurrent_calls(sqlite_url: str) -> None:

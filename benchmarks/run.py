@@ -134,9 +134,10 @@ def run_case(system: str, key: str, runs: int) -> dict[str, Any]:
 def crash_case(system: str, tmp: Path) -> dict[str, Any]:
     """W4: phase 1 runs until step 4 starts and is SIGKILLed; phase 2 restarts and resumes."""
     ledger = Ledger(tmp / "ledger.txt")
-    argv = [sys.executable, __file__, "--phase", "", system, str(tmp)]
-    argv[3] = "child"
-    child = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL,
+    def argv(phase: str) -> list[str]:
+        return [sys.executable, __file__, "--phase", phase, system, str(tmp)]
+
+    child = subprocess.Popen(argv("child"), cwd=ROOT, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not any(p[:2] == ["4", "start"] for p in ledger.lines()):
@@ -150,9 +151,8 @@ def crash_case(system: str, tmp: Path) -> dict[str, Any]:
     before = len(ledger.lines())
     first = [p[0] for p in ledger.lines() if p[1:2] == ["start"]]
     check(first == ["1", "2", "3", "4"], f"{system} W4 phase 1 ran steps {first}")
-    argv[3] = "restart"
     spawned = time.time()
-    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    out = subprocess.run(argv("restart"), cwd=ROOT, capture_output=True, text=True, timeout=180)
     if out.returncode != 0:
         raise NotPersisted(f"{system} W4 restart failed: {out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -325,9 +325,12 @@ def main() -> None:
             label = f"[{done}/{total}] {workload.key} {system} (rep {rep + 1}/{args.repeat})"
             print(f"{label} ...", end="", flush=True, file=sys.stderr)
             t0 = time.monotonic()
-            out = subprocess.run([sys.executable, __file__, "--case", system, workload.key,
-                                  "--runs", str(args.runs)],
-                                 cwd=ROOT, capture_output=True, text=True, timeout=900)
+            try:
+                out = subprocess.run([sys.executable, __file__, "--case", system, workload.key,
+                                      "--runs", str(args.runs)],
+                                     cwd=ROOT, capture_output=True, text=True, timeout=900)
+            except subprocess.TimeoutExpired:
+                out = subprocess.CompletedProcess([], 1, "", "timed out after 900 s")
             took = time.monotonic() - t0
             if out.returncode != 0:
                 errors[(workload.key, system)] = (out.stderr.strip().splitlines() or ["?"])[-1]

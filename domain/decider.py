@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from . import events as ev
@@ -55,8 +56,7 @@ def _next(wf: Workflow, s: RunState, now: datetime) -> list[ev.Event]:
         running = [k for k, st in s.steps.items() if st.status == "running" and st.kind == "task"]
         return [ev.RunCancelled(at=now, reason=s.cancel_reason, in_flight=running)]
     assert s.started_at is not None
-    deadline = s.started_at + timedelta(seconds=s.limits["deadline"])
-    if now >= deadline:
+    if now >= _deadline(s.started_at, s.limits["deadline"]):
         used = (now - s.started_at).total_seconds()
         return [
             ev.LimitReached(at=now, limit="deadline", limit_value=s.limits["deadline"], used=used),
@@ -88,6 +88,12 @@ def _next(wf: Workflow, s: RunState, now: datetime) -> list[ev.Event]:
     return []
 
 
+@lru_cache(maxsize=4096)
+def _deadline(started_at: datetime, seconds: float) -> datetime:
+    """A run's deadline (asked on every decision; a run's start and limit never change)."""
+    return started_at + timedelta(seconds=seconds)
+
+
 def context(state: RunState, item: Any = MISSING, index: int | None = None) -> dict[str, Any]:
     """What paths resolve against: run input, step outputs, the error, signals, limit."""
     ctx: dict[str, Any] = dict(state.outputs)
@@ -103,8 +109,8 @@ def context(state: RunState, item: Any = MISSING, index: int | None = None) -> d
 
 def _route(wf: Workflow, s: RunState, st: StepState, now: datetime) -> list[ev.Event]:
     step = wf.step(st.name)
-    ctx = context(s)
     target, condition, values = step.next, ("otherwise" if step.routes else "next"), {}
+    ctx = context(s) if step.routes else {}
     for route in step.routes:
         reads: dict[str, Any] = {}
         if route.when.evaluate(ctx, reads):

@@ -65,12 +65,13 @@ class _Start:
 
 
 class _Run:
-    __slots__ = ("deadline_at", "definition", "dirty", "held", "last_hash", "lock", "run_id",
-                 "state", "tasks", "timer", "timer_at", "waiters", "watchers")
+    __slots__ = ("deadline_at", "definition", "dirty", "held", "id_text", "last_hash", "lock",
+                 "run_id", "state", "tasks", "timer", "timer_at", "waiters", "watchers")
 
     def __init__(self, run_id: UUID, definition: Workflow | None, state: RunState,
                  last_hash: str) -> None:
         self.run_id = run_id
+        self.id_text = str(run_id)  # for idempotency keys: UUID.__str__ costs ~1.5 us a call
         self.definition = definition
         self.state = state
         self.last_hash = last_hash
@@ -563,7 +564,7 @@ class Engine:
         try:
             task = Task(
                 run_id=run.run_id, step=start.key, attempt=st.attempt,
-                idempotency_key=f"{run.run_id}:{start.key}:{st.visit}",
+                idempotency_key=f"{run.id_text}:{start.key}:{st.visit}",
                 input=build_input(definition, run.state, start.key), config=step.config,
                 output_schema=step.output, timeout=step.timeout,
                 deadline=start.event.deadline, max_tokens=st.max_tokens, max_cost=st.max_cost)

@@ -27,28 +27,31 @@ class LeanPOPORecorder(POPOApplicationRecorder):
 
     def _assert_uniqueness(self, stored_events: Sequence[StoredEvent], **_: Any) -> None:
         index = self._stored_events_index
-        names: dict[Any, str] = {}
+        names: list[str] = []
         seen: set[tuple[str, int]] = set()
+        last: Any = None
+        name = ""
+        positions: dict[int, int] | None = None
         for s in stored_events:
-            name = names.get(s.originator_id)
-            if name is None:
-                name = names[s.originator_id] = str(s.originator_id)
+            if s.originator_id is not last:  # an append is mostly one run: convert it once
+                last = s.originator_id
+                name = str(last)
+                positions = index.get(name)
             key = (name, s.originator_version)
-            positions = index.get(name)
             if (positions is not None and s.originator_version in positions) or key in seen:
                 raise IntegrityError(f"Stored event already recorded: {s}")
             seen.add(key)
-        self._names = names
+            names.append(name)
+        self._names = names  # read by _update_table, under the same database lock
 
     def _update_table(self, stored_events: Sequence[StoredEvent], **_: Any) -> list[int]:
-        names = self._names
         table = self._stored_events
         index = self._stored_events_index
         ids = []
-        for s in stored_events:
+        for s, name in zip(stored_events, self._names, strict=True):
             table.append(s)
             position = len(table)
-            index[names[s.originator_id]][s.originator_version] = position - 1
+            index[name][s.originator_version] = position - 1
             ids.append(position)
         return ids
 

@@ -102,11 +102,24 @@ def _ledger_executor(ledger: Ledger, hang: bool) -> Any:
     return work
 
 
+def _recovery_workflow() -> Any:
+    """W4's chain. An abandoned attempt (the engine died while it ran) is retried by the
+    step's retry policy, whose default waits 1 s first, since the attempt may itself have
+    killed the process. The peers re-run an interrupted step at once; for a like-for-like
+    recovery time, W4 declares that choice explicitly: no backoff."""
+    from domain import END, FAIL, Retry, Step, Workflow
+
+    return Workflow("bench-linear", on_failure=FAIL, steps=[
+        Step(f"s{i}", executor="work", retry=Retry(backoff=0),
+             next=f"s{i + 1}" if i + 1 < STEPS else END)
+        for i in range(STEPS)])
+
+
 async def crash_child(db: Path, ledger: Ledger) -> None:
     from engine import Engine
 
     ledger.mark_engine_start()
-    async with Engine(store=_url("sqlite", db), workflows=[engine_bench.linear(STEPS)],
+    async with Engine(store=_url("sqlite", db), workflows=[_recovery_workflow()],
                       executors={"work": _ledger_executor(ledger, hang=True)}) as engine:
         run_id = await engine.start("bench-linear")
         ledger.write(f"run {run_id}")
@@ -119,7 +132,7 @@ async def crash_restart(db: Path, ledger: Ledger) -> dict[str, Any]:
     run_id = ledger.value("run")
     check(run_id is not None, "rulebound: the killed process never recorded its run id")
     ledger.mark_engine_start()
-    async with Engine(store=_url("sqlite", db), workflows=[engine_bench.linear(STEPS)],
+    async with Engine(store=_url("sqlite", db), workflows=[_recovery_workflow()],
                       executors={"work": _ledger_executor(ledger, hang=False)}) as engine:
         await engine.wait(run_id, timeout=60)
         await _verify(engine, [run_id])

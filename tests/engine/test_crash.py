@@ -96,7 +96,9 @@ def test_sigkill_at_random_points_loses_and_redoes_nothing(tmp_path: Path) -> No
         progress.append(_completed_steps(snapshot))
         seen = snapshot
     # The floor: runs must have advanced between kills, or "everything failed" would pass.
-    advanced = sum(1 for a, b in zip([0, *progress], progress, strict=False) if b > a)
+    # A kill lands 0.5-1.2 s after start; 24 runs of 50-200 ms steps complete dozens of steps
+    # in that time, so at least half the kills must each see a real advance (>= 3 steps).
+    advanced = sum(1 for a, b in zip([0, *progress], progress, strict=False) if b - a >= 3)
     assert advanced >= KILLS // 2, f"too little progress between kills: {progress}"
 
     done = subprocess.run(

@@ -14,8 +14,9 @@ import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
-from domain.errors import RuleboundError
+from domain.errors import RuleboundError, RunNotFound
 from engine import Engine, Registry, load_app
 
 DEFAULT_STORE = "sqlite:///rulebound.db"
@@ -31,6 +32,31 @@ def _registry(args: argparse.Namespace) -> Registry:
     from adapters.demo.run import demo_registry
 
     return demo_registry()  # the demo's definitions, so its runs explain out of the box
+
+
+def _run_uuid(raw: str) -> UUID:
+    try:
+        return UUID(str(raw))
+    except ValueError:
+        raise RunNotFound(f"{raw!r} is not a run id") from None
+
+
+async def _records(engine: Engine, raw: str) -> list[Any]:
+    """A run's stored records, exactly as stored (for export and verification)."""
+    run_id = _run_uuid(raw)
+    records = await engine.storage.read(run_id, 0)
+    if not records:
+        raise RunNotFound(f"no run {run_id}")
+    return records
+
+
+def _head_of(records: list[Any]) -> str | None:
+    """The hash of the last stored event: the anchor an auditor compares an export with."""
+    try:
+        head = json.loads(records[-1].data).get("hash")
+    except (ValueError, AttributeError, IndexError):
+        return None
+    return head if isinstance(head, str) else None
 
 
 def _reader(args: argparse.Namespace) -> Engine:
@@ -79,8 +105,13 @@ async def cmd_runs(args: argparse.Namespace) -> int:
 async def cmd_show(args: argparse.Namespace) -> int:
     async with _reader(args) as engine:
         view = await engine.get(args.run)
+        records = await _records(engine, args.run)
+    # the head as of the state shown (a live run may have moved on between the two reads)
+    head = _head_of(records[:view.version] if view.version else records)
+    head_seq = min(view.version, len(records)) if view.version else len(records)
     if args.json:
-        print(json.dumps(view.to_dict(), indent=2, default=str))
+        print(json.dumps({**view.to_dict(), "head_hash": head, "head_seq": head_seq},
+                         indent=2, default=str))
         return 0
     print(f"run       {view.run_id}")
     print(f"workflow  {view.workflow} (definition {view.definition_hash[:12]})")
@@ -89,6 +120,7 @@ async def cmd_show(args: argparse.Namespace) -> int:
           f"{view.usage.tokens_out} out; {view.attempts} attempts, {view.retries} retries")
     if view.output is not None:
         print(f"output    {json.dumps(view.output, default=str)[:300]}")
+    print(f"head      {head} (event {head_seq}; `verify FILE --head` anchors an export)")
     table = [("STEP", "STATUS", "VISIT", "ATTEMPT", "OUTPUT / ERROR")]
     for key, step in view.steps.items():
         detail = step.error if step.error else step.output
@@ -106,9 +138,10 @@ async def cmd_explain(args: argparse.Namespace) -> int:
 
 
 async def cmd_serve(args: argparse.Namespace) -> int:
-    from adapters.http.server import serve
+    from adapters.http.server import check_bind, serve
 
     token = os.environ.get("RULEBOUND_TOKEN") or None
+    check_bind(args.host, token, args.insecure_no_auth)  # before the engine opens (recovery)
     registry = _registry(args)
     async with Engine(_store(args), registry=registry,
                       max_active_runs=args.max_active_runs) as engine:
@@ -120,9 +153,9 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _events_of(args: argparse.Namespace) -> list[Any]:
+async def _stored_records(args: argparse.Namespace) -> list[Any]:
     async with _reader(args) as engine:
-        return await engine.events(args.run)
+        return await _records(engine, args.run)
 
 
 def _write_lines(path: str | None, lines: list[dict[str, Any]]) -> None:
@@ -131,18 +164,29 @@ def _write_lines(path: str | None, lines: list[dict[str, Any]]) -> None:
     if path is None:
         sys.stdout.write(text)
         return
-    tmp = Path(path + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)  # a reader never sees half an export
+    target = Path(path)
+    if target.is_dir():
+        raise RuleboundError(f"cannot write {path}: it is a directory")
+    if not target.parent.is_dir():
+        raise RuleboundError(f"cannot write {path}: no directory {str(target.parent)!r}")
+    tmp = target.with_name(target.name + ".tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(target)  # a reader never sees half an export
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise RuleboundError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 async def cmd_export(args: argparse.Namespace) -> int:
-    from engine.audit import export_lines
+    from engine.audit import export_records
 
-    events = await _events_of(args)
-    await asyncio.to_thread(_write_lines, args.output, export_lines(str(args.run), events))
+    records = await _stored_records(args)
+    lines = export_records(str(_run_uuid(args.run)), records)
+    await asyncio.to_thread(_write_lines, args.output, lines)
     if args.output:
-        print(f"exported {len(events)} events to {args.output}", file=sys.stderr)
+        print(f"exported {len(records)} events and a manifest to {args.output}",
+              file=sys.stderr)
     return 0
 
 
@@ -156,15 +200,32 @@ def _definition_finder(registry: Registry) -> Any:
     return find
 
 
-def _print_report(report: Any, what: str) -> int:
-    if report.ok:
-        print(f"OK: {what}: {report.events} events, chain intact, fold clean, "
-              f"{report.decisions_checked} decisions re-derived "
-              f"(workflow {report.workflow!r}, definition {str(report.definition_hash)[:12]})")
-        return 0
-    for finding in report.findings:
-        print(f"FAILED: {what}: {finding}")
-    return 2
+def _print_report(report: Any, what: str, *, source: str = "file") -> int:
+    if not report.ok:
+        for finding in report.findings:
+            print(f"FAILED: {what}: {finding}")
+        return 2
+    if source == "store":
+        complete = "as stored"
+    elif report.manifest is not None:
+        ended = (f"run {report.manifest.get('status')}" if report.terminal
+                 else "run still going when exported")
+        complete = f"complete per its manifest ({ended})"
+    elif report.anchored:
+        complete = "complete up to the --head anchor"
+    else:
+        complete = "PARTIAL (no manifest: events cut from the end would go unnoticed)"
+    print(f"OK: {what}: {report.events} events, chain intact, {complete}, fold clean, "
+          f"{report.decisions_checked} decisions re-derived "
+          f"(workflow {report.workflow!r}, definition {str(report.definition_hash)[:12]})")
+    if report.anchored:
+        print(f"anchored: the head hash {report.head_hash} is the --head anchor")
+    elif source == "store":
+        print(f"head: {report.head_hash}")
+    else:
+        print(f"unanchored: head {report.head_hash}; a rewritten and re-chained file would "
+              "also pass: compare with `rulebound show RUN` in the store, or pass --head HASH")
+    return 0
 
 
 def _read_lines(name: str) -> list[dict[str, Any]]:
@@ -173,36 +234,63 @@ def _read_lines(name: str) -> list[dict[str, Any]]:
         raise RuleboundError(f"no file {name!r}")
     lines = []
     with path.open(encoding="utf-8") as f:
-        for number, raw in enumerate(f, start=1):
-            if raw.strip():
+        number = 0
+        try:
+            for number, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
                 try:
-                    lines.append(json.loads(raw))
+                    line = json.loads(raw)
                 except json.JSONDecodeError as exc:
                     raise RuleboundError(f"{name}:{number}: not JSON ({exc.msg})") from None
+                if not isinstance(line, dict):
+                    raise RuleboundError(f"{name}:{number}: not a JSON object (got "
+                                         f"{type(line).__name__}); is this an export?")
+                lines.append(line)
+        except UnicodeDecodeError:
+            raise RuleboundError(f"{name}:{number + 1}: not UTF-8 text") from None
+    if not lines:
+        raise RuleboundError(f"{name}: empty; an export holds at least a manifest line")
     return lines
+
+
+def _anchor(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    head = raw.strip().lower()
+    if len(head) != 64 or any(c not in "0123456789abcdef" for c in head):
+        raise RuleboundError(f"--head {raw!r}: expected a head hash of 64 hex digits (as "
+                             "`rulebound show RUN` prints it)")
+    return head
 
 
 async def cmd_verify(args: argparse.Namespace) -> int:
     from engine.audit import verify_lines
 
+    head = _anchor(args.head)
+    registry = _registry(args)
     lines = await asyncio.to_thread(_read_lines, args.file)
-    report = verify_lines(lines, _definition_finder(_registry(args)))
+    report = verify_lines(lines, _definition_finder(registry),
+                          require_manifest=not args.partial, head=head)
     return _print_report(report, args.file)
 
 
 async def cmd_replay(args: argparse.Namespace) -> int:
-    from engine.audit import export_lines, verify_lines
+    from engine.audit import record_lines, verify_lines
 
-    events = await _events_of(args)
-    report = verify_lines(export_lines(args.run, events), _definition_finder(_registry(args)))
+    registry = _registry(args)
+    records = await _stored_records(args)
+    # the bodies exactly as stored, so the chain is checked on what the store holds
+    report = verify_lines(record_lines(str(_run_uuid(args.run)), records),
+                          _definition_finder(registry), require_manifest=False)
     if not args.verify:
         if report.state is None:
-            return _print_report(report, f"run {args.run}")
+            return _print_report(report, f"run {args.run}", source="store")
         state = report.state
-        print(f"run {args.run}: replayed {len(events)} events -> {state.status}; "
+        print(f"run {args.run}: replayed {len(records)} events -> {state.status}; "
               f"cost ${state.cost:.4f}, {state.steps_taken} steps, {state.retries} retries")
         return 0
-    return _print_report(report, f"run {args.run}")
+    return _print_report(report, f"run {args.run}", source="store")
 
 
 async def cmd_graph(args: argparse.Namespace) -> int:
@@ -223,6 +311,12 @@ async def cmd_graph(args: argparse.Namespace) -> int:
     else:
         print(workflow.mermaid(taken), end="")
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    from engine.audit import one_line
+
+    return one_line(exc)
 
 
 def _redact(url: str) -> str:
@@ -285,9 +379,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("export", cmd_export, "write a run's events as JSON lines")
     p.add_argument("run")
     p.add_argument("-o", "--output", help="file to write (default: standard output)")
-    p = command("verify", cmd_verify, "check an exported log offline: chain, fold, decisions",
-                store=False, app=True)
+    p = command("verify", cmd_verify, "check an exported log offline: completeness, chain, "
+                "fold, decisions", store=False, app=True)
     p.add_argument("file")
+    p.add_argument("--head", metavar="HASH",
+                   help="the run's head hash from the store (`rulebound show RUN`): the log "
+                        "must end on it, which also catches a rewritten, re-chained file")
+    p.add_argument("--partial", action="store_true",
+                   help="accept a log without its closing manifest (checked as a prefix: "
+                        "events cut from its end cannot be noticed)")
     p = command("replay", cmd_replay, "replay a run from the store", app=True)
     p.add_argument("run")
     p.add_argument("--verify", action="store_true",
@@ -299,18 +399,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_closed() -> int:
+    """The reader of our output went away (`rulebound runs | head`): stop quietly."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the exit-time flush does not complain
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    return 141  # 128 + SIGPIPE, as a shell reports a command killed by a closed pipe
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return asyncio.run(args.handler(args))
+        code = asyncio.run(args.handler(args))
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
+        return code
     except KeyboardInterrupt:
         print("rulebound: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _stdout_closed()
     except RuleboundError as exc:
-        print(f"rulebound: {exc}", file=sys.stderr)
+        print(f"rulebound: {_one_line(exc)}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as exc:
-        print(f"rulebound: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"rulebound: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
         return 1
     except TimeoutError:
         print("rulebound: timed out", file=sys.stderr)

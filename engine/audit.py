@@ -1,11 +1,25 @@
-"""Verify a run's log: the hash chain, the fold, and that every decision re-derives.
+"""Verify a run's log: completeness, the hash chain, the fold, and that every decision re-derives.
 
 Used by `rulebound verify FILE` (an exported log, offline) and `rulebound replay RUN
 --verify` (from a store). Each check names the first event that fails it.
+
+What a verification proves, and what it does not:
+
+- The hash chain (sha256, unkeyed) proves the events are the ones that were hashed, in that
+  order, with nothing edited, inserted, removed or reordered *between* the first and the last
+  event. Anyone who can rewrite the whole file can recompute every hash, so the chain alone
+  does not prove the file is the one the store holds.
+- The closing manifest line of an export (run id, event count, head hash, terminal or not)
+  catches events cut from the end while the manifest was kept. It is itself unkeyed: whoever
+  cuts the end and rewrites the manifest too is caught only by an anchor.
+- An anchor (`--head HASH`, the head hash `rulebound show RUN` prints from the store, or one
+  kept elsewhere) ties the file to the store: if the last event's hash equals it, the file
+  is exactly the stored chain up to that point, byte for byte in every hashed field.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,20 +28,26 @@ import orjson
 
 from domain.decider import decide
 from domain.definitions import Workflow
-from domain.events import DECIDER_EVENTS, Event, RunStarted
+from domain.events import DECIDER_EVENTS, TERMINAL_EVENTS, Event, RunStarted, parse_event
 from domain.state import RunState, evolve
 
 from . import codec
+from .store import Record
+
+MANIFEST_FORMAT = "rulebound-export/1"
+_HASH = re.compile(r"[0-9a-f]{64}")
+_STATUS = {"RunCompleted": "completed", "RunFailed": "failed", "RunCancelled": "cancelled"}
 
 
 @dataclass
 class Finding:
-    seq: int
+    seq: int | None
     check: str
     message: str
 
     def __str__(self) -> str:
-        return f"event {self.seq}: {self.check}: {self.message}"
+        where = f"event {self.seq}" if self.seq is not None else "log"
+        return f"{where}: {self.check}: {self.message}"
 
 
 @dataclass
@@ -39,6 +59,11 @@ class Report:
     findings: list[Finding] = field(default_factory=list)
     decisions_checked: int = 0
     state: RunState | None = None
+    head_hash: str | None = None  # the hash of the last event of the log
+    manifest: dict[str, Any] | None = None
+    complete: bool = False  # the log holds every event its manifest (or anchor) says
+    anchored: bool = False  # the head hash matched an anchor given by the caller
+    terminal: bool = False  # the log ends with the run's end
 
     @property
     def ok(self) -> bool:
@@ -49,15 +74,92 @@ class Report:
         return self.findings[0] if self.findings else None
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception as one line; pydantic's multi-line validation errors are summarised as
+    `field: problem; ...` after whatever the wrapping error said first."""
+    summary = None
+    cause: BaseException | None = exc
+    while cause is not None and summary is None:
+        errors = getattr(cause, "errors", None)
+        if callable(errors) and type(cause).__name__ == "ValidationError":
+            try:
+                items = list(errors())
+            except Exception:
+                break
+            parts = [f"{'.'.join(str(p) for p in e.get('loc', ())) or 'value'}: {e.get('msg')}"
+                     for e in items[:3]]
+            summary = "; ".join(parts) + (f" (+{len(items) - 3} more)" if len(items) > 3
+                                          else "")
+        cause = cause.__cause__
+    text = str(exc)
+    if summary is not None:
+        first = text.splitlines()[0] if text else ""
+        first = _PYDANTIC_TITLE.sub("", first).rstrip(" :")
+        return f"{first}: {summary}" if first else summary
+    return " ".join(text.split()) or type(exc).__name__
+
+
+_PYDANTIC_TITLE = re.compile(r"\d+ validation errors? for .*$")
+
+
+def split_manifest(lines: list[dict[str, Any]], report: Report
+                   ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Separate the event lines from the closing manifest line (which must come last)."""
+    at = [i for i, line in enumerate(lines) if "manifest" in line]
+    if not at:
+        return lines, None
+    if len(at) > 1:
+        report.findings.append(Finding(None, "manifest", f"{len(at)} manifest lines; an "
+                                       "export has exactly one, at the end"))
+        return lines[:at[0]], None
+    if at[0] != len(lines) - 1:
+        report.findings.append(Finding(
+            at[0] + 1, "manifest", f"{len(lines) - 1 - at[0]} line(s) after the manifest "
+            "(appended after the export was closed?)"))
+        return lines[:at[0]], None
+    manifest = lines[-1].get("manifest")
+    problem = _manifest_problem(manifest)
+    if problem:
+        report.findings.append(Finding(None, "manifest", f"malformed manifest: {problem}"))
+        return lines[:-1], None
+    return lines[:-1], manifest
+
+
+def _manifest_problem(manifest: Any) -> str | None:
+    if not isinstance(manifest, dict):
+        return "not an object"
+    if manifest.get("format") != MANIFEST_FORMAT:
+        return f"format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}"
+    count = manifest.get("events")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        return "'events' must be a count"
+    head = manifest.get("head_hash")
+    if not isinstance(head, str) or not (_HASH.fullmatch(head) or head == codec.GENESIS_HASH):
+        return "'head_hash' must be 64 hex digits"
+    if not isinstance(manifest.get("terminal"), bool):
+        return "'terminal' must be true or false"
+    if not isinstance(manifest.get("run_id"), str):
+        return "'run_id' must be a string"
+    return None
+
+
 def check_chain(lines: Iterable[dict[str, Any]], report: Report) -> list[Event]:
-    """Decode exported lines and verify order and hashes; returns the decoded events."""
+    """Decode event lines and verify order and hashes; returns the decoded events.
+
+    The hash is recomputed over the body exactly as recorded (canonical JSON of the line's
+    `event`), and the decoded event must serialise back to that same body: an edit the
+    decoder would quietly coerce (a number written as a string) is an edit too.
+    """
     events: list[Event] = []
     prev = codec.GENESIS_HASH
     for expected, line in enumerate(lines, start=1):
+        if not isinstance(line, dict):
+            report.findings.append(Finding(expected, "decode", "not a JSON object"))
+            return events
         seq = line.get("seq")
         if report.run_id is None:
-            report.run_id = line.get("run_id")
-        elif line.get("run_id") != report.run_id:
+            report.run_id = str(line.get("run_id"))
+        elif str(line.get("run_id")) != report.run_id:
             report.findings.append(Finding(expected, "integrity",
                                            f"belongs to run {line.get('run_id')}, not "
                                            f"{report.run_id} (inserted?)"))
@@ -67,22 +169,89 @@ def check_chain(lines: Iterable[dict[str, Any]], report: Report) -> list[Event]:
                 expected, "integrity", f"sequence number {seq} where {expected} was expected "
                 "(an event was removed, inserted or reordered)"))
             return events
-        try:
-            event = codec.decode(orjson.dumps({"id": line["id"], "hash": line["hash"],
-                                               "event": line["event"]}))
-        except Exception as exc:
-            report.findings.append(Finding(expected, "decode", str(exc)))
+        missing = [k for k in ("id", "hash", "event") if k not in line]
+        if missing:
+            report.findings.append(Finding(expected, "decode", f"missing {', '.join(missing)}"))
             return events
-        body = codec.canonical_body(event)
-        if codec.chain_hash(prev, body) != line["hash"]:
+        body_dict, digest = line["event"], line["hash"]
+        if not isinstance(body_dict, dict) or not isinstance(digest, str):
+            report.findings.append(Finding(expected, "decode",
+                                           "'event' must be an object and 'hash' a string"))
+            return events
+        try:
+            event = parse_event({**body_dict, "id": line["id"], "hash": digest})
+            recorded = orjson.dumps(body_dict, option=orjson.OPT_SORT_KEYS)
+        except Exception as exc:
+            report.findings.append(Finding(expected, "decode", one_line(exc)))
+            return events
+        if codec.chain_hash(prev, recorded) != digest:
             report.findings.append(Finding(
                 expected, "integrity", f"{event.type}: hash does not match its content and "
                 "its predecessor (edited, removed or reordered)"))
             return events
-        prev = line["hash"]
+        if codec.canonical_body(event) != recorded:
+            report.findings.append(Finding(
+                expected, "integrity", f"{event.type}: its content is not in the form it was "
+                "recorded in (a value was rewritten to one the decoder coerces)"))
+            return events
+        prev = digest
         events.append(event)
     report.events = len(events)
+    report.head_hash = prev
+    report.terminal = bool(events) and events[-1].type in TERMINAL_EVENTS
     return events
+
+
+def check_manifest(events: list[Event], manifest: dict[str, Any], report: Report) -> None:
+    """The log must end exactly where its manifest says, on the head hash it names."""
+    report.manifest = manifest
+    count, head = manifest["events"], manifest["head_hash"]
+    if report.run_id is not None and manifest["run_id"] != report.run_id:
+        report.findings.append(Finding(None, "manifest", f"the manifest is for run "
+                                       f"{manifest['run_id']}, the events for {report.run_id}"))
+        return
+    if len(events) < count:
+        report.findings.append(Finding(
+            len(events) + 1, "completeness", f"missing: the log ends after event "
+            f"{len(events)} but its manifest says {count} events (events were removed from "
+            "the end)"))
+        return
+    if len(events) > count:
+        report.findings.append(Finding(
+            count + 1, "completeness", f"the manifest says {count} events, the log holds "
+            f"{len(events)} (events were added, or the manifest was edited)"))
+        return
+    if head != report.head_hash:
+        report.findings.append(Finding(
+            None, "manifest", f"head hash {head[:16]}… in the manifest differs from the last "
+            f"event's hash {str(report.head_hash)[:16]}… (the log or the manifest was edited)"))
+        return
+    if manifest["terminal"] != report.terminal:
+        says = "ended" if manifest["terminal"] else "was still going"
+        report.findings.append(Finding(
+            None, "manifest", f"the manifest says the run {says}, the last event "
+            f"({events[-1].type if events else 'none'}) says otherwise"))
+        return
+    report.complete = True
+
+
+def check_anchor(events: list[Event], anchor: str, report: Report) -> None:
+    """The last event's hash must be the anchor (a head hash taken from the store)."""
+    if report.head_hash == anchor:
+        report.anchored = report.complete = True
+        return
+    matches = [i for i, e in enumerate(events, start=1) if e.hash == anchor]
+    if matches:
+        at = matches[0]
+        report.findings.append(Finding(
+            at + 1, "anchor", f"the --head anchor is the hash of event {at}; the log goes on "
+            f"for {len(events) - at} more event(s) the anchor does not cover (appended after "
+            "the anchor was taken, or forged)"))
+        return
+    report.findings.append(Finding(
+        None, "anchor", f"the log's head hash {str(report.head_hash)[:16]}… is not the --head "
+        f"anchor {anchor[:16]}…: no event of the log carries it (the log was rewritten and "
+        "re-chained, cut short, or is from another run)"))
 
 
 def check_fold(events: list[Event], report: Report) -> RunState | None:
@@ -91,7 +260,7 @@ def check_fold(events: list[Event], report: Report) -> RunState | None:
         try:
             state = evolve(state, event)
         except Exception as exc:
-            report.findings.append(Finding(seq, "fold", f"{event.type}: {exc}"))
+            report.findings.append(Finding(seq, "fold", f"{event.type}: {one_line(exc)}"))
             return None
     report.state = state
     return state
@@ -127,7 +296,8 @@ def check_decisions(events: list[Event], definition: Workflow | None, report: Re
         try:
             expected = decide(definition, state, recorded[0].at)
         except Exception as exc:
-            report.findings.append(Finding(i + 1, "decisions", f"the decider failed: {exc}"))
+            report.findings.append(Finding(i + 1, "decisions",
+                                           f"the decider failed: {one_line(exc)}"))
             return
         for k, (got, want) in enumerate(zip(recorded, expected, strict=False)):
             if got.body() != want.body():
@@ -143,7 +313,12 @@ def check_decisions(events: list[Event], definition: Workflow | None, report: Re
         for got in recorded:
             state = evolve(state, got)
         i = j
-    trailing = decide(definition, state, events[-1].at)
+    try:
+        trailing = decide(definition, state, events[-1].at)
+    except Exception as exc:
+        report.findings.append(Finding(len(events) + 1, "decisions",
+                                       f"the decider failed: {one_line(exc)}"))
+        return
     if trailing:
         report.findings.append(Finding(len(events) + 1, "decisions",
                                        f"the definition now decides {trailing[0].type} after "
@@ -157,23 +332,85 @@ def _diff(got: Event, want: Event) -> str:
     return f"{got.type} does not re-derive ({'; '.join(parts)})"
 
 
-def verify_lines(lines: Iterable[dict[str, Any]], definition_for: Any) -> Report:
-    """All three checks over exported lines; `definition_for(hash, name)` finds definitions."""
+def verify_lines(lines: Iterable[dict[str, Any]], definition_for: Any, *,
+                 require_manifest: bool = True, head: str | None = None) -> Report:
+    """Every check over exported lines; `definition_for(hash, name)` finds definitions.
+
+    `require_manifest`: a log without its closing manifest fails as incomplete/unanchored
+    (events cut from its end could not be noticed), unless `head` anchors it. `head`: the
+    hash the last event must carry (taken from the store).
+    """
     report = Report()
-    events = check_chain(lines, report)
+    rows, manifest = split_manifest(list(lines), report)
     if report.findings:
+        return report
+    events = check_chain(rows, report)
+    if report.findings:
+        return report
+    if manifest is not None:
+        check_manifest(events, manifest, report)
+        if report.findings:
+            return report
+    if head is not None:
+        check_anchor(events, head, report)
+        if report.findings:
+            return report
+    if manifest is None and require_manifest and not report.anchored:
+        report.findings.append(Finding(
+            None, "completeness", "incomplete/unanchored: the log has no closing manifest, so "
+            "events cut from its end would go unnoticed; verify the full output of "
+            "`rulebound export`, anchor it with --head HASH, or pass --partial to check it as "
+            "a prefix"))
         return report
     if check_fold(events, report) is None:
         return report
-    head = events[0] if events else None
-    definition = (definition_for(head.definition_hash, head.workflow)
-                  if isinstance(head, RunStarted) else None)
+    first = events[0] if events else None
+    definition = (definition_for(first.definition_hash, first.workflow)
+                  if isinstance(first, RunStarted) else None)
     check_decisions(events, definition, report)
     return report
 
 
-def export_lines(run_id: str, events: list[Event]) -> list[dict[str, Any]]:
-    """The JSON-lines export of a run: one object per event with its place and stamp."""
-    return [{"run_id": run_id, "seq": seq, "id": str(e.id), "hash": e.hash,
-             "event": orjson.loads(codec.canonical_body(e))}
-            for seq, e in enumerate(events, start=1)]
+def manifest_line(run_id: str, lines: list[dict[str, Any]]) -> dict[str, Any]:
+    """The closing line of an export: what a complete copy of this log looks like."""
+    last = lines[-1] if lines else None
+    last_type = (last.get("event") or {}).get("type") if last is not None else None
+    head = last.get("hash") if last is not None else None
+    return {"manifest": {
+        "format": MANIFEST_FORMAT, "run_id": run_id, "events": len(lines),
+        "head_hash": head if isinstance(head, str) else codec.GENESIS_HASH,
+        "terminal": last_type in TERMINAL_EVENTS,
+        "status": _STATUS.get(str(last_type), "running") if last is not None else None}}
+
+
+def export_lines(run_id: str, events: list[Event], *,
+                 manifest: bool = True) -> list[dict[str, Any]]:
+    """The JSON-lines export of decoded events: one object per event with its place and
+    stamp, then the closing manifest line."""
+    lines = [{"run_id": run_id, "seq": seq, "id": str(e.id), "hash": e.hash,
+              "event": orjson.loads(codec.canonical_body(e))}
+             for seq, e in enumerate(events, start=1)]
+    return [*lines, manifest_line(run_id, lines)] if manifest else lines
+
+
+def record_lines(run_id: str, records: list[Record]) -> list[dict[str, Any]]:
+    """Stored records as export lines, each event's body exactly as stored (not re-serialised
+    from a decoded event): what `export` writes and `replay --verify` checks. A record that
+    is not a JSON object becomes a line that fails to decode, at its place."""
+    lines: list[dict[str, Any]] = []
+    for record in records:
+        try:
+            raw = orjson.loads(record.data)
+        except orjson.JSONDecodeError:
+            raw = None
+        if not isinstance(raw, dict):
+            raw = {}
+        lines.append({"run_id": run_id, "seq": record.seq, "id": raw.get("id"),
+                      "hash": raw.get("hash"), "event": raw.get("event")})
+    return lines
+
+
+def export_records(run_id: str, records: list[Record]) -> list[dict[str, Any]]:
+    """The export of a run from its stored records, closed by its manifest line."""
+    lines = record_lines(run_id, records)
+    return [*lines, manifest_line(run_id, lines)]

@@ -7,6 +7,7 @@ import asyncio
 import json
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pytest
 
@@ -72,11 +73,25 @@ def recorded(tmp_path: Path) -> dict[str, Any]:
 
 
 def lines(path: Path) -> list[dict[str, Any]]:
+    """The event lines of an export (without its closing manifest line)."""
+    return [row for row in all_lines(path) if "manifest" not in row]
+
+
+def all_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def write_lines(path: Path, rows: list[dict[str, Any]]) -> Path:
-    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+def manifest_of(path: Path) -> dict[str, Any]:
+    last = all_lines(path)[-1]
+    assert set(last) == {"manifest"}
+    return last
+
+
+def write_lines(path: Path, rows: list[dict[str, Any]],
+                manifest: dict[str, Any] | None = None) -> Path:
+    """Write event lines, then `manifest` (a manifest line) if given."""
+    out = [*rows, manifest] if manifest is not None else rows
+    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in out))
     return path
 
 
@@ -142,7 +157,8 @@ def test_tampering_is_detected_at_the_first_bad_event(
     if first_bad is None:  # the first line whose content differs from the original
         first_bad = next(i for i, r in enumerate(bad, start=1)
                          if json.dumps({**r, "seq": i}, sort_keys=True) != original[i - 1])
-    code, out = verify(write_lines(recorded["tmp"] / "bad.jsonl", bad), recorded["app"], capsys)
+    code, out = verify(write_lines(recorded["tmp"] / "bad.jsonl", bad,
+                                   manifest_of(recorded["export"])), recorded["app"], capsys)
     assert code == 2, out
     assert f"event {first_bad}:" in out, out
 
@@ -160,8 +176,8 @@ def test_a_forged_hash_for_an_edited_event_breaks_the_next_link(
                                "event": rows[index]["event"]}))
     rows[index]["hash"] = codec.chain_hash(rows[index - 1]["hash"],
                                            codec.canonical_body(event))
-    code, out = verify(write_lines(recorded["tmp"] / "forged.jsonl", rows), recorded["app"],
-                       capsys)
+    code, out = verify(write_lines(recorded["tmp"] / "forged.jsonl", rows,
+                                   manifest_of(recorded["export"])), recorded["app"], capsys)
     assert code == 2
     assert f"event {index + 2}:" in out  # the forged link holds, the next one does not
 
@@ -214,3 +230,231 @@ def test_explain_covers_retries_transitions_and_waiting(recorded: dict[str, Any]
     assert "signal 'ok' consumed" in text
     assert "executing s" in text
     assert "signal s" in text
+
+
+# --- completeness and anchoring --------------------------------------------------------
+
+
+def rechain(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What a forger who can rewrite the whole file does: recompute every hash."""
+    from engine import codec
+
+    prev = codec.GENESIS_HASH
+    for row in rows:
+        row["hash"] = prev = codec.chain_hash(prev, codec.to_json(row["event"]))
+    return rows
+
+
+def forged_manifest(rows: list[dict[str, Any]], template: dict[str, Any]) -> dict[str, Any]:
+    last = rows[-1]["event"]["type"]
+    terminal = last in {"RunCompleted", "RunFailed", "RunCancelled"}
+    return {"manifest": {**template["manifest"], "events": len(rows),
+                         "head_hash": rows[-1]["hash"], "terminal": terminal,
+                         "status": "completed" if terminal else "running"}}
+
+
+def store_head(recorded: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(["show", recorded["run"], "--store", recorded["store"], "--app",
+                 recorded["app"], "--json"]) == 0
+    head = json.loads(capsys.readouterr().out)["head_hash"]
+    assert main(["show", recorded["run"], "--store", recorded["store"], "--app",
+                 recorded["app"]]) == 0
+    assert f"head      {head} (event " in capsys.readouterr().out
+    return str(head)
+
+
+def test_the_export_closes_with_a_manifest(recorded: dict[str, Any]) -> None:
+    rows = lines(recorded["export"])
+    manifest = manifest_of(recorded["export"])["manifest"]
+    assert manifest == {"format": "rulebound-export/1", "run_id": recorded["run"],
+                        "events": len(rows), "head_hash": rows[-1]["hash"],
+                        "terminal": True, "status": "completed"}
+
+
+def test_truncation_at_the_end_without_the_manifest_is_incomplete(
+    recorded: dict[str, Any], capsys: pytest.CaptureFixture[str],
+) -> None:
+    rows = lines(recorded["export"])
+    cut = max(i for i, r in enumerate(rows) if r["event"]["type"] == "AttemptStarted")
+    prefix = rows[:cut + 1]  # ends on an AttemptStarted: the decider has nothing to add
+    path = write_lines(recorded["tmp"] / "cut.jsonl", prefix)
+    code, out = verify(path, recorded["app"], capsys)
+    assert code == 2, out
+    assert "incomplete/unanchored" in out
+    assert "--partial" in out
+
+    code = main(["verify", str(path), "--app", recorded["app"], "--partial"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"{len(prefix)} events" in out
+    assert "PARTIAL" in out
+    assert "unanchored" in out
+
+
+def test_truncation_to_a_prefix_with_the_manifest_kept_is_named(
+    recorded: dict[str, Any], capsys: pytest.CaptureFixture[str],
+) -> None:
+    rows = lines(recorded["export"])
+    manifest = manifest_of(recorded["export"])
+    for keep in (len(rows) - 1, 15, 1, 0):
+        path = write_lines(recorded["tmp"] / f"prefix{keep}.jsonl", rows[:keep], manifest)
+        for extra in ([], ["--partial"]):  # --partial does not excuse a short log
+            code = main(["verify", str(path), "--app", recorded["app"], *extra])
+            out = capsys.readouterr().out
+            assert code == 2, out
+            if keep:
+                assert f"event {keep + 1}: completeness: missing: the log ends after event " \
+                       f"{keep} but its manifest says {len(rows)} events" in out, out
+
+
+def test_the_manifest_itself_is_checked(recorded: dict[str, Any],
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    rows = lines(recorded["export"])
+    good = manifest_of(recorded["export"])
+
+    def edited(**change: Any) -> dict[str, Any]:
+        return {"manifest": {**good["manifest"], **change}}
+
+    cases: list[tuple[str, list[dict[str, Any]], str]] = [
+        ("count", [*rows, edited(events=len(rows) - 1)], "the manifest says"),
+        ("count up", [*rows, edited(events=len(rows) + 3)], "missing"),
+        ("head", [*rows, edited(head_hash="ab" * 32)], "head hash"),
+        ("run", [*rows, edited(run_id="00000000-0000-4000-8000-000000000000")],
+         "the manifest is for run"),
+        ("terminal", [*rows, edited(terminal=False)], "the manifest says the run was still"),
+        ("format", [*rows, edited(format="other")], "malformed manifest"),
+        ("not an object", [*rows, {"manifest": [1]}], "malformed manifest"),
+        ("twice", [*rows, good, good], "2 manifest lines"),
+        ("not last", [*rows[:-1], good, rows[-1]], "after the manifest"),
+    ]
+    for name, content, needle in cases:
+        path = write_lines(recorded["tmp"] / f"manifest-{name.replace(' ', '-')}.jsonl",
+                           content)
+        code, out = verify(path, recorded["app"], capsys)
+        assert code == 2, (name, out)
+        assert needle in out, (name, out)
+
+
+def _edit_facts_no_decision_copies(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for row in rows:
+        event = row["event"]
+        if event["type"] == "AttemptSucceeded":
+            event["usage"] = {"cost": 0.0125, "tokens_in": 90, "tokens_out": 7}
+            event["latency"] = 12.5
+        if event["type"] == "AttemptFailed":
+            event["message"] = "the provider was down (not true)"
+    return rows
+
+
+def test_a_rechained_edit_passes_the_chain_but_not_the_store_anchor(
+    recorded: dict[str, Any], capsys: pytest.CaptureFixture[str],
+) -> None:
+    head = store_head(recorded, capsys)
+    assert head == manifest_of(recorded["export"])["manifest"]["head_hash"]
+
+    rows = rechain(_edit_facts_no_decision_copies(lines(recorded["export"])))
+    path = write_lines(recorded["tmp"] / "rechained.jsonl", rows,
+                       forged_manifest(rows, manifest_of(recorded["export"])))
+    code, out = verify(path, recorded["app"], capsys)
+    assert code == 0, out  # the documented limit of an unkeyed chain ...
+    assert "unanchored" in out
+
+    code = main(["verify", str(path), "--app", recorded["app"], "--head", head])
+    out = capsys.readouterr().out
+    assert code == 2, out  # ... which the anchor from the store closes
+    assert "anchor" in out
+    assert "re-chained" in out
+
+    code = main(["verify", str(recorded["export"]), "--app", recorded["app"],
+                 "--head", head.upper()])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"anchored: the head hash {head} is the --head anchor" in out
+
+
+def test_a_rechained_truncation_with_a_rewritten_manifest_is_caught_by_the_anchor(
+    recorded: dict[str, Any], capsys: pytest.CaptureFixture[str],
+) -> None:
+    head = store_head(recorded, capsys)
+    rows = lines(recorded["export"])
+    cut = max(i for i, r in enumerate(rows) if r["event"]["type"] == "AttemptStarted")
+    prefix = rows[:cut + 1]
+    path = write_lines(recorded["tmp"] / "short.jsonl", prefix,
+                       forged_manifest(prefix, manifest_of(recorded["export"])))
+    assert verify(path, recorded["app"], capsys)[0] == 0  # consistent, so only ...
+    code = main(["verify", str(path), "--app", recorded["app"], "--head", head])
+    out = capsys.readouterr().out
+    assert code == 2, out  # ... the anchor shows that events are missing
+    assert "is not the --head anchor" in out
+
+
+def test_an_anchor_inside_the_log_names_the_uncovered_events(
+    recorded: dict[str, Any], capsys: pytest.CaptureFixture[str],
+) -> None:
+    rows = lines(recorded["export"])
+    code = main(["verify", str(recorded["export"]), "--app", recorded["app"],
+                 "--head", rows[9]["hash"]])
+    out = capsys.readouterr().out
+    assert code == 2
+    assert f"event 11: anchor: the --head anchor is the hash of event 10; the log goes on " \
+           f"for {len(rows) - 10} more event(s)" in out
+
+
+def test_an_anchor_stands_in_for_a_lost_manifest(recorded: dict[str, Any],
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    rows = lines(recorded["export"])
+    path = write_lines(recorded["tmp"] / "no-manifest.jsonl", rows)
+    code = main(["verify", str(path), "--app", recorded["app"], "--head", rows[-1]["hash"]])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "complete up to the --head anchor" in out
+
+
+def test_a_value_rewritten_to_a_coercible_form_is_an_edit(
+    recorded: dict[str, Any], capsys: pytest.CaptureFixture[str],
+) -> None:
+    rows = lines(recorded["export"])
+    index = next(i for i, r in enumerate(rows) if r["event"]["type"] == "AttemptFailed")
+    rows[index]["event"]["latency"] = str(rows[index]["event"]["latency"])  # "6.5e-05"
+    path = write_lines(recorded["tmp"] / "coerced.jsonl", rows,
+                       manifest_of(recorded["export"]))
+    code, out = verify(path, recorded["app"], capsys)
+    assert code == 2, out
+    assert f"event {index + 1}: integrity" in out
+
+
+def _sqlite_rows(store: str) -> Any:
+    import sqlite3
+
+    return sqlite3.connect(store.removeprefix("sqlite:///"))
+
+
+def test_replay_verify_checks_the_bytes_the_store_holds(
+    recorded: dict[str, Any], capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = ["replay", recorded["run"], "--verify", "--store", recorded["store"],
+            "--app", recorded["app"]]
+    head = store_head(recorded, capsys)
+    assert main(args) == 0
+    assert f"head: {head}" in capsys.readouterr().out
+
+    db = _sqlite_rows(recorded["store"])
+    originator = UUID(recorded["run"]).hex  # how the SQLite store keeps a run's id
+    (seq, state), = db.execute(
+        "SELECT originator_version, state FROM rulebound_events WHERE originator_id = ? "
+        "AND topic = 'AttemptFailed'", (originator,)).fetchall()
+    stored = json.loads(state)
+    coerced = {**stored, "event": {**stored["event"],
+                                   "latency": str(stored["event"]["latency"])}}
+    garbage = b"\x00not json"
+    for tampered in (json.dumps(coerced).encode(), garbage):
+        db.execute("UPDATE rulebound_events SET state = ? WHERE originator_id = ? AND "
+                   "originator_version = ?", (tampered, originator, seq))
+        db.commit()
+        code = main(args)
+        captured = capsys.readouterr()
+        assert code == 2, captured.out
+        assert f"FAILED: run {recorded['run']}: event {seq}:" in captured.out
+        assert "Traceback" not in captured.err
+        assert all(line.startswith("FAILED") for line in captured.out.splitlines())
+    db.close()

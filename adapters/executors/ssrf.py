@@ -2,8 +2,12 @@
 
 An address is refused unless it is globally routable, or allow-listed: private, loopback,
 link-local (cloud metadata at 169.254.169.254), CGNAT (100.64/10), unique-local, multicast,
-reserved and unspecified addresses, and IPv6 forms that embed an IPv4 address (IPv4-mapped
-::ffff:a.b.c.d, NAT64 64:ff9b::/96, 6to4 2002::/16) judged by the address they embed. The
+reserved and unspecified addresses, the IETF protocol assignments 192.0.0.0/24 (all of it,
+including the DS-Lite/NAT64-discovery/PCP/TURN addresses), and IPv6 forms that embed an IPv4
+address: IPv4-mapped ::ffff:a.b.c.d, NAT64 64:ff9b::/96 and 6to4 2002::/16 are judged by the
+address they embed; the deprecated IPv4-compatible ::a.b.c.d (::/96), local-use NAT64
+64:ff9b:1::/48, deprecated site-local fec0::/10 and documentation 3fff::/20 are refused
+outright (Python's `is_global` calls several of these global). The
 check runs on the RESOLVED addresses inside the connector, so a name that resolves (or
 re-resolves) to an internal address cannot slip through, and again for every redirect.
 """
@@ -23,6 +27,14 @@ from engine.executor import ExecutorError
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _6TO4 = ipaddress.ip_network("2002::/16")
+# Not reachable on purpose although `ipaddress` may call them global (Python 3.11).
+_DENY = tuple(ipaddress.ip_network(n) for n in (
+    "192.0.0.0/24",     # IETF protocol assignments (RFC 6890), e.g. 192.0.0.8 dummy address
+    "::/96",            # IPv4-compatible IPv6 (deprecated, RFC 4291): ::127.0.0.1 = ::7f00:1
+    "64:ff9b:1::/48",   # local-use NAT64 (RFC 8215): the embedded IPv4 may sit anywhere
+    "fec0::/10",        # site-local (deprecated, RFC 3879)
+    "3fff::/20",        # documentation (RFC 9637)
+))
 
 
 class Refused(OSError):
@@ -60,7 +72,9 @@ class Guard:
         inner = embedded_ipv4(address)
         if inner is not None:
             return self.allowed_address(inner)
-        return address.is_global and not address.is_multicast
+        if any(address in net for net in _DENY if net.version == address.version):
+            return False
+        return address.is_global and not (address.is_multicast or address.is_reserved)
 
     def check_host(self, host: str) -> None:
         """Refuse a literal internal address in a URL (literals never reach the resolver)."""

@@ -233,22 +233,22 @@ def _read_lines(name: str) -> list[dict[str, Any]]:
     if not path.is_file():
         raise RuleboundError(f"no file {name!r}")
     lines = []
-    with path.open(encoding="utf-8") as f:
-        number = 0
-        try:
-            for number, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    line = json.loads(raw)
-                except json.JSONDecodeError as exc:
-                    raise RuleboundError(f"{name}:{number}: not JSON ({exc.msg})") from None
-                if not isinstance(line, dict):
-                    raise RuleboundError(f"{name}:{number}: not a JSON object (got "
-                                         f"{type(line).__name__}); is this an export?")
-                lines.append(line)
-        except UnicodeDecodeError:
-            raise RuleboundError(f"{name}:{number + 1}: not UTF-8 text") from None
+    with path.open("rb") as f:
+        for number, data in enumerate(f, start=1):
+            try:
+                raw = data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise RuleboundError(f"{name}:{number}: not UTF-8 text") from None
+            if not raw.strip():
+                continue
+            try:
+                line = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise RuleboundError(f"{name}:{number}: not JSON ({exc.msg})") from None
+            if not isinstance(line, dict):
+                raise RuleboundError(f"{name}:{number}: not a JSON object (got "
+                                     f"{type(line).__name__}); is this an export?")
+            lines.append(line)
     if not lines:
         raise RuleboundError(f"{name}: empty; an export holds at least a manifest line")
     return lines

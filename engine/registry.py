@@ -116,9 +116,17 @@ def load_app(spec: str) -> Registry:
 
     A callable attribute is called with no arguments (an app factory).
     """
+    def forget(name: str | None) -> None:  # a half-imported file must not stay cached
+        if name is not None:
+            sys.modules.pop(name, None)
+
+    def line(exc: BaseException) -> str:
+        return " ".join(str(exc).split()) or "(no message)"
+
     module_part, sep, attr = spec.rpartition(":")
     if not sep or not module_part or not attr:
         raise AppLoadError(f"--app {spec!r}: expected 'module:attr' or 'path/file.py:attr'")
+    name = None
     try:
         if module_part.endswith(".py") or "/" in module_part:
             path = Path(module_part)
@@ -138,14 +146,30 @@ def load_app(spec: str) -> Registry:
     except AppLoadError:
         raise
     except ModuleNotFoundError as exc:
+        forget(name)
         raise AppLoadError(f"--app {spec!r}: module {exc.name!r} not found") from None
     except DefinitionError as exc:
-        raise AppLoadError(f"--app {spec!r}: invalid definition: {exc}") from None
+        forget(name)
+        raise AppLoadError(f"--app {spec!r}: invalid definition: {line(exc)}") from None
+    except SyntaxError as exc:  # the user's file does not parse: say where
+        forget(name)
+        where = f"{exc.filename or module_part}:{exc.lineno}" if exc.lineno else module_part
+        raise AppLoadError(f"--app {spec!r}: SyntaxError in {where}: {exc.msg}") from None
+    except (Exception, SystemExit) as exc:  # the module raised while importing
+        forget(name)
+        raise AppLoadError(f"--app {spec!r}: importing {module_part!r} raised "
+                           f"{type(exc).__name__}: {line(exc)}") from None
     obj = getattr(module, attr, None)
     if obj is None:
         raise AppLoadError(f"--app {spec!r}: {module_part!r} has no attribute {attr!r}")
     if callable(obj) and not isinstance(obj, Registry):
-        obj = obj()
+        try:
+            obj = obj()
+        except DefinitionError as exc:
+            raise AppLoadError(f"--app {spec!r}: invalid definition: {line(exc)}") from None
+        except (Exception, SystemExit) as exc:
+            raise AppLoadError(f"--app {spec!r}: calling {attr!r} raised "
+                               f"{type(exc).__name__}: {line(exc)}") from None
     if not isinstance(obj, Registry):
         raise AppLoadError(f"--app {spec!r}: {attr!r} is a {type(obj).__name__}, "
                            "not a rulebound Registry")

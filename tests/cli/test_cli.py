@@ -91,3 +91,108 @@ def test_runs_on_an_empty_store_says_so(tmp_path: Path) -> None:
     done = rulebound("runs", "--store", f"sqlite:///{tmp_path / 'fresh.db'}")
     assert done.returncode == 0
     assert "0 shown of 0 runs" in done.stdout
+
+
+BROKEN_APPS = {
+    "syntax.py": ("from engine import Registry\nregistry = Registry(\n    workflows=[\n"
+                  "def oops(:\n", "SyntaxError in"),
+    "raises.py": ("raise RuntimeError('the config server\\nis down')\n",
+                  "raised RuntimeError: the config server is down"),
+    "exits.py": ("import sys\nsys.exit(3)\n", "raised SystemExit: 3"),
+    "factory.py": ("def make():\n    raise KeyError('OPENAI_API_KEY')\n",
+                   "calling 'make' raised KeyError"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_APPS))
+def test_a_broken_app_is_one_line(tmp_path: Path, name: str) -> None:
+    source, needle = BROKEN_APPS[name]
+    (tmp_path / name).write_text(source)
+    attr = "make" if name == "factory.py" else "registry"
+    for spec in (f"{tmp_path / name}:{attr}", f"{name.removesuffix('.py')}:{attr}"):
+        done = rulebound("show", "x", "--app", spec, "--store",
+                         f"sqlite:///{tmp_path / 'x.db'}", cwd=tmp_path)
+        assert done.returncode == 1
+        assert "Traceback" not in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert needle in done.stderr, done.stderr
+        assert done.stderr.startswith(f"rulebound: --app {spec!r}")
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    (b"[1, 2]\n", ":1: not a JSON object (got list)"),
+    (b'{"manifest": 1}\n"text"\n', ":2: not a JSON object (got str)"),
+    (b"\n\n", "empty"),
+    (b'{"a": 1}\n\xff\xfe\n', ":2: not UTF-8 text"),
+])
+def test_verify_refuses_a_file_that_is_not_an_export(tmp_path: Path, content: bytes,
+                                                     needle: str) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content)
+    done = rulebound("verify", str(bad))
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert needle in done.stderr
+
+
+def test_a_verify_decode_failure_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"run_id": "r", "seq": 1, "id": "x", "hash": "y", '
+                   '"event": {"type": "RunStarted", "at": "yesterday"}}\n')
+    done = rulebound("verify", str(bad), "--partial")
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert len(done.stdout.strip().splitlines()) == 1, done.stdout
+    assert "event 1: decode: RunStarted.at: Input should be a valid datetime" in done.stdout
+
+
+def test_verify_refuses_a_malformed_anchor(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"manifest": {}}\n')
+    done = rulebound("verify", str(log), "--head", "abc123")
+    assert done.returncode == 1
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert "--head 'abc123': expected a head hash of 64 hex digits" in done.stderr
+
+
+def test_export_to_a_missing_folder_names_the_target(demo_store: str, tmp_path: Path) -> None:
+    run = run_ids(demo_store)[0]
+    target = tmp_path / "missing" / "dir" / "run.jsonl"
+    done = rulebound("export", run, "--store", demo_store, "-o", str(target))
+    assert done.returncode == 1
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"cannot write {target}: no directory" in done.stderr
+    assert ".tmp" not in done.stderr
+    done = rulebound("export", run, "--store", demo_store, "-o", str(tmp_path))
+    assert done.returncode == 1
+    assert "it is a directory" in done.stderr
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_closed_pipe_is_not_an_error(demo_store: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "adapters.cli", "runs", "--store",
+                             demo_store, "--limit", "1000"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # like `| head` that has already read what it wanted
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) != 0
+    assert err == "", err
+
+
+def test_serve_refuses_a_public_address_before_opening_the_store(tmp_path: Path) -> None:
+    db = tmp_path / "serve.db"
+    env_token = os.environ.pop("RULEBOUND_TOKEN", None)
+    try:
+        done = rulebound("serve", "--host", "0.0.0.0", "--port", "0", "--store",
+                         f"sqlite:///{db}")
+    finally:
+        if env_token is not None:
+            os.environ["RULEBOUND_TOKEN"] = env_token
+    assert done.returncode == 1
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "refusing to serve on 0.0.0.0 without a token" in done.stderr
+    assert "serving" not in done.stderr
+    assert not db.exists()  # the engine never opened: no store, no recovery

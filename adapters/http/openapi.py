@@ -9,9 +9,19 @@ _RUN_ID = {"name": "run_id", "in": "path", "required": True,
            "schema": {"type": "string", "format": "uuid"}}
 
 
+_ERROR_TYPES = (
+    "What went wrong, for programs: bad_request, malformed_json, unauthorized, not_found, "
+    "method_not_allowed, too_large, unsupported_media_type, invalid_input, run_ended "
+    "(409: the run has ended), run_held (409: the run waits for its workflow version to be "
+    "registered), overloaded (503), unavailable (503), corrupt_run, internal (500).")
+
+
 def _errors(*codes: int) -> dict[str, Any]:
     reasons = {400: "Malformed request", 401: "Missing or wrong bearer token",
-               404: "No such run or workflow", 409: "The run has ended",
+               404: "No such run or workflow",
+               409: "The run takes no more signals or cancellations: it has ended (error type "
+                    "run_ended) or it is held, its workflow version not being registered "
+                    "(error type run_held)",
                413: "Body too large", 415: "Not JSON", 422: "Input does not match the schema",
                429: "Too many requests", 503: "Engine saturated; retry after Retry-After"}
     return {str(c): {"description": reasons[c],
@@ -70,6 +80,10 @@ def document(security: bool) -> dict[str, Any]:
                 "operationId": "runEvents",
                 "summary": "The run's events (JSON), or a server-sent event stream with "
                            "follow=1 (resume with Last-Event-ID)",
+                "description": "Events after sequence number `after` (or Last-Event-ID). "
+                               "An unknown run is a 404 whatever the position. A followed "
+                               "stream ends after the run's last event; while it is idle "
+                               "the server sends a `: keepalive` comment line every 15 s.",
                 "parameters": [
                     _RUN_ID,
                     {"name": "follow", "in": "query", "required": False,
@@ -150,7 +164,8 @@ def document(security: bool) -> dict[str, Any]:
                 "next_offset": {"type": "integer", "nullable": True}}},
             "Error": {"type": "object", "required": ["error"], "properties": {
                 "error": {"type": "object", "required": ["type", "message"], "properties": {
-                    "type": {"type": "string"}, "message": {"type": "string"}}}}},
+                    "type": {"type": "string", "description": _ERROR_TYPES},
+                    "message": {"type": "string"}}}}},
         }},
     }
     if security:

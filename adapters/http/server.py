@@ -33,6 +33,7 @@ from .openapi import document
 
 log = logging.getLogger("rulebound.http")
 MAX_BODY = 1024 * 1024
+KEEPALIVE = 15.0  # seconds between `: keepalive` comments on an idle event stream
 ENGINE: web.AppKey[Engine] = web.AppKey("engine", Engine)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _STATUSES = ("running", "completed", "failed", "cancelled")
@@ -154,10 +155,22 @@ def _int(request: web.Request, name: str, default: int, low: int, high: int) -> 
 
 
 class Api:
-    def __init__(self, engine: Engine, token: str | None) -> None:
+    def __init__(self, engine: Engine, token: str | None, keepalive: float = KEEPALIVE) -> None:
         self.engine = engine
         self.token = token
+        self.keepalive = keepalive
         self.started = time.time()
+
+    async def _live(self, run_id: UUID, call: Awaitable[None]) -> None:
+        """A signal or cancel; a held run is told apart from one that has ended."""
+        try:
+            await call
+        except RunTerminal as exc:
+            view = await self.engine.get(run_id)
+            if view.status == "held":
+                raise ApiError(409, "run_held", f"{view.reason or exc}; it takes no signals "
+                               "or cancellations until that version is registered") from None
+            raise
 
     async def start_run(self, request: web.Request) -> web.Response:
         body = await _body(request, required=True)
@@ -212,20 +225,49 @@ class Api:
         if follow == "0":
             events = await self.engine.events(run_id, after=after) if after else (
                 await self.engine.events(run_id))
+            if not events:
+                await self.engine.get(run_id)  # nothing after `after`, or no such run (404)
             return _json([{"seq": after + i, **e.model_dump(mode="json")}
                           for i, e in enumerate(events, start=1)])
         await self.engine.get(run_id)  # 404 before the stream starts
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                "Cache-Control": "no-cache"})
         await response.prepare(request)
+        try:
+            await self._stream(response, run_id, after)
+            await response.write_eof()
+        except ConnectionError:  # the client went away: not an error, nothing to answer
+            log.debug("event stream of run %s: the client went away", run_id)
+        return response  # aiohttp notices the closed connection and drops it quietly
+
+    async def _stream(self, response: web.StreamResponse, run_id: UUID, after: int) -> None:
+        """Write events as they come; on a quiet stream, a keepalive comment every
+        `self.keepalive` seconds (which is also how a vanished client is noticed)."""
+        events = self.engine.watch(run_id, after=after)
+        pending: asyncio.Task[Any] | None = None
         seq = after
-        async for event in self.engine.watch(run_id, after=after):
-            seq += 1
-            data = orjson.dumps({"seq": seq, **event.model_dump(mode="json")})
-            await response.write(b"id: %d\nevent: %s\ndata: %s\n\n" % (
-                seq, event.type.encode(), data))
-        await response.write_eof()
-        return response
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(events))
+                done, _ = await asyncio.wait({pending}, timeout=self.keepalive)
+                if not done:
+                    await response.write(b": keepalive\n\n")
+                    continue
+                task, pending = pending, None
+                try:
+                    event = task.result()
+                except StopAsyncIteration:
+                    return
+                seq += 1
+                data = orjson.dumps({"seq": seq, **event.model_dump(mode="json")})
+                await response.write(b"id: %d\nevent: %s\ndata: %s\n\n" % (
+                    seq, event.type.encode(), data))
+        finally:
+            if pending is not None:  # stop the watcher (it unregisters from the run)
+                pending.cancel()
+                await asyncio.gather(pending, return_exceptions=True)
+            await events.aclose()
 
     async def explain(self, request: web.Request) -> web.Response:
         text = await self.engine.explain(_run_id(request))
@@ -235,7 +277,7 @@ class Api:
         run_id = _run_id(request)
         name = request.match_info["name"]
         payload = await _body(request, required=False)
-        await self.engine.signal(run_id, name, payload)
+        await self._live(run_id, self.engine.signal(run_id, name, payload))
         return _json({"run_id": str(run_id), "status": "accepted"}, 202)
 
     async def cancel(self, request: web.Request) -> web.Response:
@@ -248,7 +290,7 @@ class Api:
             ):
                 raise ApiError(400, "bad_request", "the body may only hold a string 'reason'")
             reason = body.get("reason") or reason
-        await self.engine.cancel(run_id, reason[:1000])
+        await self._live(run_id, self.engine.cancel(run_id, reason[:1000]))
         return _json({"run_id": str(run_id), "status": "accepted"}, 202)
 
     async def workflows(self, request: web.Request) -> web.Response:
@@ -318,13 +360,16 @@ async def _lag_probe(engine: Engine) -> None:
         engine.metrics.loop_lag.observe(max(0.0, loop.time() - before - 0.1))
 
 
-def create_app(engine: Engine, *, token: str | None = None,
-               max_body: int = MAX_BODY) -> web.Application:
-    """The aiohttp application for an engine the caller opens and closes."""
+def create_app(engine: Engine, *, token: str | None = None, max_body: int = MAX_BODY,
+               keepalive: float = KEEPALIVE) -> web.Application:
+    """The aiohttp application for an engine the caller opens and closes.
+
+    `keepalive`: seconds between `: keepalive` comments on an idle event stream.
+    """
     app = web.Application(client_max_size=max_body,
                           middlewares=[errors_middleware, _auth_middleware(token)])
     app[ENGINE] = engine
-    api = Api(engine, token)
+    api = Api(engine, token, keepalive)
     app.router.add_post("/v1/runs", api.start_run)
     app.router.add_get("/v1/runs", api.list_runs)
     app.router.add_get("/v1/runs/{run_id}", api.get_run)
@@ -356,13 +401,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-async def serve(engine: Engine, host: str, port: int, *, token: str | None,
-                allow_insecure: bool = False, ready: asyncio.Event | None = None) -> None:
-    """Serve until cancelled. Refuses a non-loopback address without a token."""
+def check_bind(host: str, token: str | None, allow_insecure: bool = False) -> None:
+    """Refuse a non-loopback address without a token (call it before opening the engine)."""
     if token is None and not is_loopback(host) and not allow_insecure:
         raise RuleboundError(
             f"refusing to serve on {host} without a token: set RULEBOUND_TOKEN, or pass "
             "--insecure-no-auth if the network is trusted")
+
+
+async def serve(engine: Engine, host: str, port: int, *, token: str | None,
+                allow_insecure: bool = False, ready: asyncio.Event | None = None) -> None:
+    """Serve until cancelled. Refuses a non-loopback address without a token."""
+    check_bind(host, token, allow_insecure)
     runner = web.AppRunner(create_app(engine, token=token), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)

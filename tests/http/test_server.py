@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -50,8 +53,9 @@ class Client:
             return resp.status, body, resp.headers
 
 
-async def _server(engine: Engine, token: str | None = None) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(create_app(engine, token=token))
+async def _server(engine: Engine, token: str | None = None,
+                  **options: Any) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(create_app(engine, token=token, **options))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -127,6 +131,11 @@ async def test_pagination(client: Client) -> None:
     ("GET", "/v1/runs/not-a-uuid", {}, 404),
     ("GET", "/v1/runs/00000000-0000-4000-8000-000000000000", {}, 404),
     ("GET", "/v1/runs/00000000-0000-4000-8000-000000000000/events", {}, 404),
+    ("GET", "/v1/runs/00000000-0000-4000-8000-000000000000/events?after=3", {}, 404),
+    ("GET", "/v1/runs/00000000-0000-4000-8000-000000000000/events",
+     {"headers": {"Last-Event-ID": "5"}}, 404),
+    ("GET", "/v1/runs/00000000-0000-4000-8000-000000000000/events?follow=1",
+     {"headers": {"Last-Event-ID": "5"}}, 404),
     ("POST", "/v1/runs/00000000-0000-4000-8000-000000000000/signals/go", {"json": {}}, 404),
     ("POST", "/v1/runs/00000000-0000-4000-8000-000000000000/cancel", {}, 404),
     ("GET", "/v1/runs?status=weird", {}, 400),
@@ -228,19 +237,46 @@ async def test_workflows_health_metrics_and_openapi(client: Client) -> None:
 
 async def test_bearer_token_guards_every_v1_route(sqlite_url: str) -> None:
     async with Engine(sqlite_url, workflows(), {"echo": echo}) as engine:
+        run_id = await engine.start("approval", {})
         runner, base = await _server(engine, token="s3cret-token")
         async with aiohttp.ClientSession() as session:
-            async with session.get(f"{base}/v1/runs") as resp:
-                assert resp.status == 401
-                assert "s3cret" not in await resp.text()
-            async with session.get(f"{base}/v1/runs",
-                                   headers={"Authorization": "Bearer wrong"}) as resp:
-                assert resp.status == 401
-            async with session.get(f"{base}/v1/runs",
-                                   headers={"Authorization": "Bearer s3cret-token"}) as resp:
-                assert resp.status == 200
-            async with session.get(f"{base}/healthz") as resp:
-                assert resp.status == 200
+            async with session.get(f"{base}/openapi.json") as resp:
+                doc = await resp.json()
+            operations = [(method.upper(), path, op) for path, ops in doc["paths"].items()
+                          for method, op in ops.items()]
+            v1 = [(m, p) for m, p, _ in operations if p.startswith("/v1/")]
+            assert len(v1) == 9  # every route of the API is in the document
+            for method, path, op in operations:
+                if not path.startswith("/v1/"):
+                    assert op.get("security") == []
+                    async with session.request(method, base + path) as resp:
+                        assert resp.status == 200, path  # health, metrics, the document
+                    continue
+                assert "401" in op["responses"], (method, path)
+                url = base + path.format(run_id=run_id, name="go")
+                before = engine.storage.store.last_position()
+                for headers in ({}, {"Authorization": "Bearer wrong"},
+                                {"Authorization": "s3cret-token"},
+                                {"Authorization": "Bearer s3cret-toke"},
+                                {"Authorization": "Bearer s3cret-token-and-more"}):
+                    async with session.request(method, url, headers=headers,
+                                               json={"workflow": "order"}) as resp:
+                        assert resp.status == 401, (method, path, headers)
+                        assert resp.headers["WWW-Authenticate"] == "Bearer"
+                        body = await resp.json()
+                        assert body["error"]["type"] == "unauthorized"
+                        assert "s3cret" not in json.dumps(body)
+                assert engine.storage.store.last_position() == before, (method, path)
+            for method, path in v1:  # and the right token opens every one of them
+                if method == "POST":
+                    continue  # (they would start, signal and cancel runs)
+                url = base + path.format(run_id=run_id, name="approval")
+                async with session.request(
+                    method, url, headers={"Authorization": "Bearer s3cret-token"}) as resp:
+                    assert resp.status == 200, (method, path)
+            async with session.post(f"{base}/v1/runs/{run_id}/cancel",
+                                    headers={"Authorization": "Bearer s3cret-token"}) as resp:
+                assert resp.status == 202
         await runner.cleanup()
 
 
@@ -271,4 +307,83 @@ async def test_backpressure_answers_503_with_retry_after(sqlite_url: str) -> Non
             assert retry_after is not None
             assert int(retry_after) >= 1
         blocked.set()
+        await runner.cleanup()
+
+
+async def test_events_after_the_end_of_a_real_run_is_an_empty_list(client: Client) -> None:
+    _, started, _ = await client.call("POST", "/v1/runs", json={"workflow": "approval"})
+    run_id = started["run_id"]
+    events = await client.engine.events(run_id)
+    status, body, _ = await client.call("GET", f"/v1/runs/{run_id}/events?after=50")
+    assert (status, body) == (200, [])
+    status, body, _ = await client.call("GET", f"/v1/runs/{run_id}/events",
+                                        headers={"Last-Event-ID": str(len(events) - 1)})
+    assert status == 200
+    assert [e["seq"] for e in body] == [len(events)]
+
+
+async def test_a_client_leaving_an_event_stream_is_quiet_and_frees_the_watcher(
+    sqlite_url: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with Engine(sqlite_url, workflows(), {"echo": echo}) as engine:
+        runner, base = await _server(engine, keepalive=0.05)
+        run_id = await engine.start("approval", {})
+        run = engine._runs[run_id]  # the live run's watchers: white-box, to see the cleanup
+        async with aiohttp.ClientSession() as session:
+            resp = await session.get(f"{base}/v1/runs/{run_id}/events?follow=1")
+            assert resp.status == 200
+            lines: list[str] = []
+            while ": keepalive" not in lines:
+                raw = await asyncio.wait_for(resp.content.readline(), 5)
+                lines.append(raw.decode().rstrip("\n"))
+            assert any(line.startswith("event: RunStarted") for line in lines)
+            assert len(run.watchers) == 1
+            resp.close()  # the client goes away while the run waits for its signal
+            for _ in range(100):
+                if not run.watchers:
+                    break
+                await asyncio.sleep(0.02)
+            assert run.watchers == []  # noticed by the next keepalive, not the next event
+        await engine.cancel(run_id, "done")
+        await runner.cleanup()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
+    assert "unhandled error" not in caplog.text
+
+
+def _approval(timeout: int) -> Workflow:
+    return Workflow("approval", on_failure=FAIL, steps=[
+        WaitForSignal("wait", signal="go", timeout=timeout, next="done"),
+        Step("done", executor="echo")])
+
+
+async def test_signals_and_cancels_to_a_held_run_say_it_is_held(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'held.db'}"
+    async with Engine(url, [_approval(60)], {"echo": echo}) as engine:
+        run_id = await engine.start("approval", {})
+        for _ in range(200):
+            if (await engine.get(run_id)).waiting_for:
+                break
+            await asyncio.sleep(0.01)
+    # restarted with only a newer version of the workflow: the run cannot go on
+    async with Engine(url, [_approval(120)], {"echo": echo}) as engine:
+        runner, base = await _server(engine)
+        async with aiohttp.ClientSession() as session:
+            client = Client(session, base, engine)
+            status, view, _ = await client.call("GET", f"/v1/runs/{run_id}")
+            assert view["status"] == "held"
+            before = engine.storage.store.last_position()
+            for path, body in ((f"/v1/runs/{run_id}/signals/go", {}),
+                               (f"/v1/runs/{run_id}/cancel", {"reason": "x"})):
+                status, answer, _ = await client.call("POST", path, json=body)
+                assert status == 409, answer
+                assert answer["error"]["type"] == "run_held"
+                assert "is held" in answer["error"]["message"]
+                assert "not registered" in answer["error"]["message"]
+            assert engine.storage.store.last_position() == before
+            _, doc, _ = await client.call("GET", "/openapi.json")
+            assert "run_held" in doc["paths"]["/v1/runs/{run_id}/cancel"]["post"][
+                "responses"]["409"]["description"]
+            assert "run_held" in json.dumps(doc["components"]["schemas"]["Error"])
         await runner.cleanup()

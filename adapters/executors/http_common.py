@@ -11,12 +11,13 @@ import asyncio
 import email.utils
 import time
 from collections.abc import Callable, Hashable, Mapping
+from datetime import UTC, datetime
 from typing import Any, Self
 
 import aiohttp
 import orjson
 
-from engine.executor import ExecutorContext, ExecutorError
+from engine.executor import ExecutorContext, ExecutorError, Task
 
 DEFAULT_MAX_BYTES = 4 * 1024 * 1024
 
@@ -55,6 +56,18 @@ class SessionUser:
             self._own = factory() if factory else aiohttp.ClientSession(trust_env=False)
         return self._own
 DEFAULT_MAX_RETRY_AFTER = 300.0
+
+
+def time_left(task: Task, now: datetime | None = None) -> float:
+    """Seconds an attempt may still take: the lesser of the step's timeout and the time left
+    until the attempt's deadline (wall clock, UTC), so that several round trips (repairs,
+    redirects) together never outlive the deadline. Never below a millisecond: a spent
+    deadline times out at once instead of raising something else."""
+    deadline = task.deadline
+    if deadline.tzinfo is None:
+        deadline = deadline.replace(tzinfo=UTC)
+    until = (deadline - (now or datetime.now(UTC))).total_seconds()
+    return max(0.001, min(task.timeout, until))
 
 _KINDS = {408: "timeout", 409: "conflict", 429: "rate_limited", 400: "client_error",
           401: "auth", 403: "auth", 404: "not_found", 422: "client_error"}

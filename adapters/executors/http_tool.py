@@ -15,7 +15,14 @@ from pydantic import BaseModel, ValidationError
 
 from engine.executor import ExecutorError, Result, Task
 
-from .http_common import SessionUser, parse_json, read_capped, status_error, transport_error
+from .http_common import (
+    SessionUser,
+    parse_json,
+    read_capped,
+    status_error,
+    time_left,
+    transport_error,
+)
 from .ssrf import Guard, Refused, session_factory
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -26,6 +33,12 @@ def _lookup(values: Any, path: str) -> Any:
     for part in path.split("."):
         values = values.get(part) if isinstance(values, Mapping) else None
     return values
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port or (
+        443 if parts.scheme.lower() == "https" else 80)
 
 
 def _fill_json(template: Any, values: Any) -> Any:
@@ -52,7 +65,8 @@ class HttpTool(SessionUser):
     body: a JSON template for POST/PUT/PATCH ("{field}" alone keeps the value's type).
     response: a pydantic model the JSON answer must match.
     max_bytes: the response size cap. follow_redirects: off by default; when on, each hop
-      is checked again (at most max_redirects hops).
+      is checked again (at most max_redirects hops), and a hop to another origin drops the
+      Authorization, Proxy-Authorization and Cookie headers and every header naming a secret.
     allow: CIDRs or host names that may be reached although they are not public.
     """
 
@@ -72,6 +86,10 @@ class HttpTool(SessionUser):
         self.max_redirects = max_redirects
         self.guard = Guard(allow)
         self.session_key = ("http-tool", self.guard.key)
+        # Headers never forwarded to another origin on a redirect: the usual credentials and
+        # every header whose value names a secret.
+        self._credentials = {"authorization", "proxy-authorization", "cookie"} | {
+            name.lower() for name, value in self.headers.items() if _ENV.search(value)}
 
     def __repr__(self) -> str:
         return f"HttpTool({self.method} {urlsplit(self.url).netloc})"
@@ -98,7 +116,7 @@ class HttpTool(SessionUser):
         headers.setdefault("Idempotency-Key", task.idempotency_key)
         method = self.method
         try:
-            async with asyncio.timeout(max(0.001, task.timeout)):
+            async with asyncio.timeout(time_left(task)):
                 for _hop in range(self.max_redirects + 1):
                     host = urlsplit(url).hostname or ""
                     self.guard.check_host(host)
@@ -109,7 +127,11 @@ class HttpTool(SessionUser):
                                 raise ExecutorError(
                                     f"{self.service} was redirected ({response.status}) and "
                                     "redirects are off", kind="client_error")
-                            url = urljoin(url, response.headers["Location"])
+                            target = urljoin(url, response.headers["Location"])
+                            if _origin(target) != _origin(url):  # credentials stay home
+                                headers = {k: v for k, v in headers.items()
+                                           if k.lower() not in self._credentials}
+                            url = target
                             if response.status == 303:
                                 method, body = "GET", None
                             continue

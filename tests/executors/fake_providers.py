@@ -1,10 +1,19 @@
 """A local aiohttp server that speaks the OpenAI chat-completions and Anthropic messages
-protocols (as documented) and misbehaves on demand: the test sets `app["mode"]`."""
+protocols (as documented) and misbehaves on demand: the test sets `app["mode"]`.
+
+Like the real services it never generates more than the request's cap (max_tokens, or
+max_completion_tokens) and says so (finish_reason "length", stop_reason "max_tokens"); like
+OpenAI it refuses max_tokens for reasoning models (o1/o3/o4, gpt-5). Usage is 12 prompt and
+7 completion tokens unless the state sets "prompt_tokens" (a number, or "count": about one
+token per four bytes of the request, as a real tokenizer would) and "completion_tokens";
+"usage": False leaves usage out of the answer."""
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
+import re
 import time
 from typing import Any
 
@@ -13,15 +22,34 @@ from aiohttp import web
 MODE = web.AppKey("mode", dict)
 
 
-def _openai_reply(content: str, prompt_tokens: int = 12, completion_tokens: int = 7) -> dict:
-    return {"id": "chatcmpl-1", "object": "chat.completion", "model": "m",
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": content}}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+def _usage(state: dict[str, Any], body: dict[str, Any], cap_field: str) -> tuple[int, int, bool]:
+    """Prompt and completion tokens for this request, the completion capped as a server does."""
+    prompt = state.get("prompt_tokens", 12)
+    if prompt == "count":
+        sent = {k: v for k, v in body.items() if k not in ("max_tokens",
+                                                           "max_completion_tokens")}
+        prompt = len(json.dumps(sent)) // 4
+    wanted = state.get("completion_tokens", 7)
+    cap = body.get(cap_field) or body.get("max_tokens") or wanted
+    return prompt, min(wanted, cap), wanted > cap
+
+
+def _openai_reply(content: str, state: dict[str, Any], body: dict[str, Any]) -> dict:
+    prompt_tokens, completion_tokens, cut = _usage(state, body, "max_completion_tokens")
+    reply: dict[str, Any] = {
+        "id": "chatcmpl-1", "object": "chat.completion", "model": "m",
+        "choices": [{"index": 0, "finish_reason": "length" if cut else "stop",
+                     "message": {"role": "assistant", "content": content}}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens}}
+    if state.get("usage") is False:
+        del reply["usage"]
+    return web.json_response(reply)
 
 
 async def _misbehave(request: web.Request, mode: str) -> web.StreamResponse | None:
+    if mode.startswith("redirect:"):
+        raise web.HTTPTemporaryRedirect(mode.removeprefix("redirect:"))
     if mode == "429":
         return web.json_response({"error": {"message": "slow down"}}, status=429,
                                  headers={"Retry-After": "7"})
@@ -57,38 +85,49 @@ async def _misbehave(request: web.Request, mode: str) -> web.StreamResponse | No
 
 async def chat(request: web.Request) -> web.StreamResponse:
     state = request.app[MODE]
-    state.setdefault("requests", []).append({"headers": dict(request.headers),
-                                             "body": await request.json()})
+    body = await request.json()
+    state.setdefault("requests", []).append({"headers": dict(request.headers), "body": body})
     mode = state.get("mode", "ok")
     bad = await _misbehave(request, mode)
     if bad is not None:
         return bad
-    if mode == "invalid-then-valid" and len(state["requests"]) == 1:
-        return web.json_response(_openai_reply('{"category": 42}'))
+    if re.match(r"^(o\d|gpt-5)", str(body.get("model"))) and "max_tokens" in body:
+        return web.json_response({"error": {
+            "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                       "Use 'max_completion_tokens' instead.", "type": "invalid_request_error",
+            "param": "max_tokens", "code": "unsupported_parameter"}}, status=400)
+    first = len(state["requests"]) == 1
+    if mode == "invalid-then-valid" and first:
+        return _openai_reply('{"category": 42}', state, body)
+    if mode == "invalid-then-slow":
+        if first:
+            return _openai_reply('{"category": 42}', state, body)
+        await asyncio.sleep(5)
     if mode == "always-invalid":
-        return web.json_response(_openai_reply("not json at all"))
+        return _openai_reply("not json at all", state, body)
     if mode == "schema":  # answer with a minimal instance of the requested JSON schema
-        import json
-
-        schema = state["requests"][-1]["body"]["response_format"]["json_schema"]["schema"]
-        return web.json_response(_openai_reply(json.dumps(_instance(schema, schema))))
-    return web.json_response(_openai_reply(state.get("content", '{"category": "billing"}')))
+        schema = body["response_format"]["json_schema"]["schema"]
+        return _openai_reply(json.dumps(_instance(schema, schema)), state, body)
+    return _openai_reply(state.get("content", '{"category": "billing"}'), state, body)
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
     state = request.app[MODE]
-    state.setdefault("requests", []).append({"headers": dict(request.headers),
-                                             "body": await request.json()})
+    body = await request.json()
+    state.setdefault("requests", []).append({"headers": dict(request.headers), "body": body})
     mode = state.get("mode", "ok")
     bad = await _misbehave(request, mode)
     if bad is not None:
         return bad
-    body: dict[str, Any] = {"id": "msg_1", "type": "message", "role": "assistant",
-                            "model": "claude", "stop_reason": "tool_use",
-                            "usage": {"input_tokens": 20, "output_tokens": 9},
-                            "content": [{"type": "tool_use", "id": "t1", "name": "respond",
-                                         "input": {"category": "billing"}}]}
-    return web.json_response(body)
+    defaults = {"prompt_tokens": 20, "completion_tokens": 9}
+    tokens_in, tokens_out, cut = _usage({**defaults, **state}, body, "max_tokens")
+    reply: dict[str, Any] = {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude",
+        "stop_reason": "max_tokens" if cut else "tool_use",
+        "usage": {"input_tokens": tokens_in, "output_tokens": tokens_out},
+        "content": [{"type": "tool_use", "id": "t1", "name": "respond",
+                     "input": {"category": "billing"}}]}
+    return web.json_response(reply)
 
 
 async def tool(request: web.Request) -> web.StreamResponse:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from pathlib import Path
 
 import aiohttp
@@ -25,8 +26,46 @@ def _database_bytes(db: Path) -> bytes:
     return db.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
 
 
-MODES = ["ok", "invalid-then-valid", "always-invalid", "429", "401", "403", "500", "503",
-         "malformed", "truncated", "oversized", "slow"]
+PRIVATE = "http://169.254.169.254/latest/meta-data/iam"
+MODES = ["ok", "invalid-then-valid", "always-invalid", "429", "400", "401", "403", "404",
+         "422", "500", "503", "malformed", "truncated", "oversized", "slow",
+         f"redirect:{PRIVATE}"]
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on: connecting to it is refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _executors(base: str) -> dict[str, object]:
+    return {
+        "openai": OpenAIChat("gpt-4o-mini", base_url=f"{base}/v1", api_key_env="CANARY_KEY"),
+        "anthropic": AnthropicMessages("claude-haiku-4-5", base_url=base,
+                                       api_key_env="CANARY_KEY"),
+        "tool": HttpTool("GET", f"{base}/customers/{{customer_id}}", response=Customer,
+                         headers={"Authorization": "Bearer ${CANARY_KEY}"},
+                         allow=["127.0.0.1"], max_bytes=1024 * 1024),
+        "follow": HttpTool("GET", f"{base}/customers/{{customer_id}}", response=Customer,
+                           headers={"Authorization": "Bearer ${CANARY_KEY}"},
+                           allow=["127.0.0.1"], follow_redirects=True),
+    }
+
+
+def _workflow(name: str, prefix: str = "") -> Workflow:
+    once = Retry(attempts=1)
+    return Workflow(name, on_failure=FAIL, steps=[
+        Step("openai", executor=f"{prefix}openai", output=Label, timeout=1, retry=once,
+             max_tokens=1000, config={"prompt": "classify {text}"}, next="anthropic",
+             on_failure="anthropic"),
+        Step("anthropic", executor=f"{prefix}anthropic", output=Label, timeout=1, retry=once,
+             max_tokens=1000, config={"prompt": "classify {text}"}, next="tool",
+             on_failure="tool"),
+        Step("tool", executor=f"{prefix}tool", timeout=1, retry=once,
+             input={"customer_id": "input.c"}, next="follow", on_failure="follow"),
+        Step("follow", executor=f"{prefix}follow", timeout=1, retry=once,
+             input={"customer_id": "input.c"})])
 
 
 async def test_the_canary_key_never_reaches_events_logs_errors_or_outputs(
@@ -41,35 +80,27 @@ async def test_the_canary_key_never_reaches_events_logs_errors_or_outputs(
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-    once = Retry(attempts=1)
-    wf = Workflow("canary", on_failure=FAIL, steps=[
-        Step("openai", executor="openai", output=Label, timeout=1, retry=once,
-             config={"prompt": "classify {text}"}, next="anthropic", on_failure="anthropic"),
-        Step("anthropic", executor="anthropic", output=Label, timeout=1, retry=once,
-             config={"prompt": "classify {text}"}, next="tool", on_failure="tool"),
-        Step("tool", executor="tool", timeout=1, retry=once, input={"customer_id": "input.c"})])
-    executors = {
-        "openai": OpenAIChat("gpt-4o-mini", base_url=f"{base}/v1", api_key_env="CANARY_KEY"),
-        "anthropic": AnthropicMessages("claude", base_url=base, api_key_env="CANARY_KEY"),
-        "tool": HttpTool("GET", f"{base}/customers/{{customer_id}}", response=Customer,
-                         headers={"Authorization": "Bearer ${CANARY_KEY}"},
-                         allow=["127.0.0.1"], max_bytes=1024 * 1024),
-    }
+    down = f"http://127.0.0.1:{_closed_port()}"
+    executors = {**_executors(base),
+                 **{f"down_{k}": v for k, v in _executors(down).items()}}
+    workflows = [_workflow("canary"), _workflow("canary-down", "down_")]
     db = tmp_path / "canary.db"
     store = f"sqlite:///{db}"
     outputs: list[str] = []
-    async with Engine(store, [wf], executors) as engine:
-        runs = []
-        for mode in MODES:
+    async with Engine(store, workflows, executors) as engine:
+        runs: list[str] = []
+        headers_seen: list[str] = []
+        for workflow, mode in [*(("canary", m) for m in MODES), ("canary-down", "ok")]:
             fake[MODE].clear()
             fake[MODE]["mode"] = mode
-            run_id = await engine.start("canary", {"text": "refund", "c": "c1"})
+            run_id = await engine.start(workflow, {"text": "refund", "c": "c1"})
             view = await engine.wait(run_id, timeout=30)
             runs.append(str(run_id))
             outputs.append(str(view.to_dict()))
+            headers_seen += [r["headers"].get("Authorization", "")
+                             + r["headers"].get("x-api-key", "")
+                             for r in fake[MODE].get("requests", [])]
         assert any('"kind"' not in o for o in outputs)
-        headers_seen = [r["headers"].get("Authorization", "") + r["headers"].get("x-api-key", "")
-                        for r in fake[MODE].get("requests", [])]
         assert any(CANARY in h for h in headers_seen)  # the key really was used
         app_runner = web.AppRunner(create_app(engine))
         await app_runner.setup()
@@ -97,15 +128,17 @@ async def test_the_canary_key_never_reaches_events_logs_errors_or_outputs(
     assert CANARY not in caplog.text
     for text in outputs:
         assert CANARY not in text
-    kinds = {e for o in outputs for e in ("rate_limited", "auth", "server_error",
-                                          "invalid_output", "truncated", "too_large", "timeout",
-                                          "bad_response") if e in o}
-    assert kinds >= {"rate_limited", "auth", "server_error", "invalid_output", "bad_response",
-                     "truncated", "timeout"}
+    every = {"rate_limited", "auth", "server_error", "invalid_output", "bad_response",
+             "truncated", "too_large", "timeout", "client_error", "not_found", "connection",
+             "refused"}
+    kinds = {e for o in outputs for e in every if f"'{e}'" in o or f'"{e}"' in o}
+    assert kinds == every
+    assert any("redirects are off" in o for o in outputs)  # the tool that does not follow
+    assert any("169.254.169.254" in o and "refused" in o for o in outputs)  # the one that does
 
 
 def test_executors_do_not_show_keys_in_their_repr() -> None:
-    model = OpenAIChat("m", api_key=lambda: CANARY)
+    model = OpenAIChat("m", api_key=lambda: CANARY, price=0)
     assert CANARY not in repr(model)
     assert CANARY not in str(vars(model).get("_api_key_env"))
 

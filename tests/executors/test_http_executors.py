@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -14,6 +15,8 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from adapters.executors import AnthropicMessages, HttpTool, OpenAIChat
+from adapters.executors.models import estimate_tokens
+from adapters.executors.ssrf import Guard
 from engine import ExecutorError, Task
 
 from .fake_providers import MODE, make_app
@@ -56,12 +59,15 @@ async def server() -> AsyncIterator[Server]:
 
 
 def task(data: Any = None, schema: type[BaseModel] | None = Label, timeout: float = 2.0,
-         max_tokens: int | None = 300, prompt: str = "Classify: {text}") -> Task:
+         max_tokens: int | None = 300, prompt: str = "Classify: {text}",
+         max_cost: float | None = 1.0, deadline: float | None = None,
+         config: dict[str, Any] | None = None) -> Task:
     return Task(run_id=uuid4(), step="classify", attempt=1, idempotency_key="r:classify:1",
                 input=data if data is not None else {"text": "refund me"},
-                config={"prompt": prompt}, output_schema=schema, timeout=timeout,
-                deadline=datetime.now(UTC) + timedelta(seconds=timeout),
-                max_tokens=max_tokens, max_cost=1.0)
+                config={"prompt": prompt, **(config or {})}, output_schema=schema,
+                timeout=timeout,
+                deadline=datetime.now(UTC) + timedelta(seconds=deadline or timeout),
+                max_tokens=max_tokens, max_cost=max_cost)
 
 
 def openai(server: Server, **kw: Any) -> OpenAIChat:
@@ -85,7 +91,10 @@ async def test_openai_structured_output_usage_and_cost(server: Server) -> None:
     sent = server.state["requests"][0]
     assert sent["headers"]["Authorization"] == f"Bearer {CANARY}"
     body = sent["body"]
-    assert body["max_tokens"] == 300
+    # the grant (300) less the first round's conservative prompt estimate
+    estimate = estimate_tokens({k: v for k, v in body.items() if k != "max_tokens"})
+    assert body["max_tokens"] == 300 - estimate
+    assert body["temperature"] == 0.0
     assert body["messages"][-1] == {"role": "user", "content": "Classify: refund me"}
     schema = body["response_format"]["json_schema"]["schema"]
     assert schema["properties"]["category"]["type"] == "string"
@@ -154,7 +163,7 @@ async def test_anthropic_tool_use_output_and_headers(server: Server) -> None:
     server.mode("ok")
     async with AnthropicMessages("claude-haiku-4-5", base_url=server.base,
                                  api_key=lambda: CANARY) as model:
-        result = await model(task())
+        result = await model(task(max_tokens=1000))
     assert result.output == {"category": "billing"}
     assert (result.usage.tokens_in, result.usage.tokens_out) == (20, 9)
     assert result.usage.cost == pytest.approx(20 * 1e-6 + 9 * 5e-6)
@@ -162,17 +171,19 @@ async def test_anthropic_tool_use_output_and_headers(server: Server) -> None:
     assert sent["headers"]["x-api-key"] == CANARY
     assert sent["headers"]["anthropic-version"] == "2023-06-01"
     assert sent["body"]["tool_choice"] == {"type": "tool", "name": "respond"}
-    assert sent["body"]["max_tokens"] == 300
+    # the grant less the request's estimate and Anthropic's hidden tool-use prompt
+    unsent = {k: v for k, v in sent["body"].items() if k != "max_tokens"}
+    assert sent["body"]["max_tokens"] == 1000 - estimate_tokens(unsent) - 350
 
 
 @pytest.mark.parametrize(("mode", "kind"), [("529", "server_error"), ("429", "rate_limited"),
                                             ("401", "auth")])
 async def test_anthropic_failures(server: Server, mode: str, kind: str) -> None:
     server.mode(mode)
-    async with AnthropicMessages("claude", base_url=server.base,
+    async with AnthropicMessages("claude-haiku-4-5", base_url=server.base,
                                  api_key=lambda: CANARY) as model:
         with pytest.raises(ExecutorError) as caught:
-            await model(task())
+            await model(task(max_tokens=1000))
     assert caught.value.kind == kind
     assert_clean(caught.value)
 
@@ -214,6 +225,14 @@ async def test_a_tool_call_with_an_allow_listed_loopback(server: Server) -> None
     "127.0.0.1", "10.1.2.3", "192.168.1.1", "172.16.0.1", "169.254.169.254", "100.64.0.1",
     "0.0.0.0", "[::1]", "[fd00:ec2::254]", "[::ffff:127.0.0.1]", "[::ffff:10.0.0.1]",
     "[64:ff9b::a00:1]", "[2002:a00:1::]", "[fe80::1]", "224.0.0.1",
+    # IPv4-compatible IPv6 (::/96): ::127.0.0.1, ::10.0.0.1, ::169.254.169.254, even ::8.8.8.8
+    "[::7f00:1]", "[::127.0.0.1]", "[::a00:1]", "[::a9fe:a9fe]", "[::808:808]",
+    # IETF protocol assignments 192.0.0.0/24, all of it
+    "192.0.0.8", "192.0.0.1", "192.0.0.9", "192.0.0.10", "192.0.0.170", "192.0.0.255",
+    # local-use NAT64, site-local, documentation, reserved, benchmarking, Teredo, broadcast
+    "[64:ff9b:1::a00:1]", "[fec0::1]", "[3fff::1]", "[2001:db8::1]", "240.0.0.1",
+    "198.18.0.1", "[2001:0:4136:e378:8000:63bf:3fff:fdd2]", "255.255.255.255", "[::]",
+    "[::ffff:192.0.0.8]", "[64:ff9b::c000:8]",
 ])
 async def test_internal_addresses_are_refused_unless_allow_listed(host: str) -> None:
     http = HttpTool("GET", f"http://{host}:9/x")
@@ -222,6 +241,23 @@ async def test_internal_addresses_are_refused_unless_allow_listed(host: str) -> 
     await http.close()
     assert caught.value.kind == "refused"
     assert not caught.value.retryable
+
+
+@pytest.mark.parametrize(("address", "allowed"), [
+    ("8.8.8.8", True), ("::ffff:8.8.8.8", True), ("64:ff9b::808:808", True),
+    ("2002:808:808::1", True), ("2606:4700:4700::1111", True),
+    ("::7f00:1", False), ("::808:808", False), ("192.0.0.8", False), ("fec0::1", False),
+])
+def test_the_guard_judges_addresses(address: str, allowed: bool) -> None:
+    assert Guard().allowed_address(ipaddress.ip_address(address)) is allowed
+
+
+@pytest.mark.parametrize(("allow", "host"), [
+    ("::7f00:1/128", "[::7f00:1]"), ("::/96", "[::a00:1]"), ("192.0.0.8", "192.0.0.8"),
+    ("192.0.0.0/24", "192.0.0.170"),
+])
+def test_the_refused_ranges_can_be_allow_listed(allow: str, host: str) -> None:
+    Guard([allow]).check_host(host)  # no error
 
 
 async def test_a_name_resolving_to_loopback_is_refused_at_connect(server: Server) -> None:
@@ -274,3 +310,53 @@ async def test_tool_secrets_come_from_the_environment_and_stay_out_of_errors(
     assert caught.value.kind == "auth"
     assert_clean(caught.value)
     assert CANARY not in repr(http)
+
+
+@pytest.fixture
+async def elsewhere() -> AsyncIterator[Server]:
+    """A second server: another origin (reached as localhost, not 127.0.0.1)."""
+    app = make_app()
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield Server(app, f"http://localhost:{port}")
+    await runner.cleanup()
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+async def test_model_executors_never_follow_a_redirect_with_the_key(
+    server: Server, elsewhere: Server, provider: str,
+) -> None:
+    path = "/v1/chat/completions" if provider == "openai" else "/v1/messages"
+    server.mode(f"redirect:{elsewhere.base}{path}")  # 307: a client would re-send the POST
+    model = (openai(server) if provider == "openai" else
+             AnthropicMessages("claude-haiku-4-5", base_url=server.base,
+                               api_key=lambda: CANARY))
+    async with model:
+        with pytest.raises(ExecutorError) as caught:
+            await model(task(max_tokens=1000))
+    assert (caught.value.kind, caught.value.retryable) == ("client_error", False)
+    assert "redirect" in caught.value.message
+    assert "requests" not in elsewhere.state
+    assert_clean(caught.value)
+
+
+async def test_a_redirect_to_another_origin_drops_the_tools_credentials(
+    server: Server, elsewhere: Server, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CRM_TOKEN", CANARY)
+    server.mode(f"redirect:{elsewhere.base}/customers/2")
+    elsewhere.mode("ok")
+    http = tool(server.base, allow=["127.0.0.1", "::1", "localhost"], follow_redirects=True,
+                headers={"Authorization": "Bearer ${CRM_TOKEN}", "X-Crm-Key": "${CRM_TOKEN}",
+                         "X-Trace": "plain"})
+    result = await http(task({"customer_id": "1"}, schema=None))
+    await http.close()
+    assert result.output == {"customer": "2", "tier": "gold"}
+    assert server.state["requests"][0]["headers"]["X-Crm-Key"] == CANARY  # same origin: sent
+    hop = elsewhere.state["requests"][0]["headers"]
+    assert "Authorization" not in hop and "X-Crm-Key" not in hop
+    assert hop["X-Trace"] == "plain"
+    assert CANARY not in str(hop)

@@ -1,0 +1,258 @@
+"""Model executors honour the attempt's grant: tokens, cost, time, and an explicit price.
+
+Every test runs against the loopback fake provider, which caps completions as real services
+do and, with prompt_tokens="count", counts prompt tokens like a real tokenizer would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+import pytest
+
+from adapters.executors import AnthropicMessages, OpenAIChat
+from adapters.executors.models import MissingPrice, estimate_tokens
+from engine import ExecutorError
+
+from .test_http_executors import CANARY, Server, openai, server, task
+
+__all__ = ["server"]  # the fixture, shared
+
+
+def caps(srv: Server, field: str = "max_tokens") -> list[int]:
+    return [r["body"][field] for r in srv.state["requests"]]
+
+
+def unsent(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if k not in ("max_tokens", "max_completion_tokens")}
+
+
+# --- repairs: gated on the grant, not on a cost that defaults to 0 ----------------------
+
+
+@pytest.mark.parametrize("max_cost", [0.0, None])
+async def test_repairs_happen_when_the_step_declares_no_cost(server: Server,
+                                                             max_cost: float | None) -> None:
+    server.mode("invalid-then-valid")
+    async with openai(server) as model:
+        result = await model(task(max_cost=max_cost))
+    assert result.output == {"category": "billing"}
+    assert len(server.state["requests"]) == 2
+    assert result.usage.tokens == 2 * (12 + 7)
+
+
+async def test_every_round_is_capped_by_what_is_left_of_the_token_grant(
+    server: Server,
+) -> None:
+    server.mode("always-invalid", prompt_tokens="count", completion_tokens=40)
+    grant = 1500
+    async with openai(server, repairs=3) as model:
+        with pytest.raises(ExecutorError) as caught:
+            await model(task(max_tokens=grant))
+    requests = server.state["requests"]
+    assert len(requests) == 4
+    first = requests[0]["body"]
+    assert first["max_tokens"] == grant - estimate_tokens(unsent(first))
+    spent = 0
+    for request in requests:
+        sent = len(json.dumps(unsent(request["body"]))) // 4  # what the server counted
+        assert spent + sent + request["body"]["max_tokens"] <= grant
+        spent += sent + 40
+    assert caps(server) == sorted(caps(server), reverse=True)  # shrinking with each round
+    usage = caught.value.usage
+    assert usage.tokens == spent <= grant
+    assert caught.value.kind == "invalid_output"
+
+
+async def test_a_repair_that_does_not_fit_the_token_grant_is_not_sent(server: Server) -> None:
+    server.mode("always-invalid", completion_tokens=150)
+    async with openai(server, repairs=3) as model:
+        with pytest.raises(ExecutorError) as caught:
+            await model(task(max_tokens=260))
+    assert len(server.state["requests"]) == 1
+    assert caught.value.kind == "invalid_output"
+    assert "no repair: 260 tokens" in caught.value.message
+    assert (caught.value.usage.tokens_in, caught.value.usage.tokens_out) == (12, 150)
+
+
+async def test_a_reply_cut_off_by_its_cap_is_not_repaired_with_a_smaller_cap(
+    server: Server,
+) -> None:
+    server.mode("always-invalid", completion_tokens=10_000)  # always runs into the cap
+    async with openai(server, repairs=3, max_output_tokens=100) as model:
+        with pytest.raises(ExecutorError) as caught:
+            await model(task(max_tokens=2000))
+    assert len(server.state["requests"]) == 1
+    assert "cut off at 100 tokens" in caught.value.message
+    assert caught.value.usage.tokens_out == 100
+
+
+async def test_the_cost_grant_caps_each_round_and_gates_repairs(server: Server) -> None:
+    # $1000 per million tokens = $0.001 a token; a $0.2 grant pays for 200 tokens in all
+    server.mode("always-invalid", completion_tokens=100)
+    async with openai(server, price=1000, repairs=3) as model:
+        with pytest.raises(ExecutorError) as caught:
+            await model(task(max_tokens=None, max_cost=0.2))
+    first = server.state["requests"][0]["body"]
+    assert first["max_tokens"] == math.floor(200 - estimate_tokens(unsent(first)))
+    assert len(server.state["requests"]) == 1  # ~105 tokens spent: a repair cannot fit
+    assert "no repair: $0.2" in caught.value.message
+    assert caught.value.usage.cost == pytest.approx((12 + first["max_tokens"]) * 0.001)
+    assert caught.value.usage.cost <= 0.2
+
+
+async def test_a_grant_too_small_for_the_prompt_sends_nothing(server: Server) -> None:
+    server.mode("ok")
+    async with openai(server) as model:
+        with pytest.raises(ExecutorError) as caught:
+            await model(task(max_tokens=10))
+    assert (caught.value.kind, caught.value.retryable) == ("budget", False)
+    assert "10 tokens" in caught.value.message
+    assert "requests" not in server.state
+
+
+async def test_anthropic_counts_its_hidden_tool_prompt_into_the_grant(server: Server) -> None:
+    server.mode("ok")
+    async with AnthropicMessages("claude-haiku-4-5", base_url=server.base,
+                                 api_key=lambda: CANARY) as model:
+        with pytest.raises(ExecutorError) as caught:
+            await model(task(max_tokens=300))  # the forced tool call alone costs ~350
+        assert caught.value.kind == "budget"
+        assert "requests" not in server.state
+        result = await model(task(max_tokens=1000))
+    assert result.usage.tokens <= 1000
+
+
+async def test_without_a_token_grant_each_round_gets_the_configured_default(
+    server: Server,
+) -> None:
+    server.mode("invalid-then-valid")
+    async with openai(server, default_max_tokens=64) as model:
+        await model(task(max_tokens=None, max_cost=0.0))
+    assert caps(server) == [64, 64]
+
+
+async def test_max_output_tokens_bounds_a_large_grant(server: Server) -> None:
+    server.mode("ok")
+    async with openai(server, max_output_tokens=4096) as model:
+        await model(task(max_tokens=100_000))
+    assert caps(server) == [4096]
+
+
+async def test_usage_a_server_leaves_out_is_estimated_not_zero(server: Server) -> None:
+    server.mode("ok", usage=False)
+    async with openai(server) as model:
+        result = await model(task())
+    body = server.state["requests"][0]["body"]
+    assert result.usage.tokens_in == estimate_tokens(unsent(body))
+    assert result.usage.tokens_out == estimate_tokens('{"category": "billing"}')
+    assert result.usage.cost > 0
+
+
+# --- prices: a model without one is a configuration error, never a silent $0 ------------
+
+
+def test_a_model_without_a_price_is_refused_at_construction() -> None:
+    with pytest.raises(MissingPrice, match=r"no price for model 'llama3\.1'.*price=0"):
+        OpenAIChat("llama3.1", base_url="http://127.0.0.1:9/v1")
+    with pytest.raises(MissingPrice):
+        AnthropicMessages("claude-unknown")
+    with pytest.raises(ValueError, match="non-negative"):
+        OpenAIChat("llama3.1", price=-1)
+
+
+async def test_an_explicit_price_of_zero_is_free(server: Server) -> None:
+    server.mode("ok")
+    async with OpenAIChat("llama3.1", base_url=f"{server.base}/v1", price=0) as model:
+        result = await model(task())
+    assert result.usage.cost == 0.0
+    assert result.usage.tokens == 19
+
+
+async def test_prices_dated_snapshots_and_a_step_model_without_a_price(server: Server) -> None:
+    server.mode("ok")
+    model = OpenAIChat("gpt-4o-mini-2024-07-18", base_url=f"{server.base}/v1",
+                       prices={"house-model": (1.0, 2.0)})
+    async with model:
+        dated = await model(task())
+        house = await model(task(config={"model": "house-model"}))
+        with pytest.raises(ExecutorError) as caught:
+            await model(task(config={"model": "mystery"}))
+    assert dated.usage.cost == pytest.approx(12 * 0.15e-6 + 7 * 0.6e-6)
+    assert house.usage.cost == pytest.approx(12 * 1e-6 + 7 * 2e-6)
+    assert (caught.value.kind, caught.value.retryable) == ("config", False)
+    assert len(server.state["requests"]) == 2  # nothing sent for the unpriced model
+
+
+# --- max_completion_tokens ---------------------------------------------------------------
+
+
+async def test_reasoning_models_get_max_completion_tokens_and_no_temperature(
+    server: Server,
+) -> None:
+    server.mode("ok")
+    async with openai(server, prices={"gpt-5-mini": (0.25, 2.0)}) as model:  # auto
+        await model(task(config={"model": "gpt-5-mini"}))
+    async with OpenAIChat("o4-mini", base_url=f"{server.base}/v1", price=(1.1, 4.4)) as model:
+        result = await model(task())
+    for request in server.state["requests"]:
+        body = request["body"]
+        assert "max_tokens" not in body and "temperature" not in body
+        assert 0 < body["max_completion_tokens"] <= 300
+    assert result.output == {"category": "billing"}
+
+
+async def test_token_param_can_be_chosen(server: Server) -> None:
+    server.mode("ok")
+    async with openai(server, token_param="max_completion_tokens") as model:
+        await model(task())
+    body = server.state["requests"][0]["body"]
+    assert "max_tokens" not in body and 0 < body["max_completion_tokens"] <= 300
+    server.mode("ok")
+    async with OpenAIChat("gpt-5", base_url=f"{server.base}/v1", price=(1.25, 10),
+                          token_param="max_tokens") as model:
+        with pytest.raises(ExecutorError) as caught:
+            await model(task())
+    assert (caught.value.kind, caught.value.retryable) == ("client_error", False)
+    with pytest.raises(ValueError, match="token_param"):
+        OpenAIChat("gpt-4o", token_param="max_output")  # type: ignore[arg-type]
+
+
+# --- time: every round shares what is left until the deadline ---------------------------
+
+
+async def test_a_repair_round_never_outlives_the_deadline(server: Server) -> None:
+    server.mode("invalid-then-slow")  # the first answer is invalid, the repair hangs
+    async with openai(server) as model:
+        began = time.monotonic()
+        with pytest.raises(ExecutorError) as caught:
+            await model(task(timeout=10, deadline=0.6))
+        took = time.monotonic() - began
+    assert caught.value.kind == "timeout"
+    assert took < 1.5
+    assert len(server.state["requests"]) == 2
+    assert caught.value.usage.tokens == 19  # the first round was spent and still counts
+
+
+async def test_a_single_round_is_bounded_by_the_deadline_too(server: Server) -> None:
+    server.mode("slow")
+    async with AnthropicMessages("claude-haiku-4-5", base_url=server.base,
+                                 api_key=lambda: CANARY) as model:
+        began = time.monotonic()
+        with pytest.raises(ExecutorError) as caught:
+            await model(task(timeout=10, deadline=0.4, max_tokens=1000))
+    assert caught.value.kind == "timeout"
+    assert time.monotonic() - began < 1.5
+
+
+async def test_a_spent_deadline_times_out_at_once(server: Server) -> None:
+    server.mode("slow")
+    async with openai(server) as model:
+        began = time.monotonic()
+        with pytest.raises(ExecutorError) as caught:
+            await model(task(timeout=10, deadline=-1))
+    assert caught.value.kind == "timeout"
+    assert time.monotonic() - began < 0.5

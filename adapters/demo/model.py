@@ -26,6 +26,12 @@ def _usage(text: str, out_tokens: int) -> Usage:
                  cost=round(tokens_in * PRICE_IN + out_tokens * PRICE_OUT, 8))
 
 
+# What a "[storm]" draft attempt spends: the draft step's whole grant (1200 tokens, $0.012),
+# a long prompt and a rambling answer cut off at the cap. Never more than the grant: a real
+# executor caps the completion at what is left of it (tests/executors/test_demo_grants.py).
+STORM = Usage(tokens_in=700, tokens_out=500, cost=round(700 * PRICE_IN + 500 * PRICE_OUT, 8))
+
+
 def triage_model(latency: float = 0.02, flaky: float = 0.2) -> ScriptedModel:
     """The demo's three model steps (classify, extract, draft), scripted like a small LLM:
     about `flaky` of first attempts hit a rate limit or a 503, answers take time and cost
@@ -72,10 +78,10 @@ def _extract(data: dict[str, Any]) -> dict[str, Any]:
 def _draft(data: dict[str, Any]) -> dict[str, Any]:
     ticket = data.get("ticket", {})
     if "[storm]" in str(ticket.get("body", "")):
-        # Rambling output that never fits the schema: each attempt still costs.
+        # Rambling output that never fits the schema: the model writes until it reaches the
+        # completion cap it was given, so each attempt spends its whole grant, and no more.
         raise ExecutorError("output is not valid JSON for Draft", kind="invalid_output",
-                            retryable=True,
-                            usage=Usage(tokens_in=1500, tokens_out=500, cost=0.0120))
+                            retryable=True, usage=STORM)
     facts = data.get("facts") or {}
     label = data.get("label") or {}
     amount = facts.get("amount") or 0.0

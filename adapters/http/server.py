@@ -341,6 +341,10 @@ class Api:
             "# HELP rulebound_commits_total Event appends (each one transaction or less).",
             "# TYPE rulebound_commits_total counter",
             f"rulebound_commits_total {m.commits}",
+            "# HELP rulebound_grant_overruns_total Attempts that reported more tokens or cost "
+            "than their grant.",
+            "# TYPE rulebound_grant_overruns_total counter",
+            f"rulebound_grant_overruns_total {m.grant_overruns}",
             "# HELP rulebound_attempt_latency_seconds Executor latency per attempt.",
             "# TYPE rulebound_attempt_latency_seconds histogram",
             *m.latency.lines("rulebound_attempt_latency_seconds"),

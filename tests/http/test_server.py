@@ -227,6 +227,7 @@ async def test_workflows_health_metrics_and_openapi(client: Client) -> None:
     assert 'rulebound_runs{status="completed"}' in text
     assert "rulebound_attempt_latency_seconds_bucket" in text
     assert "rulebound_event_loop_lag_seconds_count" in text
+    assert "rulebound_grant_overruns_total 0" in text
     _, doc, _ = await client.call("GET", "/openapi.json")
     assert doc["openapi"].startswith("3.")
     routes = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}

@@ -58,15 +58,21 @@ class SessionUser:
 DEFAULT_MAX_RETRY_AFTER = 300.0
 
 
+DEADLINE_MARGIN = 0.05
+
+
 def time_left(task: Task, now: datetime | None = None) -> float:
     """Seconds an attempt may still take: the lesser of the step's timeout and the time left
     until the attempt's deadline (wall clock, UTC), so that several round trips (repairs,
-    redirects) together never outlive the deadline. Never below a millisecond: a spent
-    deadline times out at once instead of raising something else."""
+    redirects) together never outlive the deadline. The executor gives up a little before
+    the deadline (5%, at most DEADLINE_MARGIN seconds) so that its own timeout, which
+    reports the usage of rounds already spent, wins the race with the engine's cancellation,
+    which cannot. Never below a millisecond: a spent deadline times out at once."""
     deadline = task.deadline
     if deadline.tzinfo is None:
         deadline = deadline.replace(tzinfo=UTC)
     until = (deadline - (now or datetime.now(UTC))).total_seconds()
+    until -= min(DEADLINE_MARGIN, 0.05 * max(0.0, until))
     return max(0.001, min(task.timeout, until))
 
 _KINDS = {408: "timeout", 409: "conflict", 429: "rate_limited", 400: "client_error",

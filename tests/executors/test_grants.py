@@ -15,9 +15,11 @@ import pytest
 
 from adapters.executors import AnthropicMessages, OpenAIChat
 from adapters.executors.models import MissingPrice, estimate_tokens
-from engine import ExecutorError
+from domain import FAIL, Retry, Step, Workflow
+from domain import events as ev
+from engine import Engine, ExecutorError
 
-from .test_http_executors import CANARY, Server, openai, server, task
+from .test_http_executors import CANARY, Label, Server, openai, server, task
 
 __all__ = ["server"]  # the fixture, shared
 
@@ -256,3 +258,20 @@ async def test_a_spent_deadline_times_out_at_once(server: Server) -> None:
             await model(task(timeout=10, deadline=-1))
     assert caught.value.kind == "timeout"
     assert time.monotonic() - began < 0.5
+
+
+async def test_through_the_engine_a_timed_out_repair_keeps_the_first_rounds_usage(
+    server: Server,
+) -> None:
+    server.mode("invalid-then-slow")
+    wf = Workflow("deadline", on_failure=FAIL, steps=[
+        Step("classify", executor="llm", output=Label, timeout=0.8, retry=Retry(attempts=1),
+             max_tokens=300, config={"prompt": "Classify: {text}"})])
+    async with Engine("memory://", [wf], {"llm": openai(server)}) as engine:
+        run_id = await engine.start("deadline", {"text": "refund me"})
+        view = await engine.wait(run_id, timeout=10)
+        history = await engine.events(run_id)
+    failed = [e for e in history if isinstance(e, ev.AttemptFailed)]
+    assert view.status == "failed"
+    assert [(e.error_type, e.usage.tokens) for e in failed] == [("timeout", 19)]
+    assert view.usage.tokens == 19

@@ -601,6 +601,8 @@ class Engine:
         except ExecutorError as exc:
             retry_after = (self._clock.now() + timedelta(seconds=exc.retry_after)
                            if exc.retry_after is not None else None)
+            if exc.usage is not None:
+                self._check_grant(step, task, exc.usage)
             return self._failure(start, exc.kind, exc.message[:_MESSAGE_LIMIT], exc.retryable,
                                  began, usage=exc.usage, retry_after=retry_after)
         except Exception as exc:
@@ -608,32 +610,40 @@ class Engine:
         if not isinstance(result, Result):
             result = Result(output=result)
         output = result.output
+        usage = result.usage
+        if type(usage) is not ev.Usage:  # events below are built unvalidated: check it here
+            try:
+                usage = ev.Usage.model_validate(usage)
+            except ValidationError as exc:
+                return self._failure(start, "error", "executor reported invalid usage: "
+                                     + _validation_summary(exc), False, began)
         if step.output is not None:
             try:
                 output = step.output.model_validate(output).model_dump(mode="json")
             except ValidationError as exc:
+                self._check_grant(step, task, usage)
                 return self._failure(start, "invalid_output", _validation_summary(exc), True,
-                                     began, usage=result.usage)
+                                     began, usage=usage)
         problem = codec.check_json(output)
         if problem is not None:
             return self._failure(start, "invalid_output", f"output cannot be stored: {problem}",
-                                 True, began, usage=result.usage)
-        usage = result.usage
-        if type(usage) is not ev.Usage:  # the event is built unvalidated: check what came in
-            usage = ev.Usage.model_validate(usage)
-        if (task.max_tokens is not None and usage.tokens_in + usage.tokens_out > task.max_tokens
-                ) or (task.max_cost and usage.cost > task.max_cost + 1e-9):
-            # The fact is recorded as reported (the spend happened), but an executor that
-            # overruns its grant breaks the budget guarantee: make it loud.
-            self.metrics.grant_overruns += 1
-            log.warning("executor %r overran its grant on %s attempt %d: %d tokens, $%.6f "
-                        "(granted %s tokens, $%s)", step.executor, task.step, task.attempt,
-                        usage.tokens, usage.cost, task.max_tokens, task.max_cost)
+                                 True, began, usage=usage)
+        self._check_grant(step, task, usage)
         if start.limiter is not None and start.admission is not None:
             start.limiter.settle(start.admission, usage.tokens)
         return ev.trusted(
             ev.AttemptSucceeded, at=self._clock.now(), step=task.step, attempt=task.attempt,
             output=output, usage=usage, latency=round(self._clock.monotonic() - began, 6))
+
+    def _check_grant(self, step: Step, task: Task, usage: ev.Usage) -> None:
+        """Usage is recorded as reported (the spend happened), but an executor that overruns
+        the grant it was told breaks the budget guarantee: make it loud."""
+        if (task.max_tokens is not None and usage.tokens_in + usage.tokens_out > task.max_tokens
+                ) or (task.max_cost and usage.cost > task.max_cost + 1e-9):
+            self.metrics.grant_overruns += 1
+            log.warning("executor %r overran its grant on %s attempt %d: %d tokens, $%.6f "
+                        "(granted %s tokens, $%s)", step.executor, task.step, task.attempt,
+                        usage.tokens, usage.cost, task.max_tokens, task.max_cost)
 
     def _failure(self, start: _Start, kind: str, message: str, retryable: bool, began: float,
                  *, usage: ev.Usage | None = None, retry_after: datetime | None = None

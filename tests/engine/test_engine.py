@@ -180,6 +180,25 @@ async def test_token_rate_limits_hold_in_every_window_and_drop_nothing(store_url
     assert calls[-1][0] - calls[0][0] >= 3 * limit.per - 0.05  # delayed, not dropped
 
 
+async def test_usage_beyond_the_grant_is_recorded_and_counted(
+        store_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    async def greedy(task: Task) -> Any:
+        usage = Usage(tokens_in=30, tokens_out=task.max_tokens)  # more than it was granted
+        if task.attempt == 1:
+            raise RetryableError("flaky", usage=usage)
+        return Result(output={}, usage=usage)
+
+    wf = Workflow("greedy", on_failure=FAIL, limits=Limits(max_tokens=1000),
+                  steps=[Step("s", executor="llm", max_tokens=50,
+                              retry=Retry(attempts=2, backoff=0))])
+    async with Engine(store_url, [wf], {"llm": greedy}) as engine:
+        view = await engine.wait(await engine.start("greedy"), timeout=10)
+        assert view.status == "completed"
+        assert view.usage.tokens == 2 * 80  # the facts are kept as reported
+        assert engine.metrics.grant_overruns == 2  # the failed attempt counts too
+    assert "overran its grant" in caplog.text
+
+
 async def test_a_token_rate_limit_needs_a_reservation_on_every_step(store_url: str) -> None:
     wf = Workflow("unreserved", on_failure=FAIL, steps=[Step("s", executor="llm")])
     engine = Engine(store_url, [wf], {"llm": echo},

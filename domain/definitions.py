@@ -258,14 +258,36 @@ class WaitForSignal(_StepBase):
 AnyStep = Step | Parallel | Map | WaitForSignal
 
 
+# JSON Schema keywords that only document a schema: they do not change what validates.
+_COSMETIC = frozenset({"title", "description", "examples"})
+# Keywords whose value maps names (of properties, definitions...) to schemas: the names are
+# data, so a property called "title" is a property, not a keyword.
+_NAMED_SCHEMAS = frozenset({"properties", "patternProperties", "$defs", "definitions",
+                            "dependentSchemas", "dependencies"})
+# Keywords whose value is a schema, or a list of schemas.
+_SUBSCHEMAS = frozenset({"items", "additionalItems", "prefixItems", "additionalProperties",
+                         "unevaluatedItems", "unevaluatedProperties", "propertyNames",
+                         "contains", "not", "if", "then", "else", "anyOf", "allOf", "oneOf"})
+
+
 def _strip_cosmetic(schema: Any) -> Any:
-    """JSON schema without titles and descriptions: they do not change behaviour."""
-    if isinstance(schema, dict):
-        return {k: _strip_cosmetic(v) for k, v in schema.items()
-                if k not in ("title", "description", "examples")}
-    if isinstance(schema, list):
-        return [_strip_cosmetic(v) for v in schema]
-    return schema
+    """A JSON schema without its titles, descriptions and examples, which do not change
+    behaviour. They are dropped only where they are keywords of a schema; every other value
+    (property names, defaults, consts, enums, keywords this does not know) is kept as is."""
+    if not isinstance(schema, dict):
+        return schema  # a boolean schema, or a list of dependency names
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _COSMETIC:
+            continue
+        if key in _NAMED_SCHEMAS and isinstance(value, dict):
+            out[key] = {name: _strip_cosmetic(sub) for name, sub in value.items()}
+        elif key in _SUBSCHEMAS:
+            out[key] = ([_strip_cosmetic(v) for v in value] if isinstance(value, list)
+                        else _strip_cosmetic(value))
+        else:
+            out[key] = value
+    return out
 
 
 def _schema(model: type[BaseModel] | None) -> Any:
@@ -372,7 +394,8 @@ class Workflow(_Frozen):
                 elif isinstance(value, Step):
                     out[name] = step_dict(value)
                 elif isinstance(value, tuple) and value and isinstance(value[0], Step):
-                    out[name] = sorted((step_dict(v) for v in value), key=lambda d: d["name"])
+                    # Parallel branches, in declared order: they are scheduled in that order.
+                    out[name] = [step_dict(v) for v in value]
                 elif isinstance(value, BaseModel | tuple):
                     out[name] = _dump(value)
                 else:
@@ -387,6 +410,8 @@ class Workflow(_Frozen):
             "limits": self.limits.model_dump(),
             "on_failure": self.on_failure,
             "on_limit": self.on_limit,
+            # Top-level order is not behaviour (the start is explicit, steps are found by
+            # name), so it is sorted away.
             "steps": sorted((step_dict(s) for s in self.steps), key=lambda d: d["name"]),
         }
 

@@ -14,11 +14,12 @@ insert does not stall the loop, and a thread hop would cost more than the work.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, TypeVar
 from uuid import UUID
@@ -36,11 +37,17 @@ STATUS_TOPICS = ("RunStarted", *_TERMINAL_STATUS)
 
 
 class _Write:
-    __slots__ = ("future", "records")
+    """One append waiting for the writer: its records, the caller's loop and future, and the
+    outcome (None for success), which the writer hands back to the loop once per batch."""
 
-    def __init__(self, records: Sequence[Record]) -> None:
+    __slots__ = ("future", "loop", "outcome", "records", "settled")
+
+    def __init__(self, records: Sequence[Record], loop: asyncio.AbstractEventLoop) -> None:
         self.records = records
-        self.future: Future[None] = Future()
+        self.loop = loop
+        self.future: asyncio.Future[None] = loop.create_future()
+        self.outcome: BaseException | None = None
+        self.settled = False
 
 
 class StoreWorker:
@@ -87,9 +94,9 @@ class StoreWorker:
             self.store.append(records)
             self.commits += 1
             return
-        write = _Write(records)
+        write = _Write(records, asyncio.get_running_loop())
         self._queue.put(write)
-        await asyncio.wrap_future(write.future)
+        await write.future
 
     def _write_loop(self) -> None:
         while True:
@@ -107,7 +114,13 @@ class StoreWorker:
                     stop = True
                     break
                 batch.append(more)
-            self._write_batch(batch)
+            try:
+                self._write_batch(batch)
+            except Exception as exc:  # a bug here must not leave callers waiting forever
+                log.exception("storage writer failed on a batch")
+                for write in batch:
+                    _settle(write, StoreError(f"write outcome unknown: {type(exc).__name__}"))
+            _deliver(batch)
             if stop:
                 return
 
@@ -231,9 +244,29 @@ def _parse_at(value: str) -> datetime:
 
 
 def _settle(write: _Write, error: BaseException | None) -> None:
-    if write.future.done():
+    """Record a write's outcome on the writer thread (the first outcome wins)."""
+    if write.settled:
         return
-    if error is None:
-        write.future.set_result(None)
-    else:
-        write.future.set_exception(error)
+    write.settled = True
+    write.outcome = error
+
+
+def _deliver(batch: list[_Write]) -> None:
+    """Hand a batch's outcomes to the loops that wait for them: one thread-safe call per loop
+    and batch, not one per write (each costs a wake-up of the loop and a lock round trip)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Write]] = {}
+    for write in batch:
+        by_loop.setdefault(write.loop, []).append(write)
+    for loop, writes in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+            loop.call_soon_threadsafe(_resolve, writes)
+
+
+def _resolve(writes: list[_Write]) -> None:
+    for write in writes:
+        if write.future.done():  # the waiting task was cancelled: the write may still land
+            continue
+        if write.outcome is None:
+            write.future.set_result(None)
+        else:
+            write.future.set_exception(write.outcome)

@@ -78,6 +78,8 @@ def test_sigkill_at_random_points_loses_and_redoes_nothing(tmp_path: Path) -> No
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     seen: dict[UUID, list[bytes]] = {}
     in_flight_at_kills: set[tuple[str, str, int]] = set()
+    in_flight_each: list[set[tuple[str, str, int]]] = []  # per kill
+    ledger_at_kill: list[int] = []  # executions logged when each kill landed
     progress: list[int] = []
     for kill in range(KILLS):
         proc = subprocess.Popen(
@@ -89,10 +91,14 @@ def test_sigkill_at_random_points_loses_and_redoes_nothing(tmp_path: Path) -> No
         _out, err = proc.communicate(timeout=30)
         assert proc.returncode == -signal.SIGKILL, f"worker exited early (kill {kill}): {err}"
         snapshot = _snapshot(db)
+        ledger_at_kill.append(len(ledger.read_text().splitlines()) if ledger.exists() else 0)
         for run_id, data in seen.items():  # nothing committed before may change or vanish
             assert snapshot.get(run_id, [])[: len(data)] == data, f"run {run_id} lost events"
+        now_in_flight: set[tuple[str, str, int]] = set()
         for run_id, data in snapshot.items():
-            in_flight_at_kills |= _in_flight(run_id, data)
+            now_in_flight |= _in_flight(run_id, data)
+        in_flight_each.append(now_in_flight)
+        in_flight_at_kills |= now_in_flight
         progress.append(_completed_steps(snapshot))
         seen = snapshot
     # The floor: runs must have advanced between kills, or "everything failed" would pass.
@@ -134,5 +140,16 @@ def test_sigkill_at_random_points_loses_and_redoes_nothing(tmp_path: Path) -> No
         1 for data in final.values() for e in _events(data) if e.type == "AttemptSucceeded")
     assert abandoned == len(in_flight_at_kills)
     assert reexecuted <= len(in_flight_at_kills)
+    # And at every kill: the steps executed again so far are bounded by the attempts that
+    # were in flight at the earlier kills (a re-run can only be caused by a kill before it).
+    for k, logged in enumerate(ledger_at_kill):
+        ran: set[tuple[str, str]] = set()
+        again = 0
+        for e in executions[:logged]:
+            key = (e["run"], e["step"])
+            again += key in ran
+            ran.add(key)
+        caused_by = set().union(*in_flight_each[:k]) if k else set()
+        assert again <= len(caused_by), f"kill {k}: {again} re-runs, {len(caused_by)} in flight"
     print(f"kills={KILLS} completed steps after each kill={progress} "
           f"in flight at kills={len(in_flight_at_kills)} re-executions={reexecuted}")

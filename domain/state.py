@@ -136,12 +136,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _with_step(state: RunState, step: StepState, **changes: Any) -> dict[str, Any]:
-    steps = dict(state.steps)
-    steps[step.key] = step
-    return {"steps": steps, **changes}
-
-
 def _expect(state: RunState, key: str, attempt: int | None, statuses: tuple[str, ...],
             event: ev.Event) -> StepState:
     step = state.steps.get(key)
@@ -168,9 +162,12 @@ def evolve(state: RunState, event: ev.Event) -> RunState:
     fold = _FOLDS.get(type(event))
     if fold is None:
         raise InvalidEvent(f"unknown event {type(event).__name__}")
-    # `replace` inlined: this runs once per event on every fold and on the engine's hot path.
+    # `replace` inlined, and the fold writes its changes straight into the new state's field
+    # dict (no changes dict to build and merge): this runs once per event on every fold and
+    # on the engine's hot path. `values` is a fresh copy, so a fold that raises leaves
+    # `state` untouched; folds copy any nested mapping before changing it.
     values = state.__dict__.copy()
-    values.update(fold(state, event))
+    fold(state, event, values)
     values["version"] = state.version + 1
     values["updated_at"] = event.at
     new = _new(RunState)
@@ -178,139 +175,170 @@ def evolve(state: RunState, event: ev.Event) -> RunState:
     return new
 
 
-def _run_started(state: RunState, event: ev.RunStarted) -> dict[str, Any]:
+def _put(state: RunState, values: dict[str, Any], step: StepState) -> dict[str, StepState]:
+    """Store `step` in a copy of the run's steps; returns the copy (for further changes)."""
+    steps = dict(state.steps)
+    steps[step.key] = step
+    values["steps"] = steps
+    return steps
+
+
+def _run_started(state: RunState, event: ev.RunStarted, values: dict[str, Any]) -> None:
     if state.status != "new":
         raise InvalidEvent("RunStarted twice")
-    return {
-        "status": "running", "workflow": event.workflow,
-        "definition_hash": event.definition_hash, "input": event.input,
-        "limits": dict(event.limits), "seed": event.seed,
-        "idempotency_key": event.idempotency_key, "started_at": event.at,
-    }
+    values.update(
+        status="running", workflow=event.workflow, definition_hash=event.definition_hash,
+        input=event.input, limits=dict(event.limits), seed=event.seed,
+        idempotency_key=event.idempotency_key, started_at=event.at)
 
 
-def _attempt_started(state: RunState, event: ev.AttemptStarted) -> dict[str, Any]:
-    step = _expect(state, event.step, event.attempt, ("scheduled",), event)
-    return _with_step(state, replace(
-        step, status="running", deadline=event.deadline, executor=event.executor),
-        attempts=state.attempts + 1)
+def _attempt_started(state: RunState, event: ev.AttemptStarted, values: dict[str, Any]
+                     ) -> None:
+    step = state.steps.get(event.step)
+    if step is None or step.status != "scheduled" or step.attempt != event.attempt:
+        _expect(state, event.step, event.attempt, ("scheduled",), event)  # raises
+    assert step is not None
+    # `replace` inlined (one per step on the hot path).
+    data = step.__dict__.copy()
+    data["status"] = "running"
+    data["deadline"] = event.deadline
+    data["executor"] = event.executor
+    started = _new(StepState)
+    _set_dict(started, "__dict__", data)
+    _put(state, values, started)
+    values["attempts"] = state.attempts + 1
 
 
-def _attempt_succeeded(state: RunState, event: ev.AttemptSucceeded) -> dict[str, Any]:
+def _spend(state: RunState, step: StepState, usage: ev.Usage, values: dict[str, Any]) -> None:
+    """Charge an attempt's usage and release what it had reserved."""
+    values["cost"] = state.cost + usage.cost
+    values["tokens_in"] = state.tokens_in + usage.tokens_in
+    values["tokens_out"] = state.tokens_out + usage.tokens_out
+    values["reserved_cost"] = max(0.0, state.reserved_cost - step.max_cost)
+    values["reserved_tokens"] = max(0, state.reserved_tokens - (step.max_tokens or 0))
+
+
+def _attempt_succeeded(state: RunState, event: ev.AttemptSucceeded, values: dict[str, Any]
+                       ) -> None:
+    step = state.steps.get(event.step)
+    if step is None or step.status != "running" or step.attempt != event.attempt:
+        _expect(state, event.step, event.attempt, ("running",), event)  # raises
+    assert step is not None
+    data = step.__dict__.copy()
+    data["status"] = "succeeded"
+    data["output"] = event.output
+    data["error"] = None
+    succeeded = _new(StepState)
+    _set_dict(succeeded, "__dict__", data)
+    _put(state, values, succeeded)
+    _spend(state, step, event.usage, values)
+
+
+def _attempt_failed(state: RunState, event: ev.AttemptFailed, values: dict[str, Any]) -> None:
     step = _expect(state, event.step, event.attempt, ("running",), event)
-    reserved_cost, reserved_tokens = _release(state, step)
-    return _with_step(
-        state, replace(step, status="succeeded", output=event.output, error=None),
-        cost=state.cost + event.usage.cost,
-        tokens_in=state.tokens_in + event.usage.tokens_in,
-        tokens_out=state.tokens_out + event.usage.tokens_out,
-        reserved_cost=reserved_cost, reserved_tokens=reserved_tokens)
-
-
-def _attempt_failed(state: RunState, event: ev.AttemptFailed) -> dict[str, Any]:
-    step = _expect(state, event.step, event.attempt, ("running",), event)
-    reserved_cost, reserved_tokens = _release(state, step)
     error = {"step": step.key, "type": event.error_type, "message": event.message,
              "retryable": event.retryable,
              "retry_after": event.retry_after.isoformat() if event.retry_after else None}
-    return _with_step(
-        state, replace(step, status="attempt_failed", error=error),
-        cost=state.cost + event.usage.cost,
-        tokens_in=state.tokens_in + event.usage.tokens_in,
-        tokens_out=state.tokens_out + event.usage.tokens_out,
-        reserved_cost=reserved_cost, reserved_tokens=reserved_tokens)
+    _put(state, values, replace(step, status="attempt_failed", error=error))
+    _spend(state, step, event.usage, values)
 
 
-def _attempt_abandoned(state: RunState, event: ev.AttemptAbandoned) -> dict[str, Any]:
+def _attempt_abandoned(state: RunState, event: ev.AttemptAbandoned, values: dict[str, Any]
+                       ) -> None:
     # What an abandoned attempt spent is unknown: charge its worst case (hard budget).
     step = _expect(state, event.step, event.attempt, ("running",), event)
     reserved_cost, reserved_tokens = _release(state, step)
     error = {"step": step.key, "type": "abandoned", "message": event.why,
              "retryable": True, "retry_after": None}
-    return _with_step(
-        state, replace(step, status="attempt_failed", error=error),
+    _put(state, values, replace(step, status="attempt_failed", error=error))
+    values.update(
         cost=state.cost + step.max_cost,
         tokens_out=state.tokens_out + (step.max_tokens or 0),
         reserved_cost=reserved_cost, reserved_tokens=reserved_tokens)
 
 
-def _step_failed(state: RunState, event: ev.StepFailed) -> dict[str, Any]:
+def _step_failed(state: RunState, event: ev.StepFailed, values: dict[str, Any]) -> None:
     step = _expect(state, event.step, None,
                    ("attempt_failed", "waiting", "running", "scheduled"), event)
     error = {"step": step.key, "type": event.error_type, "message": event.message}
-    changes = _with_step(state, replace(step, status="failed", error=error))
+    _put(state, values, replace(step, status="failed", error=error))
     if step.parent is None:
-        changes["last_error"] = error
-    return changes
+        values["last_error"] = error
 
 
-def _signal_received(state: RunState, event: ev.SignalReceived) -> dict[str, Any]:
+def _signal_received(state: RunState, event: ev.SignalReceived, values: dict[str, Any]
+                     ) -> None:
     signals = dict(state.signals)
     signals[event.name] = event.payload
-    return {"inbox": (*state.inbox, (event.name, event.payload)), "signals": signals}
+    values["inbox"] = (*state.inbox, (event.name, event.payload))
+    values["signals"] = signals
 
 
-def _limit_reached(state: RunState, event: ev.LimitReached) -> dict[str, Any]:
-    changes: dict[str, Any] = {"limit": {"kind": event.limit, "limit": event.limit_value,
-                                         "used": event.used, "step": event.step}}
+def _limit_reached(state: RunState, event: ev.LimitReached, values: dict[str, Any]) -> None:
+    values["limit"] = {"kind": event.limit, "limit": event.limit_value, "used": event.used,
+                       "step": event.step}
     parent = state.steps.get(event.step) if event.step else None
     if parent is not None and parent.status == "running" and parent.kind == "map":
         # A map that cannot afford its next item stops scheduling and fails at the join.
         error = {"step": parent.key, "type": f"{event.limit}_limit",
                  "message": f"{event.limit} limit reached"}
-        changes.update(_with_step(state, replace(parent, error=error)))
-    return changes
+        _put(state, values, replace(parent, error=error))
 
 
-def _scheduled(state: RunState, event: ev.StepScheduled) -> dict[str, Any]:
+_STATUS_OF_KIND = {"task": "scheduled", "signal": "waiting"}
+
+
+def _scheduled(state: RunState, event: ev.StepScheduled, values: dict[str, Any]) -> None:
     old = state.steps.get(event.step)
-    if event.attempt > 1:
-        if old is None or old.status != "attempt_failed" or old.attempt != event.attempt - 1:
-            raise InvalidEvent(f"retry of {event.step!r} attempt {event.attempt} does not apply")
+    attempt = event.attempt
+    if attempt > 1:
+        if old is None or old.status != "attempt_failed" or old.attempt != attempt - 1:
+            raise InvalidEvent(f"retry of {event.step!r} attempt {attempt} does not apply")
     elif old is not None and old.status not in ("completed", "failed"):
         raise InvalidEvent(f"{event.step!r} scheduled while {old.status}")
-    status = {"task": "scheduled", "signal": "waiting"}.get(event.kind, "running")
+    kind = event.kind
     name = event.step.partition("[")[0]
     step = _new_step(
-        key=event.step, name=name, kind=event.kind, status=status, visit=event.visit,
-        attempt=event.attempt, reason=event.reason, parent=event.parent, item=event.item,
-        items=event.items, not_before=event.not_before, max_cost=event.max_cost,
-        max_tokens=event.max_tokens,
-        waiting_since=event.at if event.kind == "signal" else None,
+        key=event.step, name=name, kind=kind, status=_STATUS_OF_KIND.get(kind, "running"),
+        visit=event.visit, attempt=attempt, reason=event.reason, parent=event.parent,
+        item=event.item, items=event.items, not_before=event.not_before,
+        max_cost=event.max_cost, max_tokens=event.max_tokens,
+        waiting_since=event.at if kind == "signal" else None,
     )
-    changes = _with_step(
-        state, step,
-        reserved_cost=state.reserved_cost + event.max_cost,
-        reserved_tokens=state.reserved_tokens + (event.max_tokens or 0),
-    )
-    if event.attempt == 1:
-        if event.kind in ("task", "signal"):
-            changes["steps_taken"] = state.steps_taken + 1
+    steps = _put(state, values, step)
+    values["reserved_cost"] = state.reserved_cost + event.max_cost
+    values["reserved_tokens"] = state.reserved_tokens + (event.max_tokens or 0)
+    if attempt == 1:
+        if kind == "task" or kind == "signal":
+            values["steps_taken"] = state.steps_taken + 1
         if event.parent is None:
             visits = dict(state.visits)
             visits[name] = event.visit
-            changes["visits"] = visits
-            changes["current"] = event.step
+            values["visits"] = visits
+            values["current"] = event.step
         else:
-            parent = changes["steps"].get(event.parent)
+            parent = steps.get(event.parent)
             if parent is None or parent.status != "running":
                 raise InvalidEvent(f"{event.step!r} scheduled outside its parent")
-            changes["steps"][event.parent] = replace(
-                parent, scheduled_items=parent.scheduled_items + 1)
+            steps[event.parent] = replace(parent, scheduled_items=parent.scheduled_items + 1)
     else:
-        changes["retries"] = state.retries + 1
-    return changes
+        values["retries"] = state.retries + 1
 
 
-def _completed(state: RunState, event: ev.StepCompleted) -> dict[str, Any]:
+def _completed(state: RunState, event: ev.StepCompleted, values: dict[str, Any]) -> None:
     step = state.steps.get(event.step)
     if step is None or step.status not in ("succeeded", "waiting", "running"):
         raise InvalidEvent(f"StepCompleted for {event.step!r} does not apply")
-    changes = _with_step(state, replace(step, status="completed", output=event.output))
+    data = step.__dict__.copy()  # `replace` inlined (one per step on the hot path)
+    data["status"] = "completed"
+    data["output"] = event.output
+    completed = _new(StepState)
+    _set_dict(completed, "__dict__", data)
+    _put(state, values, completed)
     if step.parent is None:
         outputs = dict(state.outputs)
         outputs[step.name] = event.output
-        changes["outputs"] = outputs
+        values["outputs"] = outputs
     if event.signal is not None:
         inbox = list(state.inbox)
         for i, (name, _payload) in enumerate(inbox):
@@ -319,11 +347,38 @@ def _completed(state: RunState, event: ev.StepCompleted) -> dict[str, Any]:
                 break
         else:
             raise InvalidEvent(f"signal {event.signal!r} consumed but none was received")
-        changes["inbox"] = tuple(inbox)
-    return changes
+        values["inbox"] = tuple(inbox)
 
 
-_FOLDS: dict[type[ev.Event], Callable[[RunState, Any], dict[str, Any]]] = {
+def _transition_taken(state: RunState, event: ev.TransitionTaken, values: dict[str, Any]
+                      ) -> None:
+    values["current"] = None
+
+
+def _timer_fired(state: RunState, event: ev.TimerFired, values: dict[str, Any]) -> None:
+    return None
+
+
+def _cancel_requested(state: RunState, event: ev.CancelRequested, values: dict[str, Any]
+                      ) -> None:
+    values["cancel_reason"] = event.reason
+
+
+def _run_completed(state: RunState, event: ev.RunCompleted, values: dict[str, Any]) -> None:
+    values.update(status="completed", output=event.output, reason=event.reason, current=None)
+
+
+def _run_failed(state: RunState, event: ev.RunFailed, values: dict[str, Any]) -> None:
+    values.update(status="failed", error_type=event.error_type, reason=event.reason,
+                  current=None)
+
+
+def _run_cancelled(state: RunState, event: ev.RunCancelled, values: dict[str, Any]) -> None:
+    values.update(status="cancelled", reason=event.reason, current=None)
+
+
+# Each fold writes the event's changes into `values`, a copy of the state's field dict.
+_FOLDS: dict[type[ev.Event], Callable[[RunState, Any, dict[str, Any]], None]] = {
     ev.RunStarted: _run_started,
     ev.StepScheduled: _scheduled,
     ev.AttemptStarted: _attempt_started,
@@ -332,17 +387,14 @@ _FOLDS: dict[type[ev.Event], Callable[[RunState, Any], dict[str, Any]]] = {
     ev.AttemptAbandoned: _attempt_abandoned,
     ev.StepCompleted: _completed,
     ev.StepFailed: _step_failed,
-    ev.TransitionTaken: lambda state, event: {"current": None},
+    ev.TransitionTaken: _transition_taken,
     ev.SignalReceived: _signal_received,
-    ev.TimerFired: lambda state, event: {},
+    ev.TimerFired: _timer_fired,
     ev.LimitReached: _limit_reached,
-    ev.CancelRequested: lambda state, event: {"cancel_reason": event.reason},
-    ev.RunCompleted: lambda state, event: {"status": "completed", "output": event.output,
-                                           "reason": event.reason, "current": None},
-    ev.RunFailed: lambda state, event: {"status": "failed", "error_type": event.error_type,
-                                        "reason": event.reason, "current": None},
-    ev.RunCancelled: lambda state, event: {"status": "cancelled", "reason": event.reason,
-                                           "current": None},
+    ev.CancelRequested: _cancel_requested,
+    ev.RunCompleted: _run_completed,
+    ev.RunFailed: _run_failed,
+    ev.RunCancelled: _run_cancelled,
 }
 
 

@@ -10,6 +10,7 @@ from .executor import (
     PermanentError,
     Result,
     RetryableError,
+    Spend,
     Task,
     Usage,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "RetryableError",
     "RunTerminal",
     "RunView",
+    "Spend",
     "StepView",
     "StoreError",
     "SystemClock",

@@ -26,9 +26,37 @@ __all__ = [
     "PermanentError",
     "Result",
     "RetryableError",
+    "Spend",
     "Task",
     "Usage",
 ]
+
+
+class Spend:
+    """What an attempt has spent so far, kept by the executor round by round.
+
+    A multi-round executor (a model re-asked to repair its output) adds each round's usage
+    here as soon as it is known, so that if the engine cancels the attempt at its deadline,
+    the AttemptFailed it records still carries what was really consumed: the budget is a fold
+    over facts, and a spend the log forgets would let a run overrun it.
+    """
+
+    __slots__ = ("cost", "tokens_in", "tokens_out")
+
+    def __init__(self) -> None:
+        self.tokens_in = 0
+        self.tokens_out = 0
+        self.cost = 0.0
+
+    def add(self, usage: Usage) -> None:
+        self.tokens_in += usage.tokens_in
+        self.tokens_out += usage.tokens_out
+        self.cost += usage.cost
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(tokens_in=self.tokens_in, tokens_out=self.tokens_out,
+                     cost=round(self.cost, 12))
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +79,7 @@ class Task:
     deadline: datetime
     max_tokens: int | None = None
     max_cost: float | None = None
+    spent: Spend = field(default_factory=Spend)  # see Spend: report each round's usage here
 
 
 @dataclass(frozen=True, slots=True)

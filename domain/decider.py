@@ -72,16 +72,19 @@ def _next(wf: Workflow, s: RunState, now: datetime) -> list[ev.Event]:
         if current.status == "failed":
             return _route_failure(wf, s, current, now)
     for st in s.steps.values():
-        if st.status == "succeeded":
+        status = st.status
+        if status == "completed" or status == "scheduled":
+            continue  # the common cases, nothing to decide (checked first: runs per step)
+        if status == "succeeded":
             return [trusted(ev.StepCompleted, at=now, step=st.key, visit=st.visit,
                             output=st.output)]
-        if st.status == "attempt_failed":
+        if status == "attempt_failed":
             return _after_failed_attempt(wf, s, st, now)
-        if st.status == "waiting":
+        if status == "waiting":
             decided = _signal_wait(wf, s, st, now)
             if decided:
                 return decided
-        if st.status == "running" and st.kind in ("map", "parallel"):
+        if status == "running" and st.kind in ("map", "parallel"):
             decided = _join(wf, s, st, now)
             if decided:
                 return decided
@@ -109,16 +112,19 @@ def context(state: RunState, item: Any = MISSING, index: int | None = None) -> d
 
 def _route(wf: Workflow, s: RunState, st: StepState, now: datetime) -> list[ev.Event]:
     step = wf.step(st.name)
-    target, condition, values = step.next, ("otherwise" if step.routes else "next"), {}
-    ctx = context(s) if step.routes else {}
-    for route in step.routes:
-        reads: dict[str, Any] = {}
-        if route.when.evaluate(ctx, reads):
-            target, condition, values = route.to, str(route.when), reads
-            break
-        values.update(reads)  # an "otherwise" shows what the failed conditions read
+    target, condition, values = step.next, "next", {}
+    if step.routes:  # a plain `next` needs no context (the common case, once per step)
+        condition = "otherwise"
+        ctx = context(s)
+        for route in step.routes:
+            reads: dict[str, Any] = {}
+            if route.when.evaluate(ctx, reads):
+                target, condition, values = route.to, str(route.when), reads
+                break
+            values.update(reads)  # an "otherwise" shows what the failed conditions read
+        values = _jsonable(values)
     taken = trusted(ev.TransitionTaken, at=now, from_step=st.key, to_step=target,
-                    condition=condition, values=_jsonable(values))
+                    condition=condition, values=values)
     if target == END:
         return [taken, ev.RunCompleted(at=now, output=st.output,
                                        reason=f"step {st.key!r} finished the workflow")]
@@ -290,8 +296,10 @@ def _schedule(
     step = wf.step(target)
     visit = s.visits.get(target, 0) + 1
     blocked: tuple[Any, float, float] | None = None
-    if visit > wf.max_visits(target):
-        blocked = ("visits", wf.max_visits(target), visit - 1)
+    # wf.max_visits(target) without looking the step up again (this runs once per step).
+    max_visits = step.max_visits if step.max_visits is not None else 1
+    if visit > max_visits:
+        blocked = ("visits", max_visits, visit - 1)
     elif s.steps_taken + _units(step) > s.limits["max_steps"]:
         blocked = ("steps", s.limits["max_steps"], s.steps_taken)
     elif isinstance(step, Step):

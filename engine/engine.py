@@ -330,7 +330,10 @@ class Engine:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         run.waiters.append(waiter)
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            # No shield: the waiter is this call's own future (nobody else awaits it, and
+            # _finish skips done ones), so cancelling it with the caller is harmless, and a
+            # shield costs a future and an extra loop hop per wait.
+            await asyncio.wait_for(waiter, timeout)
         finally:
             if waiter in run.waiters:
                 run.waiters.remove(waiter)

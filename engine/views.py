@@ -10,6 +10,15 @@ from uuid import UUID
 from domain.events import Usage
 from domain.state import RunState
 
+_NO_USAGE = Usage(tokens_in=0, tokens_out=0, cost=0.0)  # frozen: safe to share
+
+
+def _usage(tokens_in: int, tokens_out: int, cost: float) -> Usage:
+    """The run's usage; a run that spent nothing shares one validated instance."""
+    if not (tokens_in or tokens_out or cost):
+        return _NO_USAGE
+    return Usage(tokens_in=tokens_in, tokens_out=tokens_out, cost=cost)
+
 
 @dataclass(frozen=True, slots=True)
 class StepView:
@@ -61,8 +70,7 @@ class RunView:
             run_id=run_id, workflow=state.workflow, status=status or state.status,
             definition_hash=state.definition_hash, output=state.output,
             error_type=state.error_type, reason=reason or state.reason,
-            usage=Usage(tokens_in=state.tokens_in, tokens_out=state.tokens_out,
-                        cost=state.cost),
+            usage=_usage(state.tokens_in, state.tokens_out, state.cost),
             steps=steps, version=state.version, started_at=state.started_at,
             updated_at=state.updated_at, waiting_for=waiting_for,
             steps_taken=state.steps_taken, attempts=state.attempts, retries=state.retries,

@@ -628,10 +628,10 @@ class Engine:
                                  began, usage=exc.usage, retry_after=retry_after)
         except Exception as exc:
             return self._failure(start, "error", _short(exc), False, began)
-        if not isinstance(result, Result):
-            result = Result(output=result)
-        output = result.output
-        usage = result.usage
+        if isinstance(result, Result):
+            output, usage = result.output, result.usage
+        else:  # a bare output: skip building a Result and a default Usage per attempt
+            output, usage = result, ev.NO_USAGE
         if type(usage) is not ev.Usage:  # events below are built unvalidated: check it here
             try:
                 usage = ev.Usage.model_validate(usage)

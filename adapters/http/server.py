@@ -34,6 +34,7 @@ from .openapi import document
 log = logging.getLogger("rulebound.http")
 MAX_BODY = 1024 * 1024
 KEEPALIVE = 15.0  # seconds between `: keepalive` comments on an idle event stream
+SHUTDOWN_TIMEOUT = 5.0  # seconds a stopping server waits for requests still in flight
 ENGINE: web.AppKey[Engine] = web.AppKey("engine", Engine)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _STATUSES = ("running", "completed", "failed", "cancelled")
@@ -160,6 +161,12 @@ class Api:
         self.token = token
         self.keepalive = keepalive
         self.started = time.time()
+        self.closing = asyncio.Event()  # set on shutdown: open event streams end
+
+    async def on_shutdown(self, app: web.Application) -> None:
+        """End every open event stream, so shutdown does not wait on followers (a stream
+        of a waiting run would otherwise stay open for as long as keepalives go through)."""
+        self.closing.set()
 
     async def _live(self, run_id: UUID, call: Awaitable[None]) -> None:
         """A signal or cancel; a held run is told apart from one that has ended."""
@@ -245,12 +252,16 @@ class Api:
         `self.keepalive` seconds (which is also how a vanished client is noticed)."""
         events = self.engine.watch(run_id, after=after)
         pending: asyncio.Task[Any] | None = None
+        closing = asyncio.ensure_future(self.closing.wait())
         seq = after
         try:
             while True:
                 if pending is None:
                     pending = asyncio.ensure_future(anext(events))
-                done, _ = await asyncio.wait({pending}, timeout=self.keepalive)
+                done, _ = await asyncio.wait({pending, closing}, timeout=self.keepalive,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if closing in done:  # the server is stopping: end the stream cleanly
+                    return
                 if not done:
                     await response.write(b": keepalive\n\n")
                     continue
@@ -264,6 +275,7 @@ class Api:
                 await response.write(b"id: %d\nevent: %s\ndata: %s\n\n" % (
                     seq, event.type.encode(), data))
         finally:
+            closing.cancel()
             if pending is not None:  # stop the watcher (it unregisters from the run)
                 pending.cancel()
                 await asyncio.gather(pending, return_exceptions=True)
@@ -393,6 +405,7 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = MAX_
         task.cancel()
 
     app.cleanup_ctx.append(lag)
+    app.on_shutdown.append(api.on_shutdown)
     return app
 
 
@@ -417,7 +430,8 @@ async def serve(engine: Engine, host: str, port: int, *, token: str | None,
                 allow_insecure: bool = False, ready: asyncio.Event | None = None) -> None:
     """Serve until cancelled. Refuses a non-loopback address without a token."""
     check_bind(host, token, allow_insecure)
-    runner = web.AppRunner(create_app(engine, token=token), access_log=None)
+    runner = web.AppRunner(create_app(engine, token=token), access_log=None,
+                           shutdown_timeout=SHUTDOWN_TIMEOUT)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

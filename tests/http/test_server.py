@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -353,6 +354,37 @@ async def test_a_client_leaving_an_event_stream_is_quiet_and_frees_the_watcher(
     assert "unhandled error" not in caplog.text
 
 
+async def _until_waiting(engine: Engine, run_id: Any) -> None:
+    for _ in range(500):
+        if (await engine.get(run_id)).waiting_for:
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail(f"run {run_id} never came to wait for its signal")
+
+
+async def test_shutdown_ends_open_event_streams_promptly(sqlite_url: str) -> None:
+    """A follower of a waiting run (default keepalive, so its stream looks alive) must not
+    hold the server's shutdown for aiohttp's shutdown timeout (60 s by default)."""
+    async with Engine(sqlite_url, workflows(), {"echo": echo}) as engine:
+        runner, base = await _server(engine)
+        run_id = await engine.start("approval", {})
+        await _until_waiting(engine, run_id)
+        run = engine._runs[run_id]  # white-box: the follower is a watcher of the live run
+        async with aiohttp.ClientSession() as session:
+            resp = await session.get(f"{base}/v1/runs/{run_id}/events?follow=1")
+            assert resp.status == 200
+            assert (await asyncio.wait_for(resp.content.readline(), 5)).startswith(b"id: 1")
+            assert len(run.watchers) == 1
+            started = time.monotonic()
+            await asyncio.wait_for(runner.cleanup(), 10)
+            took = time.monotonic() - started
+            assert took < 2.0, f"shutdown took {took:.1f} s with a follower attached"
+            rest = await asyncio.wait_for(resp.content.read(), 5)  # the stream ended ...
+            assert b"keepalive" not in rest
+            assert run.watchers == []  # ... and its watcher is gone
+        await engine.cancel(run_id, "done")
+
+
 def _approval(timeout: int) -> Workflow:
     return Workflow("approval", on_failure=FAIL, steps=[
         WaitForSignal("wait", signal="go", timeout=timeout, next="done"),
@@ -363,10 +395,7 @@ async def test_signals_and_cancels_to_a_held_run_say_it_is_held(tmp_path: Path) 
     url = f"sqlite:///{tmp_path / 'held.db'}"
     async with Engine(url, [_approval(60)], {"echo": echo}) as engine:
         run_id = await engine.start("approval", {})
-        for _ in range(200):
-            if (await engine.get(run_id)).waiting_for:
-                break
-            await asyncio.sleep(0.01)
+        await _until_waiting(engine, run_id)
     # restarted with only a newer version of the workflow: the run cannot go on
     async with Engine(url, [_approval(120)], {"echo": echo}) as engine:
         runner, base = await _server(engine)

@@ -8,7 +8,9 @@ hypothesis-generated executor outcomes — schema-valid successes, retryable and
 failures, timeouts with Retry-After hints, signals, timers, cancellations, crashes followed by
 recovery — and after every step checks the invariants rulebound promises:
 
-- replaying the log gives exactly the live state (canonical JSON, byte for byte);
+- replaying the log, as the store would give it back (each event stamped into its stored
+  bytes, hash-chained and decoded again), gives exactly the live state after every commit
+  (canonical JSON, byte for byte);
 - a finished run never changes again;
 - no step is visited more often than its visit limit allows;
 - no attempt is scheduled whose worst case would break the budget;
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
+from uuid import UUID
 
 import orjson
 
@@ -32,6 +35,8 @@ from domain.definitions import Map, Parallel, Step, WaitForSignal, Workflow
 from domain.errors import RuleboundError
 from domain.simulator import Simulator
 from domain.state import RunState, evolve
+
+from . import codec
 
 _EPS = 1e-9
 
@@ -59,6 +64,7 @@ class HistoryChecker:
         self._batch_start: int | None = None
         self._batch_state: RunState | None = None
         self._history: list[ev.Event] = []
+        self._prev_hash = codec.GENESIS_HASH
 
     def feed(self, history: Sequence[ev.Event], live: RunState | None = None) -> None:
         limits = self.definition.limits
@@ -73,7 +79,15 @@ class HistoryChecker:
                 self._check_batch(index)
             if isinstance(event, ev.StepScheduled):
                 self._check_schedule(index, event)
-            self.state = evolve(self.state, event)
+            # Replay what a store would return, not the live objects: the live state was
+            # folded from events built in memory (some without validation, for speed), the
+            # replayed one from their stored bytes, decoded and validated.
+            self._prev_hash, data = codec.stamp(event, UUID(int=index + 1), self._prev_hash)
+            stored = codec.decode(data, seq=index + 1)
+            if stored.body() != event.body():
+                raise InvariantViolated(f"event {index + 1} ({event.type}) does not survive "
+                                        "its stored form")
+            self.state = evolve(self.state, stored)
             self._history.append(event)
             if self.state.steps_taken > limits.max_steps:
                 raise InvariantViolated(f"event {index + 1}: {self.state.steps_taken} steps "

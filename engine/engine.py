@@ -617,17 +617,22 @@ class Engine:
             async with asyncio.timeout(max(0.0, budget)):
                 result = await executor(task)
         except TimeoutError:
+            # Cancelled at the deadline: what the executor reported round by round is all we
+            # know of its spend, and it must reach the log (the budget is a fold of facts).
+            spent = _spent(task)
+            self._check_grant(step, task, spent)
             return self._failure(start, "timeout", f"no result within {step.timeout:g}s",
-                                 True, began)
+                                 True, began, usage=spent)
         except ExecutorError as exc:
             retry_after = (self._clock.now() + timedelta(seconds=exc.retry_after)
                            if exc.retry_after is not None else None)
-            if exc.usage is not None:
-                self._check_grant(step, task, exc.usage)
+            usage = exc.usage if exc.usage != ev.NO_USAGE else _spent(task)
+            self._check_grant(step, task, usage)
             return self._failure(start, exc.kind, exc.message[:_MESSAGE_LIMIT], exc.retryable,
-                                 began, usage=exc.usage, retry_after=retry_after)
+                                 began, usage=usage, retry_after=retry_after)
         except Exception as exc:
-            return self._failure(start, "error", _short(exc), False, began)
+            return self._failure(start, "error", _short(exc), False, began,
+                                 usage=_spent(task))
         if isinstance(result, Result):
             output, usage = result.output, result.usage
         else:  # a bare output: skip building a Result and a default Usage per attempt
@@ -944,6 +949,14 @@ def _validation_summary(exc: ValidationError) -> str:
         parts.append(f"{loc}: {err['msg']}")
     more = f" (+{exc.error_count() - 5} more)" if exc.error_count() > 5 else ""
     return ("; ".join(parts) + more)[:_MESSAGE_LIMIT]
+
+
+def _spent(task: Task) -> ev.Usage:
+    """The usage an executor reported into `task.spent` before it stopped (see Spend)."""
+    spent = task.spent
+    if not (spent.tokens_in or spent.tokens_out or spent.cost):
+        return ev.NO_USAGE
+    return spent.usage
 
 
 def _short(exc: BaseException) -> str:

@@ -199,6 +199,25 @@ async def test_usage_beyond_the_grant_is_recorded_and_counted(
     assert "overran its grant" in caplog.text
 
 
+async def test_a_timed_out_attempt_keeps_the_usage_its_executor_reported(
+        store_url: str) -> None:
+    async def slow_model(task: Task) -> Any:
+        task.spent.add(Usage(tokens_in=12, tokens_out=30, cost=0.002))  # a first round...
+        await asyncio.sleep(30)  # ...then a repair that never returns
+
+    wf = Workflow("slow", on_failure=FAIL, steps=[
+        Step("s", executor="llm", timeout=0.2, cost=0.01, max_tokens=100,
+             retry=Retry(attempts=1))])
+    async with Engine(store_url, [wf], {"llm": slow_model}) as engine:
+        run_id = await engine.start("slow")
+        view = await engine.wait(run_id, timeout=10)
+        failed = next(e for e in await engine.events(run_id) if e.type == "AttemptFailed")
+    assert failed.error_type == "timeout"
+    assert (failed.usage.tokens_in, failed.usage.tokens_out) == (12, 30)
+    assert view.status == "failed" and view.usage.tokens == 42
+    assert view.usage.cost == pytest.approx(0.002)
+
+
 async def test_a_token_rate_limit_needs_a_reservation_on_every_step(store_url: str) -> None:
     wf = Workflow("unreserved", on_failure=FAIL, steps=[Step("s", executor="llm")])
     engine = Engine(store_url, [wf], {"llm": echo},

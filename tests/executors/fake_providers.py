@@ -11,6 +11,7 @@ token per four bytes of the request, as a real tokenizer would) and "completion_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import re
@@ -20,6 +21,14 @@ from typing import Any
 from aiohttp import web
 
 MODE = web.AppKey("mode", dict)
+STOPPING = web.AppKey("stopping", asyncio.Event)
+
+
+async def _stall(request: web.Request, seconds: float = 5.0) -> None:
+    """Hang like a slow server, but only until the server shuts down: a test's teardown
+    (runner.cleanup) then ends at once instead of waiting out the sleep."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(request.app[STOPPING].wait(), seconds)
 
 
 def _usage(state: dict[str, Any], body: dict[str, Any], cap_field: str) -> tuple[int, int, bool]:
@@ -61,7 +70,7 @@ async def _misbehave(request: web.Request, mode: str) -> web.StreamResponse | No
     if mode.isdigit():
         return web.json_response({"error": {"message": "no"}}, status=int(mode))
     if mode == "slow":
-        await asyncio.sleep(5)
+        await _stall(request)
     if mode == "malformed":
         return web.Response(text='{"choices": [', content_type="application/json")
     if mode == "oversized":
@@ -102,7 +111,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     if mode == "invalid-then-slow":
         if first:
             return _openai_reply('{"category": 42}', state, body)
-        await asyncio.sleep(5)
+        await _stall(request)
     if mode == "always-invalid":
         return _openai_reply("not json at all", state, body)
     if mode == "schema":  # answer with a minimal instance of the requested JSON schema
@@ -119,14 +128,18 @@ async def messages(request: web.Request) -> web.StreamResponse:
     bad = await _misbehave(request, mode)
     if bad is not None:
         return bad
+    answer: dict[str, Any] = {"category": "billing"}
+    if mode == "invalid-then-slow":
+        if len(state["requests"]) > 1:
+            await _stall(request)
+        answer = {"category": 42}
     defaults = {"prompt_tokens": 20, "completion_tokens": 9}
     tokens_in, tokens_out, cut = _usage({**defaults, **state}, body, "max_tokens")
     reply: dict[str, Any] = {
         "id": "msg_1", "type": "message", "role": "assistant", "model": "claude",
         "stop_reason": "max_tokens" if cut else "tool_use",
         "usage": {"input_tokens": tokens_in, "output_tokens": tokens_out},
-        "content": [{"type": "tool_use", "id": "t1", "name": "respond",
-                     "input": {"category": "billing"}}]}
+        "content": [{"type": "tool_use", "id": "t1", "name": "respond", "input": answer}]}
     return web.json_response(reply)
 
 
@@ -135,8 +148,8 @@ async def tool(request: web.Request) -> web.StreamResponse:
     state.setdefault("requests", []).append({"headers": dict(request.headers),
                                              "path": request.path_qs})
     mode = state.get("mode", "ok")
-    if mode.startswith("redirect:"):
-        raise web.HTTPFound(mode.removeprefix("redirect:"))
+    if mode.startswith("redirect:"):  # the Location sent as is, even if it is not a URL
+        return web.Response(status=302, headers={"Location": mode.removeprefix("redirect:")})
     bad = await _misbehave(request, mode)
     if bad is not None:
         return bad
@@ -160,6 +173,12 @@ def _instance(schema: dict[str, Any], root: dict[str, Any]) -> Any:
 def make_app() -> web.Application:
     app = web.Application()
     app[MODE] = {}
+    app[STOPPING] = asyncio.Event()
+
+    async def stopping(app: web.Application) -> None:  # runs before handlers are awaited
+        app[STOPPING].set()
+
+    app.on_shutdown.append(stopping)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/messages", messages)
     app.router.add_route("*", "/customers/{cid}", tool)

@@ -60,14 +60,21 @@ async def server() -> AsyncIterator[Server]:
 
 def task(data: Any = None, schema: type[BaseModel] | None = Label, timeout: float = 2.0,
          max_tokens: int | None = 300, prompt: str = "Classify: {text}",
-         max_cost: float | None = 1.0, deadline: float | None = None,
+         max_cost: float | None = 1.0, deadline: float | datetime | None = None,
          config: dict[str, Any] | None = None) -> Task:
+    """deadline: seconds from now (0 is now, None is `timeout` from now), or a time on some
+    other clock (a fake clock's)."""
+    if not isinstance(deadline, datetime):
+        deadline = datetime.now(UTC) + timedelta(
+            seconds=timeout if deadline is None else deadline)
     return Task(run_id=uuid4(), step="classify", attempt=1, idempotency_key="r:classify:1",
                 input=data if data is not None else {"text": "refund me"},
                 config={"prompt": prompt, **(config or {})}, output_schema=schema,
-                timeout=timeout,
-                deadline=datetime.now(UTC) + timedelta(seconds=deadline or timeout),
-                max_tokens=max_tokens, max_cost=max_cost)
+                timeout=timeout, deadline=deadline, max_tokens=max_tokens, max_cost=max_cost)
+
+
+def test_the_task_helper_takes_a_deadline_of_zero_as_now() -> None:
+    assert task(timeout=30, deadline=0).deadline <= datetime.now(UTC)
 
 
 def openai(server: Server, **kw: Any) -> OpenAIChat:

@@ -201,6 +201,12 @@ def _definition_finder(registry: Registry) -> Any:
 
 
 def _print_report(report: Any, what: str, *, source: str = "file") -> int:
+    """Findings, or the OK lines. Only values the checks derived or matched are printed (the
+    status from the last event, never the manifest's word for it), and every string from the
+    file goes through repr or `printable`: a crafted log cannot write terminal escapes."""
+    from engine.audit import printable
+
+    what = printable(what)
     if not report.ok:
         for finding in report.findings:
             print(f"FAILED: {what}: {finding}")
@@ -208,18 +214,20 @@ def _print_report(report: Any, what: str, *, source: str = "file") -> int:
     if source == "store":
         complete = "as stored"
     elif report.manifest is not None:
-        ended = (f"run {report.manifest.get('status')}" if report.terminal
+        ended = (f"run {report.status}" if report.terminal
                  else "run still going when exported")
         complete = f"complete per its manifest ({ended})"
     elif report.anchored:
         complete = "complete up to the --head anchor"
     else:
         complete = "PARTIAL (no manifest: events cut from the end would go unnoticed)"
-    print(f"OK: {what}: {report.events} events, chain intact, {complete}, fold clean, "
-          f"{report.decisions_checked} decisions re-derived "
-          f"(workflow {report.workflow!r}, definition {str(report.definition_hash)[:12]})")
+    print(f"OK: {what}: {report.events} events, chain intact (event content; ids and run id "
+          f"are not covered), {complete}, fold clean, {report.decisions_checked} decisions "
+          f"re-derived (workflow {printable(repr(report.workflow))}, definition "
+          f"{printable(str(report.definition_hash)[:12])})")
     if report.anchored:
-        print(f"anchored: the head hash {report.head_hash} is the --head anchor")
+        print(f"anchored: the head hash {report.head_hash} is the --head anchor (every "
+              "event's content has the stored values; ids and the run id are not hashed)")
     elif source == "store":
         print(f"head: {report.head_hash}")
     else:

@@ -13,8 +13,16 @@ What a verification proves, and what it does not:
   catches events cut from the end while the manifest was kept. It is itself unkeyed: whoever
   cuts the end and rewrites the manifest too is caught only by an anchor.
 - An anchor (`--head HASH`, the head hash `rulebound show RUN` prints from the store, or one
-  kept elsewhere) ties the file to the store: if the last event's hash equals it, the file
-  is exactly the stored chain up to that point, byte for byte in every hashed field.
+  kept elsewhere) ties the file to the store: if the last event's hash equals it, every
+  event's content has the same values as the stored chain up to that point (the canonical
+  serialisation is hashed, so the file's own bytes may differ: spacing, key order, escapes).
+- Event ids and the run id are labels outside the chain (the stored format hashes only an
+  event's content): no check can tell a relabelled copy from the original. Verification
+  requires them to be well-formed and the ids unique, no more.
+
+Every message is built from checked values or shows file content through `shown()` (a
+bounded repr), and `Finding.__str__` escapes control characters whatever the message holds:
+a crafted file cannot write terminal escapes through `verify`.
 """
 
 from __future__ import annotations
@@ -36,7 +44,32 @@ from .store import Record
 
 MANIFEST_FORMAT = "rulebound-export/1"
 _HASH = re.compile(r"[0-9a-f]{64}")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _STATUS = {"RunCompleted": "completed", "RunFailed": "failed", "RunCancelled": "cancelled"}
+STATUSES = ("completed", "failed", "cancelled", "running")
+
+
+def printable(text: str) -> str:
+    """`text` with every control or non-printable character (terminal escapes, newlines,
+    bidirectional overrides) written as its escape, so it prints as one inert line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """A value taken from the file, for a message: its repr (which escapes control
+    characters), cut to `limit` characters."""
+    text = printable(repr(value))
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def status_of(events: list[Event]) -> str | None:
+    """The run's status as the log's last event says it (None for an empty log)."""
+    if not events:
+        return None
+    return _STATUS.get(events[-1].type, "running")
 
 
 @dataclass
@@ -47,7 +80,7 @@ class Finding:
 
     def __str__(self) -> str:
         where = f"event {self.seq}" if self.seq is not None else "log"
-        return f"{where}: {self.check}: {self.message}"
+        return printable(f"{where}: {self.check}: {self.message}")
 
 
 @dataclass
@@ -64,6 +97,7 @@ class Report:
     complete: bool = False  # the log holds every event its manifest (or anchor) says
     anchored: bool = False  # the head hash matched an anchor given by the caller
     terminal: bool = False  # the log ends with the run's end
+    status: str | None = None  # derived from the last event: completed/failed/.../running
 
     @property
     def ok(self) -> bool:
@@ -105,7 +139,7 @@ _PYDANTIC_TITLE = re.compile(r"\d+ validation errors? for .*$")
 def split_manifest(lines: list[dict[str, Any]], report: Report
                    ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Separate the event lines from the closing manifest line (which must come last)."""
-    at = [i for i, line in enumerate(lines) if "manifest" in line]
+    at = [i for i, line in enumerate(lines) if isinstance(line, dict) and "manifest" in line]
     if not at:
         return lines, None
     if len(at) > 1:
@@ -129,7 +163,7 @@ def _manifest_problem(manifest: Any) -> str | None:
     if not isinstance(manifest, dict):
         return "not an object"
     if manifest.get("format") != MANIFEST_FORMAT:
-        return f"format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}"
+        return f"format {shown(manifest.get('format'))}, expected {MANIFEST_FORMAT!r}"
     count = manifest.get("events")
     if not isinstance(count, int) or isinstance(count, bool) or count < 0:
         return "'events' must be a count"
@@ -138,8 +172,10 @@ def _manifest_problem(manifest: Any) -> str | None:
         return "'head_hash' must be 64 hex digits"
     if not isinstance(manifest.get("terminal"), bool):
         return "'terminal' must be true or false"
-    if not isinstance(manifest.get("run_id"), str):
-        return "'run_id' must be a string"
+    if not isinstance(manifest.get("run_id"), str) or not _UUID.fullmatch(manifest["run_id"]):
+        return "'run_id' must be a run id (a UUID in lowercase hex with dashes)"
+    if manifest.get("status", "") not in (*STATUSES, None):
+        return f"'status' must be one of {', '.join(STATUSES)} (or null for an empty log)"
     return None
 
 
@@ -149,30 +185,49 @@ def check_chain(lines: Iterable[dict[str, Any]], report: Report) -> list[Event]:
     The hash is recomputed over the body exactly as recorded (canonical JSON of the line's
     `event`), and the decoded event must serialise back to that same body: an edit the
     decoder would quietly coerce (a number written as a string) is an edit too.
+
+    Ids and the run id are not hashed (the stored format never did): they must be well-formed
+    UUIDs, one run id for every line and no event id twice, which is all that can be checked.
     """
     events: list[Event] = []
+    seen: dict[str, int] = {}
     prev = codec.GENESIS_HASH
     for expected, line in enumerate(lines, start=1):
         if not isinstance(line, dict):
             report.findings.append(Finding(expected, "decode", "not a JSON object"))
             return events
-        seq = line.get("seq")
-        if report.run_id is None:
-            report.run_id = str(line.get("run_id"))
-        elif str(line.get("run_id")) != report.run_id:
-            report.findings.append(Finding(expected, "integrity",
-                                           f"belongs to run {line.get('run_id')}, not "
-                                           f"{report.run_id} (inserted?)"))
+        seq, run_id = line.get("seq"), line.get("run_id")
+        if not isinstance(run_id, str) or not _UUID.fullmatch(run_id):
+            report.findings.append(Finding(expected, "decode", f"run id {shown(run_id)} is "
+                                           "not a UUID in lowercase hex with dashes"))
             return events
-        if seq != expected:
+        if report.run_id is None:
+            report.run_id = run_id
+        elif run_id != report.run_id:
+            report.findings.append(Finding(expected, "integrity",
+                                           f"belongs to run {run_id}, not {report.run_id} "
+                                           "(inserted?)"))
+            return events
+        if type(seq) is not int or seq != expected:  # not a bool, not 1.0, not "1"
             report.findings.append(Finding(
-                expected, "integrity", f"sequence number {seq} where {expected} was expected "
-                "(an event was removed, inserted or reordered)"))
+                expected, "integrity", f"sequence number {shown(seq)} where {expected} was "
+                "expected (an event was removed, inserted or reordered)"))
             return events
         missing = [k for k in ("id", "hash", "event") if k not in line]
         if missing:
             report.findings.append(Finding(expected, "decode", f"missing {', '.join(missing)}"))
             return events
+        event_id = line["id"]
+        if not isinstance(event_id, str) or not _UUID.fullmatch(event_id):
+            report.findings.append(Finding(expected, "decode", f"event id {shown(event_id)} is "
+                                           "not a UUID in lowercase hex with dashes"))
+            return events
+        if event_id in seen:
+            report.findings.append(Finding(
+                expected, "integrity", f"event id {event_id} is also the id of event "
+                f"{seen[event_id]}; ids are unique (relabelled? ids are outside the chain)"))
+            return events
+        seen[event_id] = expected
         body_dict, digest = line["event"], line["hash"]
         if not isinstance(body_dict, dict) or not isinstance(digest, str):
             report.findings.append(Finding(expected, "decode",
@@ -191,14 +246,16 @@ def check_chain(lines: Iterable[dict[str, Any]], report: Report) -> list[Event]:
             return events
         if codec.canonical_body(event) != recorded:
             report.findings.append(Finding(
-                expected, "integrity", f"{event.type}: its content is not in the form it was "
-                "recorded in (a value was rewritten to one the decoder coerces)"))
+                expected, "integrity", f"{event.type}: its content does not round-trip: "
+                "decoded and serialised again it is not what was hashed (edited, or recorded "
+                "by another schema version)"))
             return events
         prev = digest
         events.append(event)
     report.events = len(events)
     report.head_hash = prev
     report.terminal = bool(events) and events[-1].type in TERMINAL_EVENTS
+    report.status = status_of(events)
     return events
 
 
@@ -231,6 +288,12 @@ def check_manifest(events: list[Event], manifest: dict[str, Any], report: Report
         report.findings.append(Finding(
             None, "manifest", f"the manifest says the run {says}, the last event "
             f"({events[-1].type if events else 'none'}) says otherwise"))
+        return
+    if manifest["status"] != report.status:
+        report.findings.append(Finding(
+            None, "manifest", f"the manifest says the run is {shown(manifest['status'])}, "
+            f"its last event ({events[-1].type if events else 'none'}) says "
+            f"{report.status or 'nothing'} (the manifest was edited)"))
         return
     report.complete = True
 
@@ -274,13 +337,19 @@ def check_decisions(events: list[Event], definition: Workflow | None, report: Re
     head = events[0]
     report.workflow, report.definition_hash = head.workflow, head.definition_hash
     if definition is None:
-        report.findings.append(Finding(1, "definition", f"workflow {head.workflow!r} version "
-                                       f"{head.definition_hash[:12]} is not in the registry"))
+        report.findings.append(Finding(1, "definition", f"workflow {shown(head.workflow)} "
+                                       f"version {head.definition_hash[:12]} is not in "
+                                       "the registry"))
+        return
+    if definition.name != head.workflow:  # the hash covers the name: this is an edit
+        report.findings.append(Finding(
+            1, "definition", f"the run names workflow {shown(head.workflow)}, but its "
+            f"definition {definition.hash[:12]} is {definition.name!r}"))
         return
     if definition.hash != head.definition_hash:
         report.findings.append(Finding(
-            1, "definition", f"the run started on definition {head.definition_hash[:12]}, the "
-            f"registry has {definition.hash[:12]}; checking its decisions against it"))
+            1, "definition", f"the run started on definition {head.definition_hash[:12]}, "
+            f"the registry has {definition.hash[:12]}; checking its decisions against it"))
     state = RunState()
     i = 0
     while i < len(events):

@@ -416,11 +416,15 @@ def test_a_value_rewritten_to_a_coercible_form_is_an_edit(
     rows = lines(recorded["export"])
     index = next(i for i, r in enumerate(rows) if r["event"]["type"] == "AttemptFailed")
     rows[index]["event"]["latency"] = str(rows[index]["event"]["latency"])  # "6.5e-05"
+    rows = rechain(rows)  # so the hashes hold and only the round trip can tell
     path = write_lines(recorded["tmp"] / "coerced.jsonl", rows,
-                       manifest_of(recorded["export"]))
+                       forged_manifest(rows, manifest_of(recorded["export"])))
     code, out = verify(path, recorded["app"], capsys)
     assert code == 2, out
-    assert f"event {index + 1}: integrity" in out
+    assert out.splitlines() == [
+        f"FAILED: {path}: event {index + 1}: integrity: AttemptFailed: its content does not "
+        "round-trip: decoded and serialised again it is not what was hashed (edited, or "
+        "recorded by another schema version)"]
 
 
 def _sqlite_rows(store: str) -> Any:
@@ -458,3 +462,182 @@ def test_replay_verify_checks_the_bytes_the_store_holds(
         assert "Traceback" not in captured.err
         assert all(line.startswith("FAILED") for line in captured.out.splitlines())
     db.close()
+
+
+# --- what the OK line may say, and labels outside the chain ------------------------------
+
+
+def cancelled_export(tmp: Path) -> tuple[str, Path]:
+    """A run cancelled while it waits for its signal, exported."""
+    app = write_app(tmp / "app.py")
+    store = f"sqlite:///{tmp / 'cancelled.db'}"
+
+    async def run() -> str:
+        async with Engine(store, registry=load_app(app)) as engine:
+            run_id = await engine.start("audited", {"ticket": 2})
+            for _ in range(500):
+                if (await engine.get(run_id)).waiting_for:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                pytest.fail("the run never came to wait for its signal")
+            await engine.cancel(run_id, "stop")
+            assert (await engine.wait(run_id, timeout=5)).status == "cancelled"
+            return str(run_id)
+
+    export = tmp / "cancelled.jsonl"
+    assert main(["export", asyncio.run(run()), "--store", store, "-o", str(export)]) == 0
+    return app, export
+
+
+def test_the_ok_line_names_the_status_the_last_event_gives_not_the_manifest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    app, export = cancelled_export(tmp_path)
+    capsys.readouterr()
+    code, out = verify(export, app, capsys)
+    assert code == 0, out
+    assert "complete per its manifest (run cancelled)" in out
+
+    rows, manifest = lines(export), manifest_of(export)
+    assert manifest["manifest"]["status"] == "cancelled"
+    for claim in ("completed", "failed", "running"):  # well-formed, but not what happened
+        forged = {"manifest": {**manifest["manifest"], "status": claim}}
+        code, out = verify(write_lines(tmp_path / f"says-{claim}.jsonl", rows, forged), app,
+                           capsys)
+        assert code == 2, out
+        assert out.splitlines() == [
+            f"FAILED: {tmp_path / f'says-{claim}.jsonl'}: log: manifest: the manifest says "
+            f"the run is '{claim}', its last event (RunCancelled) says cancelled (the "
+            "manifest was edited)"]
+
+
+ESC = "\x1b[32m"
+
+
+def _inject_status(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> None:
+    manifest["manifest"]["status"] = f"completed{ESC} (all approved)"
+
+
+def _inject_format(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> None:
+    manifest["manifest"]["format"] = f"x{ESC}\n"
+
+
+def _inject_run_id(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> None:
+    rows[3]["run_id"] = f"{ESC}{rows[3]['run_id']}"
+
+
+def _inject_seq(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> None:
+    rows[2]["seq"] = f"3{ESC}"
+
+
+def _inject_id(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> None:
+    rows[1]["id"] = f"{ESC}\u202e"
+
+
+def _inject_workflow(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> None:
+    rows[0]["event"]["workflow"] = f"audited{ESC}"
+    rechain(rows)
+    manifest["manifest"]["head_hash"] = rows[-1]["hash"]
+
+
+@pytest.mark.parametrize("inject", [_inject_status, _inject_format, _inject_run_id,
+                                    _inject_seq, _inject_id, _inject_workflow])
+def test_control_characters_in_the_file_never_reach_the_terminal(
+    recorded: dict[str, Any], capsys: pytest.CaptureFixture[str], inject: Any,
+) -> None:
+    rows, manifest = lines(recorded["export"]), manifest_of(recorded["export"])
+    inject(rows, manifest)
+    path = write_lines(recorded["tmp"] / "escapes.jsonl", rows, manifest)
+    code, out = verify(path, recorded["app"], capsys)
+    assert code == 2, out
+    assert out.startswith("FAILED"), out
+    assert "\x1b" not in out and "\u202e" not in out, repr(out)
+    assert len(out.splitlines()) == 1, out  # no newline smuggled in either
+    assert "completed" not in out or "must be one of completed" in out
+
+
+def test_event_ids_must_be_unique_uuids_and_seq_a_real_number(
+    recorded: dict[str, Any], capsys: pytest.CaptureFixture[str],
+) -> None:
+    head = store_head(recorded, capsys)
+
+    def check(name: str, rows: list[dict[str, Any]], needle: str) -> None:
+        path = write_lines(recorded["tmp"] / f"{name}.jsonl", rows,
+                           manifest_of(recorded["export"]))
+        code = main(["verify", str(path), "--app", recorded["app"], "--head", head])
+        out = capsys.readouterr().out
+        assert code == 2, (name, out)
+        assert needle in out, (name, out)
+
+    same = lines(recorded["export"])
+    for row in same:
+        row["id"] = "00000000-0000-4000-8000-000000000000"
+    check("same-ids", same, "event 2: integrity: event id 00000000-0000-4000-8000-000000000000 "
+                            "is also the id of event 1")
+
+    swapped = lines(recorded["export"])
+    swapped[4]["id"] = swapped[1]["id"]
+    check("reused-id", swapped, f"event 5: integrity: event id {swapped[1]['id']} is also "
+                                "the id of event 2")
+
+    for bad in ("not-a-uuid", swapped[0]["id"].upper(), 7, None):
+        malformed = lines(recorded["export"])
+        malformed[2]["id"] = bad
+        check("bad-id", malformed, f"event 3: decode: event id {bad!r} is not a UUID")
+
+    for bad_seq in (True, 1.0, "1"):
+        boolean = lines(recorded["export"])
+        boolean[0]["seq"] = bad_seq
+        check("bool-seq", boolean, f"event 1: integrity: sequence number {bad_seq!r} where 1 "
+                                   "was expected")
+
+    bad_run = lines(recorded["export"])
+    for row in bad_run:
+        row["run_id"] = "run-1"
+    check("bad-run", bad_run, "event 1: decode: run id 'run-1' is not a UUID")
+
+
+def test_a_relabelled_run_id_is_not_caught_and_the_ok_line_says_so(
+    recorded: dict[str, Any], capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The documented limit: ids and the run id are labels outside the hash chain (the stored
+    format never hashed them), so a consistent relabelling passes even with the anchor."""
+    head = store_head(recorded, capsys)
+    other = "11111111-1111-4111-8111-111111111111"
+    rows = lines(recorded["export"])
+    for row in rows:
+        row["run_id"] = other
+    manifest = manifest_of(recorded["export"])
+    manifest["manifest"]["run_id"] = other
+    path = write_lines(recorded["tmp"] / "relabelled.jsonl", rows, manifest)
+    code = main(["verify", str(path), "--app", recorded["app"], "--head", head])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "chain intact (event content; ids and run id are not covered)" in out
+    assert "ids and the run id are not hashed" in out
+
+
+def test_non_object_lines_fail_without_a_crash() -> None:
+    from engine.audit import verify_lines
+
+    for content in ([1, {"manifest": {}}], [[], "x"], [{"manifest": 1}, 2]):
+        report = verify_lines(content, lambda *_: None)
+        assert not report.ok
+        assert report.first is not None
+
+
+def test_the_golden_histories_pass_the_chain_checks() -> None:
+    """The stored logs the engine wrote (ids and all) meet what check_chain now requires."""
+    from engine.audit import Report, check_chain
+
+    histories = sorted((Path(__file__).parents[1] / "histories").glob("*.jsonl"))
+    assert histories
+    for history in histories:
+        stored = [json.loads(raw) for raw in history.read_text().splitlines() if raw.strip()]
+        rows = [{"run_id": "56378a19-ba9e-547f-9509-3d6a157ca4f0", "seq": seq, **line}
+                for seq, line in enumerate(stored, start=1)]
+        report = Report()
+        events = check_chain(rows, report)
+        assert report.ok, (history.name, str(report.first))
+        assert len(events) == len(stored)

@@ -138,7 +138,8 @@ def test_verify_refuses_a_file_that_is_not_an_export(tmp_path: Path, content: by
 
 def test_a_verify_decode_failure_is_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"run_id": "r", "seq": 1, "id": "x", "hash": "y", '
+    bad.write_text('{"run_id": "11111111-1111-4111-8111-111111111111", "seq": 1, '
+                   '"id": "22222222-2222-4222-8222-222222222222", "hash": "y", '
                    '"event": {"type": "RunStarted", "at": "yesterday"}}\n')
     done = rulebound("verify", str(bad), "--partial")
     assert done.returncode == 2
@@ -182,15 +183,12 @@ def test_a_closed_pipe_is_not_an_error(demo_store: str) -> None:
     assert err == "", err
 
 
-def test_serve_refuses_a_public_address_before_opening_the_store(tmp_path: Path) -> None:
+def test_serve_refuses_a_public_address_before_opening_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     db = tmp_path / "serve.db"
-    env_token = os.environ.pop("RULEBOUND_TOKEN", None)
-    try:
-        done = rulebound("serve", "--host", "0.0.0.0", "--port", "0", "--store",
-                         f"sqlite:///{db}")
-    finally:
-        if env_token is not None:
-            os.environ["RULEBOUND_TOKEN"] = env_token
+    monkeypatch.delenv("RULEBOUND_TOKEN", raising=False)  # the child inherits os.environ
+    done = rulebound("serve", "--host", "0.0.0.0", "--port", "0", "--store", f"sqlite:///{db}")
     assert done.returncode == 1
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "refusing to serve on 0.0.0.0 without a token" in done.stderr

@@ -11,7 +11,6 @@ import asyncio
 import email.utils
 import time
 from collections.abc import Callable, Hashable, Mapping
-from datetime import UTC, datetime
 from typing import Any, Self
 
 import aiohttp
@@ -61,19 +60,24 @@ DEFAULT_MAX_RETRY_AFTER = 300.0
 DEADLINE_MARGIN = 0.05
 
 
-def time_left(task: Task, now: datetime | None = None) -> float:
-    """Seconds an attempt may still take: the lesser of the step's timeout and the time left
-    until the attempt's deadline (wall clock, UTC), so that several round trips (repairs,
-    redirects) together never outlive the deadline. The executor gives up a little before
-    the deadline (5%, at most DEADLINE_MARGIN seconds) so that its own timeout, which
-    reports the usage of rounds already spent, wins the race with the engine's cancellation,
-    which cannot. Never below a millisecond: a spent deadline times out at once."""
-    deadline = task.deadline
-    if deadline.tzinfo is None:
-        deadline = deadline.replace(tzinfo=UTC)
-    until = (deadline - (now or datetime.now(UTC))).total_seconds()
-    until -= min(DEADLINE_MARGIN, 0.05 * max(0.0, until))
-    return max(0.001, min(task.timeout, until))
+def attempt_seconds(task: Task) -> float:
+    """Seconds an attempt may take, all its round trips (repairs, redirects) together: the
+    step's `timeout`, less a small margin (5%, at most DEADLINE_MARGIN seconds).
+
+    Which clock. `task.deadline` is a time on the engine's injected Clock, which an executor
+    cannot read: comparing it with the wall clock (as executors once did) makes every call
+    time out at once, or never, under a fake clock or after a wall-clock jump. So executors
+    never read the deadline. They bound an attempt by `task.timeout`, measured once, on the
+    event loop's monotonic clock, by a single `asyncio.timeout` around every round of the
+    attempt. The deadline, which may be earlier than the timeout (the run's own deadline), is
+    the engine's to enforce: it cancels the attempt on its own clock.
+
+    The margin lets the executor's own timeout usually fire first, so the failure it reports
+    names the round that hung and carries the attempt's usage. Correctness does not depend on
+    winning that race: every round's usage is added to `task.spent` as soon as it is known,
+    which the engine records when it cancels the attempt itself."""
+    return max(0.001, task.timeout - min(DEADLINE_MARGIN, 0.05 * max(0.0, task.timeout)))
+
 
 _KINDS = {408: "timeout", 409: "conflict", 429: "rate_limited", 400: "client_error",
           401: "auth", 403: "auth", 404: "not_found", 422: "client_error"}

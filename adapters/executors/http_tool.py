@@ -17,10 +17,10 @@ from engine.executor import ExecutorError, Result, Task
 
 from .http_common import (
     SessionUser,
+    attempt_seconds,
     parse_json,
     read_capped,
     status_error,
-    time_left,
     transport_error,
 )
 from .ssrf import Guard, Refused, session_factory
@@ -116,7 +116,7 @@ class HttpTool(SessionUser):
         headers.setdefault("Idempotency-Key", task.idempotency_key)
         method = self.method
         try:
-            async with asyncio.timeout(time_left(task)):
+            async with asyncio.timeout(attempt_seconds(task)):
                 for _hop in range(self.max_redirects + 1):
                     host = urlsplit(url).hostname or ""
                     self.guard.check_host(host)

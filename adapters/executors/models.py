@@ -17,8 +17,10 @@ leaves at the model's price. A round whose cap would fall under `min_completion_
 not sent: on the first round that is a non-retryable `budget` failure (the grant cannot pay
 for the prompt), on a repair round the attempt fails with the schema error it already has.
 Without a token grant each round's completion is capped at `default_max_tokens`. All rounds
-share the attempt's time: the lesser of the step's timeout and the time left until the
-attempt's deadline.
+share the attempt's time: the step's timeout, on the event loop's monotonic clock (see
+`http_common.attempt_seconds`; the deadline, on the engine's clock, is the engine's to
+enforce). Each round's usage is added to `task.spent` as soon as it is known, so an attempt
+the engine cancels still records the rounds it paid for.
 """
 
 from __future__ import annotations
@@ -41,11 +43,11 @@ from engine.executor import ExecutorError, Result, Task
 from .http_common import (
     DEFAULT_MAX_BYTES,
     SessionUser,
+    attempt_seconds,
     fill,
     parse_json,
     read_capped,
     status_error,
-    time_left,
     transport_error,
 )
 
@@ -100,11 +102,13 @@ class _Ledger:
     def tokens(self) -> int:
         return self.tokens_in + self.tokens_out
 
-    def add(self, tokens_in: int, tokens_out: int, price: Price) -> None:
+    def add(self, tokens_in: int, tokens_out: int, price: Price) -> Usage:
+        """Count one round; returns the round's own usage (for `task.spent`)."""
+        cost = tokens_in * price[0] / 1e6 + tokens_out * price[1] / 1e6
         self.tokens_in += tokens_in
         self.tokens_out += tokens_out
-        self.cost = round(self.cost + tokens_in * price[0] / 1e6 + tokens_out * price[1] / 1e6,
-                          10)
+        self.cost = round(self.cost + cost, 10)
+        return Usage(tokens_in=tokens_in, tokens_out=tokens_out, cost=round(cost, 12))
 
     def usage(self) -> Usage:
         return Usage(tokens_in=self.tokens_in, tokens_out=self.tokens_out, cost=self.cost)
@@ -206,7 +210,7 @@ class _ModelExecutor(SessionUser):
             raise ExecutorError(str(exc), kind="config", retryable=False) from None
         spent = _Ledger()
         try:
-            async with asyncio.timeout(time_left(task)):
+            async with asyncio.timeout(attempt_seconds(task)):
                 return await self._rounds(task, model, price, template, spent)
         except ExecutorError as exc:
             if spent.tokens or spent.cost:  # every round spent so far counts
@@ -249,7 +253,9 @@ class _ModelExecutor(SessionUser):
             text, structured, used, cut = await self._ask(url, headers, body)
             if used == (0, 0):  # the server reported no usage: count our estimate
                 used = (prompt, estimate_tokens(text or ""))
-            spent.add(*used, price)
+            # Reported before anything else is awaited: if the engine cancels the attempt
+            # from here on (its deadline), what this round consumed is still recorded.
+            task.spent.add(spent.add(*used, price))
             try:
                 return Result(output=self._validate(text, structured, schema),
                               usage=spent.usage())

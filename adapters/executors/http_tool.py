@@ -27,6 +27,12 @@ from .ssrf import Guard, Refused, session_factory
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _WHOLE = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_.]*)\}$")
+# The only headers a redirect carries to another origin: what describes the body and the
+# answer wanted, and the key that lets the far side deduplicate. Every other header stays
+# with the origin it was configured for: credentials, cookies, and any custom header, since a
+# literal `X-Api-Key: sk-...` is as secret as one filled from ${ENV}.
+CROSS_ORIGIN_HEADERS = frozenset({"content-type", "content-length", "accept", "accept-encoding",
+                                  "user-agent", "idempotency-key"})
 
 
 def _lookup(values: Any, path: str) -> Any:
@@ -35,7 +41,9 @@ def _lookup(values: Any, path: str) -> Any:
     return values
 
 
-def _origin(url: str) -> tuple[str, str, int | None]:
+def _origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port); ValueError for a URL urlsplit cannot take apart (a port out of
+    range, a broken IPv6 literal)."""
     parts = urlsplit(url)
     return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port or (
         443 if parts.scheme.lower() == "https" else 80)
@@ -65,8 +73,9 @@ class HttpTool(SessionUser):
     body: a JSON template for POST/PUT/PATCH ("{field}" alone keeps the value's type).
     response: a pydantic model the JSON answer must match.
     max_bytes: the response size cap. follow_redirects: off by default; when on, each hop
-      is checked again (at most max_redirects hops), and a hop to another origin drops the
-      Authorization, Proxy-Authorization and Cookie headers and every header naming a secret.
+      is checked again (at most max_redirects hops), and a hop to another origin carries
+      only CROSS_ORIGIN_HEADERS (Content-Type, Accept, Idempotency-Key, ...): credentials,
+      cookies and every custom header, secret-filled or literal, are dropped.
     allow: CIDRs or host names that may be reached although they are not public.
     """
 
@@ -86,10 +95,6 @@ class HttpTool(SessionUser):
         self.max_redirects = max_redirects
         self.guard = Guard(allow)
         self.session_key = ("http-tool", self.guard.key)
-        # Headers never forwarded to another origin on a redirect: the usual credentials and
-        # every header whose value names a secret.
-        self._credentials = {"authorization", "proxy-authorization", "cookie"} | {
-            name.lower() for name, value in self.headers.items() if _ENV.search(value)}
 
     def __repr__(self) -> str:
         return f"HttpTool({self.method} {urlsplit(self.url).netloc})"
@@ -127,10 +132,16 @@ class HttpTool(SessionUser):
                                 raise ExecutorError(
                                     f"{self.service} was redirected ({response.status}) and "
                                     "redirects are off", kind="client_error")
-                            target = urljoin(url, response.headers["Location"])
-                            if _origin(target) != _origin(url):  # credentials stay home
+                            try:
+                                target = urljoin(url, response.headers["Location"])
+                                elsewhere = _origin(target) != _origin(url)
+                            except ValueError:  # e.g. a port out of range
+                                raise ExecutorError(
+                                    f"{self.service} was redirected to an invalid URL",
+                                    kind="client_error", retryable=False) from None
+                            if elsewhere:  # only the allow-listed headers leave the origin
                                 headers = {k: v for k, v in headers.items()
-                                           if k.lower() not in self._credentials}
+                                           if k.lower() in CROSS_ORIGIN_HEADERS}
                             url = target
                             if response.status == 303:
                                 method, body = "GET", None

@@ -350,20 +350,51 @@ async def test_model_executors_never_follow_a_redirect_with_the_key(
     assert_clean(caught.value)
 
 
-async def test_a_redirect_to_another_origin_drops_the_tools_credentials(
+async def test_a_redirect_to_another_origin_carries_only_allow_listed_headers(
     server: Server, elsewhere: Server, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("CRM_TOKEN", CANARY)
     server.mode(f"redirect:{elsewhere.base}/customers/2")
     elsewhere.mode("ok")
+    configured = {"Authorization": "Bearer ${CRM_TOKEN}", "X-Crm-Key": "${CRM_TOKEN}",
+                  "X-Api-Key": CANARY, "api-key": CANARY, "X-Trace": "plain",
+                  "Cookie": "session=1", "Accept": "application/json",
+                  "User-Agent": "rulebound-test"}
     http = tool(server.base, allow=["127.0.0.1", "::1", "localhost"], follow_redirects=True,
-                headers={"Authorization": "Bearer ${CRM_TOKEN}", "X-Crm-Key": "${CRM_TOKEN}",
-                         "X-Trace": "plain"})
+                headers=configured)
     result = await http(task({"customer_id": "1"}, schema=None))
     await http.close()
     assert result.output == {"customer": "2", "tier": "gold"}
-    assert server.state["requests"][0]["headers"]["X-Crm-Key"] == CANARY  # same origin: sent
+    first = server.state["requests"][0]["headers"]
+    assert first["X-Crm-Key"] == first["X-Api-Key"] == CANARY  # same origin: all sent
     hop = elsewhere.state["requests"][0]["headers"]
-    assert "Authorization" not in hop and "X-Crm-Key" not in hop
-    assert hop["X-Trace"] == "plain"
+    for name in ("Authorization", "X-Crm-Key", "X-Api-Key", "api-key", "X-Trace", "Cookie"):
+        assert name not in hop
     assert CANARY not in str(hop)
+    assert hop["Accept"] == "application/json" and hop["User-Agent"] == "rulebound-test"
+    assert hop["Idempotency-Key"] == "r:classify:1"
+
+
+async def test_a_same_origin_redirect_keeps_every_header(
+    server: Server, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server.mode(f"redirect:{server.base}/customers/2")
+    http = tool(server.base, allow=["127.0.0.1"], follow_redirects=True, max_redirects=1,
+                headers={"X-Api-Key": CANARY})
+    with pytest.raises(ExecutorError, match="more than 1 redirects"):
+        await http(task({"customer_id": "1"}, schema=None))
+    await http.close()
+    assert [r["headers"]["X-Api-Key"] for r in server.state["requests"]] == [CANARY] * 2
+
+
+@pytest.mark.parametrize("location", ["http://127.0.0.1:99999/x", "http://[::1/x"])
+async def test_a_redirect_to_an_invalid_url_is_a_client_error(
+    server: Server, location: str,
+) -> None:
+    server.mode(f"redirect:{location}")
+    http = tool(server.base, allow=["127.0.0.1"], follow_redirects=True)
+    with pytest.raises(ExecutorError) as caught:
+        await http(task({"customer_id": "1"}, schema=None))
+    await http.close()
+    assert (caught.value.kind, caught.value.retryable) == ("client_error", False)
+    assert "invalid URL" in caught.value.message

@@ -11,8 +11,8 @@ prompt and completion together, or None) and `max_cost` (the step's declared wor
 0 or None means none was declared). Every round of an attempt (the first ask and each repair)
 is capped so that the attempt stays inside both: the completion cap of a round is what is
 left of the token grant after the tokens already spent and the round's prompt (the reported
-prompt tokens of the previous round plus what was added since; for the first round an
-estimate of about one token per three bytes of the request), and no more than the cost grant
+prompt tokens of the previous round plus what was added since; for the first round
+`estimate_tokens` of the request, meant to be on the high side), and no more than the cost grant
 leaves at the model's price. A round whose cap would fall under `min_completion_tokens` is
 not sent: on the first round that is a non-retryable `budget` failure (the grant cannot pay
 for the prompt), on a repair round the attempt fails with the schema error it already has.
@@ -79,10 +79,21 @@ def _as_price(value: PriceSpec, what: str) -> Price:
 
 
 def estimate_tokens(value: Any) -> int:
-    """A conservative guess at the tokens of a request part, without a tokenizer: about one
-    token per three bytes of its JSON (real tokenizers average nearer four for English)."""
+    """A guess at the tokens of a request part (its JSON, or the text), without a tokenizer,
+    meant to be on the high side: one token per three ASCII bytes (real tokenizers average
+    nearer four for English and code), and for every other character one token per UTF-8
+    byte after its first: 1 for accented Latin, Greek or Cyrillic, 2 for a CJK character, 3
+    for an emoji. Common tokenizers spend one to two tokens per CJK character and one to three
+    per emoji, so this is at or above them in those scripts too, where one token per three
+    bytes (one per CJK character, 1.3 per emoji) undercounted. Still an estimate, not a
+    bound: only one token per byte would be, for rare characters split into bytes."""
     raw = value.encode() if isinstance(value, str) else orjson.dumps(value)
-    return -(-len(raw) // 3)
+    if raw.isascii():
+        return -(-len(raw) // 3)
+    chars = len(raw.decode())
+    extra = len(raw) - chars  # the UTF-8 bytes after the first of each non-ASCII character
+    ascii_bytes = chars - sum(1 for byte in raw if byte >= 0xC0)  # lead bytes: one a char
+    return -(-ascii_bytes // 3) + extra
 
 
 def _count(usage: Any, key: str) -> int:

@@ -157,6 +157,17 @@ async def test_usage_a_server_leaves_out_is_estimated_not_zero(server: Server) -
     assert result.usage.cost > 0
 
 
+@pytest.mark.parametrize(("text", "at_least"), [
+    ("退款请求已收到" * 20, 2 * 7 * 20),  # CJK: 1-2 tokens a character in real tokenizers
+    ("😀🚀" * 30, 3 * 60),  # emoji: 1-3 tokens each
+    ("Grüße aus Köln " * 10, 10 * (12 // 3 + 3)),  # ASCII by thirds, one per ü, ß, ö
+], ids=["cjk", "emoji", "accented-latin"])
+def test_the_prompt_estimate_stays_high_for_text_beyond_ascii(text: str, at_least: int) -> None:
+    assert estimate_tokens(text) >= at_least
+    assert estimate_tokens({"content": text}) >= at_least
+    assert estimate_tokens("plain English text, " * 30) == -(-600 // 3)  # ASCII: unchanged
+
+
 # --- prices: a model without one is a configuration error, never a silent $0 ------------
 
 

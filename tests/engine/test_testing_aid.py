@@ -68,3 +68,19 @@ def test_check_history_catches_events_after_the_end() -> None:
     late = ev.SignalReceived(at=sim.now + timedelta(seconds=1), name="x")
     with pytest.raises(InvariantViolated, match="after the run ended"):
         check_history(loop, [*sim.history, late])
+
+
+def test_a_history_cut_after_some_of_its_decisions_is_caught() -> None:
+    from pathlib import Path
+
+    from engine import codec
+    from tests.histories.golden_workflows import SCRIPTS
+
+    workflow, _script = SCRIPTS["linear_chain"]
+    lines = (Path(__file__).resolve().parents[1] / "histories" / "linear_chain.jsonl"
+             ).read_bytes().splitlines()
+    events = [codec.decode(line) for line in lines]
+    assert events[-1].type == "RunCompleted" and events[-2].type == "TransitionTaken"
+    check_history(workflow, events)  # whole: fine
+    with pytest.raises(InvariantViolated, match=r"re-deciding gives .*'RunCompleted'\]"):
+        check_history(workflow, events[:-1])  # the run's end was decided but is missing

@@ -66,8 +66,9 @@ class _Start:
 
 
 class _Run:
-    __slots__ = ("deadline_at", "definition", "dirty", "held", "id_text", "last_hash", "lock",
-                 "run_id", "state", "tasks", "timer", "timer_at", "waiters", "watchers")
+    __slots__ = ("admit_at", "deadline_at", "definition", "dirty", "held", "id_text",
+                 "last_hash", "lock", "run_id", "state", "tasks", "timer", "timer_at", "waiters",
+                 "watchers")
 
     def __init__(self, run_id: UUID, definition: Workflow | None, state: RunState,
                  last_hash: str) -> None:
@@ -85,6 +86,7 @@ class _Run:
         self.held: str | None = None
         self.dirty = False
         self.deadline_at: datetime | None = None
+        self.admit_at: datetime | None = None  # when a rate limit may next admit an attempt
 
 
 class Engine:
@@ -461,6 +463,8 @@ class Engine:
         batch: list[ev.Event] = [*triggers, *decided, *(c.event for c in claimed)]
         if not batch:
             self._arm_timer(run)
+            if self._slot_waiters and self._free_slots > 0:
+                self._wake_slot_waiters()
             return
         records: list[Record] = []
         stamps: list[tuple[str, str]] = []
@@ -495,6 +499,7 @@ class Engine:
                ) -> tuple[list[_Start], RunState]:
         """Take dispatch slots (and rate-limit room) for attempts that are due now."""
         claimed: list[_Start] = []
+        run.admit_at = None
         if self._closing or state.terminal or run.definition is None:
             return claimed, state
         for st in dispatchable(state):
@@ -509,8 +514,10 @@ class Engine:
             if limiter is not None:
                 wait, admission = limiter.try_acquire(self._clock.monotonic(),
                                                       st.max_tokens or 0)
-                if admission is None:
-                    self._arm_timer(run, now + timedelta(seconds=wait))
+                if admission is None:  # the timer armed after this commit wakes the run
+                    when = now + timedelta(seconds=wait)
+                    if run.admit_at is None or when < run.admit_at:
+                        run.admit_at = when
                     continue
             self._free_slots -= 1
             deadline = now + _seconds(task.timeout)
@@ -702,12 +709,22 @@ class Engine:
 
     def _release_slot(self) -> None:
         self._free_slots += 1
-        while self._slot_waiters and self._free_slots > 0:
+        self._wake_slot_waiters()
+
+    def _wake_slot_waiters(self) -> None:
+        """Wake as many runs waiting for a dispatch slot as there are free slots.
+
+        A woken run that cannot use its slot after all (its rate limit says wait, or another
+        run took it first) queues again; waking one per free slot on every commit, not only
+        when a slot is released, means a slot never sits free while runs wait for one.
+        """
+        woken = 0
+        while self._slot_waiters and woken < self._free_slots:
             run_id, _ = self._slot_waiters.popitem(last=False)
             run = self._runs.get(run_id)
             if run is not None:
                 self._spawn(self._wake(run))
-                break  # one wake per freed slot; the woken run re-queues if it needs more
+                woken += 1
 
     # --- time ----------------------------------------------------------------------------
 
@@ -716,18 +733,26 @@ class Engine:
         state = run.state
         if run.definition is None or state.terminal or self._closing:
             return
-        # The same moments as `timers()` plus due attempts, in one pass over the steps: this
-        # runs after every commit, and the run's deadline never changes.
+        # The same moments as `timers()` plus the attempts' not-before times, in one pass over
+        # the steps: this runs after every commit, and the run's deadline never changes. While
+        # the run waits for a dispatch slot (a freed slot wakes it) or for its rate limit
+        # (`admit_at`), an attempt that is already due is left out: a timer for its past
+        # not-before time would wake the run in a busy loop.
         due = run.deadline_at
         if due is None:
             if state.started_at is None:
                 return
             due = run.deadline_at = state.started_at + timedelta(
                 seconds=state.limits["deadline"])
+        now = self._clock.now()
+        blocked = run.admit_at is not None or run.run_id in self._slot_waiters
+        if run.admit_at is not None and run.admit_at < due:
+            due = run.admit_at
         for st in state.steps.values():
             status = st.status
             if status == "scheduled":
-                if st.not_before is not None and st.not_before < due:
+                if st.not_before is not None and st.not_before < due and (
+                        not blocked or st.not_before > now):
                     due = st.not_before
             elif status == "waiting" and st.waiting_since is not None:
                 step = run.definition.step(st.name)
@@ -745,7 +770,7 @@ class Engine:
         run.timer_at = due
         if due is None:
             return
-        delay = max(0.0, (due - self._clock.now()).total_seconds())
+        delay = max(0.0, (due - now).total_seconds())
         run.timer = asyncio.get_running_loop().call_later(delay, self._on_timer, run)
 
     def _on_timer(self, run: _Run) -> None:

@@ -226,6 +226,38 @@ async def test_a_token_rate_limit_needs_a_reservation_on_every_step(store_url: s
         await engine.open()
 
 
+class _CountingEngine(Engine):
+    wakes = 0
+
+    async def _wake(self, run: Any) -> None:
+        type(self).wakes += 1
+        await super()._wake(run)
+
+
+@pytest.mark.parametrize("limits", ["slots", "rate"])
+async def test_runs_waiting_for_a_slot_or_a_rate_limit_sleep_instead_of_spinning(
+        store_url: str, limits: str) -> None:
+    # An attempt that is due but cannot start (no free dispatch slot, or its rate limit says
+    # wait) must not re-arm a timer for its past not-before time: that woke the run in a busy
+    # loop, starving the store's writer thread of the GIL (a 1 s demo took up to 90 s).
+    async def work(task: Task) -> Any:
+        await asyncio.sleep(0.02)
+        return {}
+
+    wf = Workflow("busy", on_failure=FAIL, steps=[
+        Step("a", executor="w", next="b"), Step("b", executor="w", next="c"),
+        Step("c", executor="w")])
+    options: dict[str, Any] = (
+        {"max_concurrency": 2} if limits == "slots"
+        else {"rate_limits": {"w": RateLimit(requests=4, per=0.2)}})
+    _CountingEngine.wakes = 0
+    async with _CountingEngine(store_url, [wf], {"w": work}, **options) as engine:
+        ids = [await engine.start("busy", {"i": i}) for i in range(12)]
+        views = [await engine.wait(r, timeout=30) for r in ids]
+    assert all(v.status == "completed" for v in views)
+    assert _CountingEngine.wakes <= 10 * 12 * 3, _CountingEngine.wakes  # a few per attempt
+
+
 async def test_idempotent_start_under_50_concurrent_calls(sqlite_url: str) -> None:
     async with Engine(sqlite_url, [linear()], {"echo": echo}) as engine:
         ids = await asyncio.gather(*(engine.start("linear", {"x": 1}, idempotency_key="k-1")

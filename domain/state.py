@@ -194,18 +194,9 @@ def _run_started(state: RunState, event: ev.RunStarted, values: dict[str, Any]) 
 
 def _attempt_started(state: RunState, event: ev.AttemptStarted, values: dict[str, Any]
                      ) -> None:
-    step = state.steps.get(event.step)
-    if step is None or step.status != "scheduled" or step.attempt != event.attempt:
-        _expect(state, event.step, event.attempt, ("scheduled",), event)  # raises
-    assert step is not None
-    # `replace` inlined (one per step on the hot path).
-    data = step.__dict__.copy()
-    data["status"] = "running"
-    data["deadline"] = event.deadline
-    data["executor"] = event.executor
-    started = _new(StepState)
-    _set_dict(started, "__dict__", data)
-    _put(state, values, started)
+    step = _expect(state, event.step, event.attempt, ("scheduled",), event)
+    _put(state, values, replace(step, status="running", deadline=event.deadline,
+                                executor=event.executor))
     values["attempts"] = state.attempts + 1
 
 
@@ -220,17 +211,8 @@ def _spend(state: RunState, step: StepState, usage: ev.Usage, values: dict[str, 
 
 def _attempt_succeeded(state: RunState, event: ev.AttemptSucceeded, values: dict[str, Any]
                        ) -> None:
-    step = state.steps.get(event.step)
-    if step is None or step.status != "running" or step.attempt != event.attempt:
-        _expect(state, event.step, event.attempt, ("running",), event)  # raises
-    assert step is not None
-    data = step.__dict__.copy()
-    data["status"] = "succeeded"
-    data["output"] = event.output
-    data["error"] = None
-    succeeded = _new(StepState)
-    _set_dict(succeeded, "__dict__", data)
-    _put(state, values, succeeded)
+    step = _expect(state, event.step, event.attempt, ("running",), event)
+    _put(state, values, replace(step, status="succeeded", output=event.output, error=None))
     _spend(state, step, event.usage, values)
 
 
@@ -329,12 +311,7 @@ def _completed(state: RunState, event: ev.StepCompleted, values: dict[str, Any])
     step = state.steps.get(event.step)
     if step is None or step.status not in ("succeeded", "waiting", "running"):
         raise InvalidEvent(f"StepCompleted for {event.step!r} does not apply")
-    data = step.__dict__.copy()  # `replace` inlined (one per step on the hot path)
-    data["status"] = "completed"
-    data["output"] = event.output
-    completed = _new(StepState)
-    _set_dict(completed, "__dict__", data)
-    _put(state, values, completed)
+    _put(state, values, replace(step, status="completed", output=event.output))
     if step.parent is None:
         outputs = dict(state.outputs)
         outputs[step.name] = event.output

@@ -50,6 +50,15 @@ def write_app(path: Path, *, description: str = "v1", attempts: int = 3,
     return f"{path}:registry"
 
 
+async def until_waiting(engine: Engine, run_id: Any) -> None:
+    """Until the run waits for its signal (5 s at most, then the test fails)."""
+    for _ in range(500):
+        if (await engine.get(run_id)).waiting_for:
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail("the run never came to wait for its signal")
+
+
 @pytest.fixture
 def recorded(tmp_path: Path) -> dict[str, Any]:
     app = write_app(tmp_path / "app.py")
@@ -58,10 +67,7 @@ def recorded(tmp_path: Path) -> dict[str, Any]:
     async def run() -> str:
         async with Engine(store, registry=load_app(app)) as engine:
             run_id = await engine.start("audited", {"ticket": 1})
-            for _ in range(200):
-                if (await engine.get(run_id)).waiting_for:
-                    break
-                await asyncio.sleep(0.01)
+            await until_waiting(engine, run_id)
             await engine.signal(run_id, "ok", {"by": "auditor"})
             assert (await engine.wait(run_id, timeout=5)).status == "completed"
             return str(run_id)
@@ -475,12 +481,7 @@ def cancelled_export(tmp: Path) -> tuple[str, Path]:
     async def run() -> str:
         async with Engine(store, registry=load_app(app)) as engine:
             run_id = await engine.start("audited", {"ticket": 2})
-            for _ in range(500):
-                if (await engine.get(run_id)).waiting_for:
-                    break
-                await asyncio.sleep(0.01)
-            else:
-                pytest.fail("the run never came to wait for its signal")
+            await until_waiting(engine, run_id)
             await engine.cancel(run_id, "stop")
             assert (await engine.wait(run_id, timeout=5)).status == "cancelled"
             return str(run_id)

@@ -46,16 +46,23 @@ class Server:
         self.state.update({"mode": mode, **extra})
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[Server]:
+async def _serve(host: str) -> AsyncIterator[Server]:
+    """The fake providers on a loopback port, reached under `host` (another name: another
+    origin)."""
     app = make_app()
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield Server(app, f"http://127.0.0.1:{port}")
+    yield Server(app, f"http://{host}:{port}")
     await runner.cleanup()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Server]:
+    async for running in _serve("127.0.0.1"):
+        yield running
 
 
 def task(data: Any = None, schema: type[BaseModel] | None = Label, timeout: float = 2.0,
@@ -322,14 +329,8 @@ async def test_tool_secrets_come_from_the_environment_and_stay_out_of_errors(
 @pytest.fixture
 async def elsewhere() -> AsyncIterator[Server]:
     """A second server: another origin (reached as localhost, not 127.0.0.1)."""
-    app = make_app()
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield Server(app, f"http://localhost:{port}")
-    await runner.cleanup()
+    async for running in _serve("localhost"):
+        yield running
 
 
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])

@@ -17,7 +17,8 @@ import logging
 import os
 import secrets
 import socket
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -49,6 +50,10 @@ from .views import RunView
 log = logging.getLogger("rulebound.engine")
 RUN_NAMESPACE = UUID("5b1f0c3e-7a53-4f0e-9d7c-2f1d8d6a9e11")
 _MESSAGE_LIMIT = 500
+# Seconds of commits one loop iteration may run before further commits wait for a later
+# iteration (see Engine._turn): bounds the loop lag an embedding service sees under bursts.
+_TURN = 0.002
+_perf_counter = time.perf_counter  # a name of our own, so tests can drive the turn clock
 
 
 @dataclass(slots=True)
@@ -151,6 +156,10 @@ class Engine:
         self._id_prefix = str(uuid4())[:24]  # "xxxxxxxx-xxxx-4xxx-yxxx-": version 4 kept
         self._id_count = 0
         self._limits: dict[str, dict[str, Any]] = {}
+        self._turn_began: float | None = None
+        self._turn_commits = 0
+        self._fit = 16  # commits that fit in one turn, learned from the last full turn
+        self._deferred: deque[asyncio.Future[None]] = deque()
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -443,6 +452,9 @@ class Engine:
 
     async def _commit(self, run: _Run, triggers: list[ev.Event]) -> None:
         """Append `triggers` and everything they lead to, atomically. Caller holds run.lock."""
+        waiter = self._turn()
+        if waiter is not None:
+            await waiter
         if run.dirty:
             await self._reload(run)
         if run.definition is None or run.held:
@@ -494,6 +506,45 @@ class Engine:
         run.last_hash = prev
         self.metrics.commits += 1
         self._after_commit(run, batch, stamps, claimed)
+
+    def _turn(self) -> asyncio.Future[None] | None:
+        """None to commit now, or a future to await first: fairness for the event loop.
+
+        asyncio runs every callback that is ready at the start of an iteration before it looks
+        at timers and sockets again. When 200 runs' results arrive together, committing all of
+        them in one iteration stalls everything else on the loop (an embedding service's HTTP
+        handlers, its timers) for 20 ms or more. So a loop iteration commits for at most
+        `_TURN` seconds; later commits queue in order and are let through a turn's worth per
+        iteration. A quiet loop never waits: one commit per iteration always goes at once.
+        """
+        began = self._turn_began
+        if began is None:  # the first commit of this loop iteration
+            self._turn_began = _perf_counter()
+            asyncio.get_running_loop().call_soon(self._end_turn)
+        elif self._deferred or _perf_counter() - began > _TURN:
+            if not self._deferred:
+                self._fit = max(1, self._turn_commits)
+            waiter = asyncio.get_running_loop().create_future()
+            self._deferred.append(waiter)
+            return waiter
+        self._turn_commits += 1
+        return None
+
+    def _end_turn(self) -> None:
+        """At the next loop iteration (timers and I/O have had their turn): let the next
+        queued commits through, as many as fitted in a turn, and keep turning while any wait."""
+        self._turn_began = None
+        self._turn_commits = 0
+        released = 0
+        deferred = self._deferred
+        while deferred and released < self._fit:
+            waiter = deferred.popleft()
+            if not waiter.done():  # skip a caller that was cancelled meanwhile
+                waiter.set_result(None)
+                released += 1
+        if deferred:  # the released ones run in the next iteration: that is this new turn
+            self._turn_began = _perf_counter()
+            asyncio.get_running_loop().call_soon(self._end_turn)
 
     def _claim(self, run: _Run, state: RunState, now: datetime
                ) -> tuple[list[_Start], RunState]:

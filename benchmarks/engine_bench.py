@@ -1,10 +1,13 @@
 """rulebound's own figures: orchestration overhead, concurrency, replay speed, loop lag.
 
-    .venv/bin/python benchmarks/engine_bench.py [--repeat 3] [--quick]
+    .venv/bin/python benchmarks/engine_bench.py [--repeat 3]
 
-Each case runs in a fresh process, `--repeat` times; the table shows the median with min and
-max, and the JSON goes to benchmarks/results/engine.json. Timings are not asserted anywhere:
-machines are shared and noisy, so read them as figures, compare ratios measured side by side.
+Each case runs in a fresh process, `--repeat` rounds of all cases interleaved (so a noisy
+minute hits every case alike); the table shows the median with min and max, and the JSON goes
+to benchmarks/results/engine.json. Each workload also runs as its floor (engine_floor.py: the
+work the design requires per step, with no engine), and the table ends with engine / floor.
+Timings are not asserted anywhere: machines are shared and noisy, so read them as figures and
+compare ratios measured side by side.
 """
 
 from __future__ import annotations
@@ -63,32 +66,21 @@ async def case_sequential(store: str, runs: int) -> dict[str, float]:
 
 async def case_concurrent(store: str, runs: int) -> dict[str, float]:
     """W3 shape: all runs at once, 5 steps of 10 ms each; ideal wall time is 50 ms."""
+    from benchmarks.common import LagProbe
     from engine import Engine
-
-    lags: list[float] = []
-    stop = asyncio.Event()
-
-    async def sampler() -> None:
-        while not stop.is_set():
-            before = time.perf_counter()
-            await asyncio.sleep(0.001)
-            lags.append(time.perf_counter() - before - 0.001)
 
     async with Engine(store, [linear()], {"work": _sleep10}, max_concurrency=2000) as engine:
         await engine.wait(await engine.start("bench-linear"))
-        probe = asyncio.create_task(sampler())
+        probe = LagProbe()
+        probe.start()
         began = time.perf_counter()
         ids = await asyncio.gather(*(engine.start("bench-linear") for _ in range(runs)))
         views = await asyncio.gather(*(engine.wait(r) for r in ids))
         elapsed = time.perf_counter() - began
-        stop.set()
-        await probe
+        lag = await probe.stop()
         assert all(v.status == "completed" for v in views)
         commits, batched = engine.storage.commits, engine.storage.batched_writes
-    lags.sort()
-    return {"wall_ms": elapsed * 1e3, "ratio_to_ideal": elapsed / 0.050,
-            "loop_lag_p99_ms": lags[int(0.99 * (len(lags) - 1))] * 1e3 if lags else 0.0,
-            "loop_lag_max_ms": lags[-1] * 1e3 if lags else 0.0,
+    return {"wall_ms": elapsed * 1e3, "ratio_to_ideal": elapsed / 0.050, **lag,
             "commits": commits, "writes_sharing_a_commit": batched}
 
 
@@ -134,12 +126,38 @@ CASES = {
     "200 concurrent runs x 5 x 10 ms, SQLite":
         ("concurrent", "sqlite", 200, {"ratio_to_ideal": 1.5, "loop_lag_p99_ms": 20.0}),
     "replay a 10,240-event run": ("replay", "", 10_240, {}),
+    # The same workloads with only the work the design requires per step and no engine
+    # (benchmarks/engine_floor.py): a lower bound for the figures above, in the same run.
+    "floor: per-step, memory": ("floor-sequential", "memory://", 200, {}),
+    "floor: per-step, SQLite durable": ("floor-sequential", "sqlite", 200, {}),
+    "floor: 200 concurrent runs, memory": ("floor-concurrent", "memory://", 200, {}),
+    "floor: 200 concurrent runs, SQLite": ("floor-concurrent", "sqlite", 200, {}),
+    "floor: each part of a step alone (us per step)": ("floor-primitives", "", 5000, {}),
 }
 
 
+FLOOR_PAIRS = [
+    ("per-step, memory (200 runs x 5 steps, no-op)", "floor: per-step, memory", "us_per_step"),
+    ("per-step, SQLite durable (200 runs x 5 steps, no-op)", "floor: per-step, SQLite durable",
+     "us_per_step"),
+    ("200 concurrent runs x 5 x 10 ms, memory", "floor: 200 concurrent runs, memory",
+     "wall_ms"),
+    ("200 concurrent runs x 5 x 10 ms, SQLite", "floor: 200 concurrent runs, SQLite",
+     "wall_ms"),
+]
+
+
 def run_case(kind: str, store: str, n: int) -> dict[str, float]:
+    from benchmarks import engine_floor
+
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/bench.db" if store == "sqlite" else store
+        if kind == "floor-sequential":
+            return asyncio.run(engine_floor.sequential(url, n))
+        if kind == "floor-concurrent":
+            return asyncio.run(engine_floor.concurrent(url, n))
+        if kind == "floor-primitives":
+            return asyncio.run(engine_floor.primitives(Path(tmp) / "raw.db", n))
         if kind == "sequential":
             return asyncio.run(case_sequential(url, n))
         if kind == "concurrent":
@@ -157,13 +175,15 @@ def main() -> None:
         print(json.dumps(run_case(kind, store, n)))
         return
     results: dict[str, Any] = {}
-    for name in CASES:
-        samples = []
-        for _ in range(args.repeat):  # a fresh process per repetition
+    all_samples: dict[str, list[dict[str, float]]] = {name: [] for name in CASES}
+    for round_ in range(args.repeat):
+        for name in CASES:  # a fresh process per case and round
             out = subprocess.run([sys.executable, __file__, "--case", name],
                                  capture_output=True, text=True, check=True, cwd=ROOT)
-            samples.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f"  {name}: {samples[-1]}", file=sys.stderr)
+            all_samples[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"  [{round_ + 1}/{args.repeat}] {name}: {all_samples[name][-1]}",
+                  file=sys.stderr)
+    for name, samples in all_samples.items():
         keys = samples[0].keys()
         results[name] = {k: {"median": statistics.median(s[k] for s in samples),
                              "min": min(s[k] for s in samples),
@@ -188,6 +208,10 @@ def main() -> None:
                                                           else "MISSED")
             print(f"    {key:<26} {value['median']:>12.2f}  ({value['min']:.2f}-"
                   f"{value['max']:.2f}){verdict}")
+    print("\nengine / floor (medians; the floor is a lower bound for this design here)")
+    for engine_case, floor_case, key in FLOOR_PAIRS:
+        value = results[engine_case][key]["median"] / results[floor_case][key]["median"]
+        print(f"    {engine_case:<56} {key:<16} {value:6.2f}x")
     print(f"\nJSON: {RESULTS / 'engine.json'}")
 
 

@@ -1,33 +1,40 @@
 """The process the crash test kills: an engine over SQLite driving many runs.
 
 Every executor invocation is appended (and fsynced) to an external ledger before it does its
-work, so the test can count executions independently of the event log.
+work, so the test can count executions independently of the event log. The chain mixes plain
+steps with parallel steps (two branches in flight at once) and signal waits (answered by a
+signaller in this process, which a kill can interrupt between any two of its calls).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import sys
 
-from domain import FAIL, Limits, Retry, Step, Workflow
-from engine import Engine
+from domain import FAIL, Limits, Parallel, Retry, Step, WaitForSignal, Workflow
+from engine import Engine, RunTerminal
 
 STEPS = 150  # long enough that 20 kills land mid-run (~19 s of work per run), not after the end
 
 
+def _step(i: int) -> Step | Parallel | WaitForSignal:
+    name, nxt = f"s{i}", f"s{i + 1}" if i + 1 < STEPS else "$end"
+    retry = Retry(attempts=100, backoff=0.001, max_backoff=0.01)
+    if i % 10 == 5:
+        return Parallel(name, next=nxt, branches=tuple(
+            Step(f"{name}{b}", executor="work", timeout=30, retry=retry) for b in "ab"))
+    if i % 10 == 8:
+        return WaitForSignal(name, signal="go", timeout=3600, next=nxt)
+    return Step(name, executor="work", timeout=30, retry=retry, next=nxt)
+
+
 def workflow() -> Workflow:
-    return Workflow(
-        "crash-chain",
-        limits=Limits(max_steps=200, deadline=3600),
-        on_failure=FAIL,
-        steps=[Step(f"s{i}", executor="work", timeout=30,
-                    retry=Retry(attempts=100, backoff=0.001, max_backoff=0.01),
-                    next=f"s{i + 1}" if i + 1 < STEPS else "$end")
-               for i in range(STEPS)],
-    )
+    return Workflow("crash-chain", limits=Limits(max_steps=400, deadline=3600),
+                    on_failure=FAIL, steps=[_step(i) for i in range(STEPS)])
 
 
 def _write_atomically(path: str, text: str) -> None:
@@ -54,7 +61,19 @@ async def main(db: str, ledger_path: str, runs: int, report: str) -> None:
         ids = [await engine.start("crash-chain", {"i": i}, idempotency_key=f"run-{i}")
                for i in range(runs)]
         print("STARTED", flush=True)
+
+        async def signaller() -> None:  # answers every signal wait, like an approver would
+            while True:
+                for run_id in ids:
+                    view = await engine.get(run_id)
+                    if "go" in view.waiting_for:
+                        with contextlib.suppress(RunTerminal):  # it ended meanwhile
+                            await engine.signal(run_id, "go", {"approved": True})
+                await asyncio.sleep(0.1)
+
+        answering = asyncio.create_task(signaller())
         views = [await engine.wait(r) for r in ids]
+        answering.cancel()
         text = json.dumps({str(v.run_id): v.to_dict() for v in views}, default=str)
         await asyncio.to_thread(_write_atomically, report, text)
     print("DONE", flush=True)

@@ -1,10 +1,11 @@
 """Kill the engine with SIGKILL at random moments; nothing committed may be lost or redone.
 
-The worker process runs >= 20 concurrent multi-step runs on SQLite and logs every executor
-invocation to a ledger. After each kill the test snapshots the store; after the last restart
-it checks: every run finished; no event seen in any snapshot changed or vanished; no attempt
-number ran twice and no step ran again after it succeeded; re-executions equal the attempts
-that were in flight at the kills; replaying each run equals what the engine reported.
+The worker process runs >= 20 concurrent multi-step runs on SQLite (plain steps, parallel
+branches, signal waits) and logs every executor invocation to a ledger. After each kill the
+test snapshots the store; after the last restart it checks: every run finished; no event seen
+in any snapshot changed or vanished; no attempt number ran twice and no step ran again after
+it succeeded; re-executions equal the attempts that were in flight at the kills; every signal
+wait was answered once; replaying each run equals what the engine reported.
 """
 
 from __future__ import annotations
@@ -64,6 +65,16 @@ def _in_flight(run_id: UUID, data: list[bytes]) -> set[tuple[str, str, int]]:
     return started - finished
 
 
+def _caught_mid(snapshot: dict[UUID, list[bytes]]) -> tuple[int, int]:
+    """Runs a kill caught with a parallel step running, and with a signal wait open."""
+    parallel = waiting = 0
+    for data in snapshot.values():
+        steps = replay(_events(data)).steps.values()
+        parallel += any(st.kind == "parallel" and st.status == "running" for st in steps)
+        waiting += any(st.status == "waiting" for st in steps)
+    return parallel, waiting
+
+
 def _completed_steps(snapshot: dict[UUID, list[bytes]]) -> int:
     return sum(1 for data in snapshot.values() for e in _events(data)
                if e.type == "StepCompleted")
@@ -81,6 +92,7 @@ def test_sigkill_at_random_points_loses_and_redoes_nothing(tmp_path: Path) -> No
     in_flight_each: list[set[tuple[str, str, int]]] = []  # per kill
     ledger_at_kill: list[int] = []  # executions logged when each kill landed
     progress: list[int] = []
+    caught_parallel = caught_waiting = 0
     for kill in range(KILLS):
         proc = subprocess.Popen(
             [sys.executable, str(WORKER), str(db), str(ledger), str(RUNS), str(report)],
@@ -100,12 +112,17 @@ def test_sigkill_at_random_points_loses_and_redoes_nothing(tmp_path: Path) -> No
         in_flight_each.append(now_in_flight)
         in_flight_at_kills |= now_in_flight
         progress.append(_completed_steps(snapshot))
+        parallel, waiting = _caught_mid(snapshot)
+        caught_parallel += parallel
+        caught_waiting += waiting
         seen = snapshot
     # The floor: runs must have advanced between kills, or "everything failed" would pass.
     # A kill lands 0.5-1.2 s after start; 24 runs of 50-200 ms steps complete dozens of steps
     # in that time, so at least half the kills must each see a real advance (>= 3 steps).
     advanced = sum(1 for a, b in zip([0, *progress], progress, strict=False) if b - a >= 3)
     assert advanced >= KILLS // 2, f"too little progress between kills: {progress}"
+    # The kills must also have hit the harder shapes: branches in flight, open signal waits.
+    assert caught_parallel and caught_waiting, (caught_parallel, caught_waiting)
 
     done = subprocess.run(
         [sys.executable, str(WORKER), str(db), str(ledger), str(RUNS), str(report)],
@@ -126,6 +143,9 @@ def test_sigkill_at_random_points_loses_and_redoes_nothing(tmp_path: Path) -> No
         events = _events(data)
         state = replay(events)
         assert state.status == "completed", (run_id, state.status, state.reason)
+        # every wait was answered exactly once, whatever the kills interrupted
+        assert sum(1 for e in events if e.type == "SignalReceived") >= 15
+        assert sum(1 for e in events if e.type == "StepCompleted" and e.signal) == 15
         # replaying the log equals what the live engine reported
         replayed = json.loads(json.dumps(RunView.of(run_id, state).to_dict(), default=str))
         assert replayed == reported[str(run_id)], run_id
@@ -152,4 +172,5 @@ def test_sigkill_at_random_points_loses_and_redoes_nothing(tmp_path: Path) -> No
         caused_by = set().union(*in_flight_each[:k]) if k else set()
         assert again <= len(caused_by), f"kill {k}: {again} re-runs, {len(caused_by)} in flight"
     print(f"kills={KILLS} completed steps after each kill={progress} "
-          f"in flight at kills={len(in_flight_at_kills)} re-executions={reexecuted}")
+          f"in flight at kills={len(in_flight_at_kills)} re-executions={reexecuted} "
+          f"runs caught mid-parallel={caught_parallel} mid-wait={caught_waiting}")

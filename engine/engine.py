@@ -184,6 +184,8 @@ class Engine:
             raise DefinitionError(
                 f"steps on an executor with a token rate limit must declare max_tokens, so "
                 f"each call reserves its worst case in the window: {text}")
+        if not self._read_only:
+            _refuse_unbudgeted(self.registry.unbudgeted_model_steps())
         store = self._store_spec
         if isinstance(store, str):
             store = await asyncio.get_running_loop().run_in_executor(None, open_store, store)
@@ -432,6 +434,8 @@ class Engine:
 
     def register(self, workflow: Workflow) -> None:
         """Add a workflow version at run time; runs held for that version resume."""
+        if not self._read_only:
+            _refuse_unbudgeted(self.registry.unbudgeted_model_steps([workflow]))
         self.registry.add(workflow)
         for run in list(self._runs.values()):
             if run.held and run.state.definition_hash == workflow.hash:
@@ -992,6 +996,14 @@ _tuple_new = tuple.__new__
 def _seconds(seconds: float) -> timedelta:
     """A step timeout as a timedelta (a handful of distinct values, asked per attempt)."""
     return timedelta(seconds=seconds)
+
+
+def _refuse_unbudgeted(steps: list[tuple[str, str, str]]) -> None:
+    if steps:
+        text = ", ".join(f"{s!r} of {w!r} (executor {e!r})" for w, s, e in steps)
+        raise DefinitionError(
+            f"steps on a model executor must declare max_tokens: the run's token limit is "
+            f"kept by reserving each attempt's worst case before it is scheduled: {text}")
 
 
 def _uuid(value: UUID | str) -> UUID:

@@ -162,6 +162,11 @@ class ExecutorContext:
 
 @runtime_checkable
 class Executor(Protocol):
-    """Anything awaitable with a Task. Optional hooks: `open(ctx)` and `close()`."""
+    """Anything awaitable with a Task. Optional hooks: `open(ctx)` and `close()`.
+
+    Optional attribute `spends_tokens = True` (the model executors have it): every step on
+    the executor must then declare `max_tokens`, or `Engine.open` refuses the definition,
+    because the run's token limit is kept by reserving each attempt's ceiling in advance.
+    """
 
     async def __call__(self, task: Task) -> Result: ...

@@ -89,6 +89,25 @@ class Registry:
                         found.append((wf.name, task.name, task.executor))
         return sorted(set(found))
 
+    def unbudgeted_model_steps(self, workflows: Iterable[Workflow] | None = None
+                               ) -> list[tuple[str, str, str]]:
+        """(workflow, step, executor) for task steps on an executor that spends tokens (a
+        model: `spends_tokens = True`) that declare no `max_tokens`.
+
+        A run's token limit is kept by reserving each attempt's worst case before it is
+        scheduled; a model step without a ceiling reserves nothing, so a run of such steps
+        could spend past its limit.
+        """
+        if workflows is None:
+            workflows = [wf for versions in self._versions.values() for wf in versions]
+        found = []
+        for wf in workflows:
+            for task in _tasks_of(wf):
+                executor = self.executors.get(task.executor)
+                if getattr(executor, "spends_tokens", False) is True and task.max_tokens is None:
+                    found.append((wf.name, task.name, task.executor))
+        return sorted(set(found))
+
 
 def _tasks_of(wf: Workflow) -> list[Step]:
     """Every runnable task step: top-level steps, parallel branches, map templates."""

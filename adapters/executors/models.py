@@ -127,6 +127,7 @@ class _Ledger:
 
 class _ModelExecutor(SessionUser):
     service = "model"
+    spends_tokens = True  # its steps must declare max_tokens (see Executor)
 
     def __init__(self, *, model: str, base_url: str, api_key_env: str | None,
                  api_key: SecretProvider | None, prompt: str | None, system: str | None,

@@ -50,9 +50,15 @@ class Script:
 
 
 class ScriptedModel:
-    """An executor that plays a script per step name (the part of the key before any `[`)."""
+    """An executor that plays a script per step name (the part of the key before any `[`).
 
-    def __init__(self, scripts: Mapping[str, Script], default: Script | None = None) -> None:
+    It stands in for a model, so like one it spends tokens: its steps must declare
+    `max_tokens` (pass `spends_tokens=False` to script a tool that uses none).
+    """
+
+    def __init__(self, scripts: Mapping[str, Script], default: Script | None = None, *,
+                 spends_tokens: bool = True) -> None:
+        self.spends_tokens = spends_tokens
         self.scripts = dict(scripts)
         self.default = default
         self.calls: list[tuple[str, int]] = []

@@ -226,6 +226,37 @@ async def test_a_token_rate_limit_needs_a_reservation_on_every_step(store_url: s
         await engine.open()
 
 
+async def test_model_steps_must_declare_their_token_ceiling(store_url: str) -> None:
+    # Without a ceiling a model step reserves nothing, and the run's token limit is kept only
+    # by reservations: a loop of such steps could spend past it.
+    from adapters.executors import AnthropicMessages, OpenAIChat, Script, ScriptedModel
+
+    assert OpenAIChat.spends_tokens and AnthropicMessages.spends_tokens
+    model = ScriptedModel({}, default=Script(output={"ok": True}))
+    wf = Workflow("unbudgeted", on_failure=FAIL, steps=[
+        Step("plain", executor="echo", next="fan"),
+        Parallel("fan", next=END, branches=[Step("a", executor="llm", max_tokens=100),
+                                            Step("b", executor="llm")])])
+    engine = Engine(store_url, [wf], {"llm": model, "echo": echo})
+    with pytest.raises(DefinitionError, match=r"max_tokens.*'b' of 'unbudgeted' \(executor "
+                                              r"'llm'\)") as refused:
+        await engine.open()
+    assert "'a'" not in str(refused.value) and "'plain'" not in str(refused.value)
+
+    tool = ScriptedModel({}, default=Script(output={"ok": True}), spends_tokens=False)
+    async with Engine(store_url, [wf], {"llm": tool, "echo": echo}) as engine:
+        assert (await engine.wait(await engine.start("unbudgeted"), timeout=10)).status == (
+            "completed")
+
+    budgeted = Workflow("later", on_failure=FAIL, steps=[Step("s", executor="llm",
+                                                              max_tokens=10)])
+    unbudgeted = Workflow("later", on_failure=FAIL, steps=[Step("s", executor="llm")])
+    async with Engine(store_url, [budgeted], {"llm": model}) as engine:
+        with pytest.raises(DefinitionError, match="max_tokens"):
+            engine.register(unbudgeted)  # at run time too, and nothing is registered
+        assert engine.registry.versions("later") == [budgeted]
+
+
 class _CountingEngine(Engine):
     wakes = 0
 

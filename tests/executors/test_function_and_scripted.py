@@ -83,7 +83,7 @@ async def test_scripted_failures_then_success_through_the_engine(sqlite_url: str
                                                                        "server_error"],
                                        retry_after=0.05, usage=Usage(tokens_out=7))})
     wf = Workflow("w", on_failure=FAIL, steps=[
-        Step("s", executor="m", retry=Retry(attempts=3, backoff=0.01))])
+        Step("s", executor="m", max_tokens=50, retry=Retry(attempts=3, backoff=0.01))])
     async with Engine(sqlite_url, [wf], {"m": model}) as engine:
         view = await engine.wait(await engine.start("w"), timeout=5)
     assert view.status == "completed"
@@ -93,7 +93,7 @@ async def test_scripted_failures_then_success_through_the_engine(sqlite_url: str
 
 async def test_a_hanging_script_meets_the_step_timeout(sqlite_url: str) -> None:
     wf = Workflow("w", on_failure=FAIL, steps=[
-        Step("s", executor="m", timeout=0.1, retry=Retry(attempts=1))])
+        Step("s", executor="m", timeout=0.1, max_tokens=50, retry=Retry(attempts=1))])
     async with Engine(sqlite_url, [wf], {"m": ScriptedModel({"s": Script(hang=True)})}) as e:
         view = await e.wait(await e.start("w"), timeout=5)
     assert view.error_type == "timeout"

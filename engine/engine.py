@@ -157,8 +157,9 @@ class Engine:
         self._id_count = 0
         self._limits: dict[str, dict[str, Any]] = {}
         self._turn_began: float | None = None
+        self._turn_last = 0.0  # when the turn's latest commit began
         self._turn_commits = 0
-        self._fit = 16  # commits that fit in one turn, learned from the last full turn
+        self._fit = 16  # commits that fit in one turn, measured on every turn
         self._deferred: deque[asyncio.Future[None]] = deque()
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -307,9 +308,40 @@ class Engine:
             return False
         except BaseException:
             if run.state.version == 0:
-                self._runs.pop(run_id, None)
+                self._forget_unstarted(run)
             raise
         return True
+
+    def _forget_unstarted(self, run: _Run) -> None:
+        """A start that failed or was cancelled before its first write was confirmed.
+
+        Callers already waiting on this run (a signal on its lock, a `wait`) must not act on
+        it: `_check_live` refuses a run object that is no longer the engine's. If the write
+        was handed to the store it may still land; then the run exists, and this engine,
+        which wrote it, takes it up once the writer has settled it (`_take_up_if_stored`).
+        """
+        self._runs.pop(run.run_id, None)
+        may_have_landed = run.dirty
+        run.dirty = True
+        for waiter in run.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        run.waiters.clear()
+        if may_have_landed and not self._closing:
+            self._spawn(self._take_up_if_stored(run.run_id))
+
+    async def _take_up_if_stored(self, run_id: UUID) -> None:
+        try:
+            await self.storage.barrier()  # every write handed over before this one is settled
+            run = await self._adopt(run_id)
+        except RunNotFound:
+            return  # the write did not land: there is no run
+        except Exception as exc:
+            log.warning("run %s: cannot check whether its cancelled start landed (%s); the "
+                        "next engine start recovers it if it did", run_id, type(exc).__name__)
+            return
+        if run is not None and not run.held:
+            await self._resume(run)
 
     def _limits_of(self, definition: Workflow) -> dict[str, Any]:
         """`definition.limits.model_dump()`, dumped once per definition (a fresh copy each)."""
@@ -458,7 +490,9 @@ class Engine:
         """Append `triggers` and everything they lead to, atomically. Caller holds run.lock."""
         waiter = self._turn()
         if waiter is not None:
-            await waiter
+            await waiter  # let through by _end_turn: this iteration's turn counts it
+            self._turn_commits += 1
+            self._turn_last = _perf_counter()
         if run.dirty:
             await self._reload(run)
         if run.definition is None or run.held:
@@ -523,20 +557,31 @@ class Engine:
         """
         began = self._turn_began
         if began is None:  # the first commit of this loop iteration
-            self._turn_began = _perf_counter()
+            self._turn_began = self._turn_last = _perf_counter()
             asyncio.get_running_loop().call_soon(self._end_turn)
-        elif self._deferred or _perf_counter() - began > _TURN:
-            if not self._deferred:
-                self._fit = max(1, self._turn_commits)
-            waiter = asyncio.get_running_loop().create_future()
-            self._deferred.append(waiter)
-            return waiter
+        elif self._deferred:  # others wait already: queue behind them
+            return self._defer()
+        else:
+            now = _perf_counter()
+            if now - began > _TURN:
+                return self._defer()
+            self._turn_last = now
         self._turn_commits += 1
         return None
+
+    def _defer(self) -> asyncio.Future[None]:
+        waiter = asyncio.get_running_loop().create_future()
+        self._deferred.append(waiter)
+        return waiter
 
     def _end_turn(self) -> None:
         """At the next loop iteration (timers and I/O have had their turn): let the next
         queued commits through, as many as fitted in a turn, and keep turning while any wait."""
+        began, commits = self._turn_began, self._turn_commits
+        if began is not None and commits > 1 and self._turn_last > began:
+            # How many commits fit in _TURN, from how long this turn's took to begin.
+            per_commit = (self._turn_last - began) / (commits - 1)
+            self._fit = max(1, min(1024, 1 + int(_TURN / per_commit)))
         self._turn_began = None
         self._turn_commits = 0
         released = 0
@@ -547,7 +592,7 @@ class Engine:
                 waiter.set_result(None)
                 released += 1
         if deferred:  # the released ones run in the next iteration: that is this new turn
-            self._turn_began = _perf_counter()
+            self._turn_began = self._turn_last = _perf_counter()
             asyncio.get_running_loop().call_soon(self._end_turn)
 
     def _claim(self, run: _Run, state: RunState, now: datetime
@@ -979,6 +1024,8 @@ class Engine:
             raise RunTerminal(f"run {run.run_id} has ended ({run.state.status})")
         if run.held:
             raise RunTerminal(run.held)
+        if self._runs.get(run.run_id) is not run:  # its start failed while we waited
+            raise RunNotFound(f"no run {run.run_id}: its start did not complete")
 
     def _view(self, run: _Run) -> RunView:
         waiting = tuple(

@@ -98,6 +98,16 @@ class StoreWorker:
         self._queue.put(write)
         await write.future
 
+    async def barrier(self) -> None:
+        """Return once every write handed over before this call has been settled."""
+        if self._closed:
+            raise StoreError("the store is closed")
+        if not self.blocking:
+            return  # inline writes are settled when append returns
+        write = _Write((), asyncio.get_running_loop())
+        self._queue.put(write)
+        await write.future
+
     def _write_loop(self) -> None:
         while True:
             item = self._queue.get()
@@ -125,6 +135,13 @@ class StoreWorker:
                 return
 
     def _write_batch(self, batch: list[_Write]) -> None:
+        if any(not w.records for w in batch):  # barriers: settled once those before them are
+            for write in batch:
+                if not write.records:
+                    _settle(write, None)
+            batch = [w for w in batch if w.records]
+            if not batch:
+                return
         records = [r for w in batch for r in w.records]
         try:
             self.store.append(records)

@@ -84,8 +84,108 @@ async def test_a_cancelled_waiter_does_not_hold_up_the_queue(ms_clock: None) -> 
         assert engine._turn() is None  # 2 ms: still within the turn
         waiters = [engine._turn() for _ in range(4)]  # over the turn: they queue in order
         assert all(w is not None for w in waiters)
-        assert engine._fit == 3
         waiters[0].cancel()  # type: ignore[union-attr]
         engine._end_turn()
+        assert engine._fit == 3  # 3 commits began within 2 ms: 3 fit in a turn
         assert [w.done() and not w.cancelled() for w in waiters] == [False, True, True, True]
         assert not engine._deferred
+
+
+async def test_a_start_cancelled_in_the_queue_leaves_no_half_run(
+    store_url: str, ms_clock: None
+) -> None:
+    # A start queued for its turn is cancelled while a signal waits on the new run's lock and
+    # a `wait` waits for its end: both must get RunNotFound (not act on, or hang on, a run
+    # that was never written), nothing is stored, and the same key starts cleanly afterwards.
+    from uuid import uuid5
+
+    from domain import WaitForSignal
+    from domain.errors import RunNotFound
+    from engine.engine import RUN_NAMESPACE
+
+    wf = Workflow("approve", on_failure=FAIL, steps=[
+        WaitForSignal("ok", signal="go", timeout=60, next=END)])
+    async with Engine(store_url, [wf], {}) as engine:
+        for _ in range(3):
+            assert engine._turn() is None  # this iteration's turn is used up
+        ahead = [engine._turn() for _ in range(3000)]  # commits queued ahead of the start
+        assert all(w is not None for w in ahead)
+        starting = asyncio.create_task(engine.start("approve", idempotency_key="k"))
+        run_id = uuid5(RUN_NAMESPACE, "approve\x00k")
+        for _ in range(1000):  # until the start is queued for its first write
+            if run_id in engine._runs:
+                break
+            await asyncio.sleep(0.001 if store_url != "memory://" else 0)
+        assert run_id in engine._runs and not starting.done()
+        signalling = asyncio.create_task(engine.signal(run_id, "go"))
+        waiting = asyncio.create_task(engine.wait(run_id))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        with pytest.raises(RunNotFound):
+            await asyncio.wait_for(signalling, 5)
+        with pytest.raises(RunNotFound):
+            await asyncio.wait_for(waiting, 5)
+        assert await engine.storage.read(run_id, 0) == []
+        assert await engine.start("approve", idempotency_key="k") == run_id
+        await engine.signal(run_id, "go")
+        assert (await engine.wait(run_id, timeout=5)).status == "completed"
+
+
+async def test_a_start_cancelled_mid_write_is_taken_up_when_the_write_lands(
+    sqlite_url: str,
+) -> None:
+    # The first write was handed to the writer thread, then the caller gave up: the write
+    # lands anyway, so the run exists; the engine that wrote it must drive it, not forget it
+    # until the next restart.
+    import threading
+    from uuid import uuid5
+
+    from domain import Retry
+    from domain.errors import RunNotFound
+    from engine.engine import RUN_NAMESPACE
+
+    async def done(task: Task) -> Any:
+        return {"ok": True}
+
+    wf = Workflow("one", on_failure=FAIL, steps=[
+        Step("only", executor="done", retry=Retry(attempts=2, backoff=0), next=END)])
+    entered, release = threading.Event(), threading.Event()
+    async with Engine(sqlite_url, [wf], {"done": done}) as engine:
+        store = engine.storage.store
+        real_append = store.append
+
+        def held_append(records: Any) -> None:  # runs on the writer thread
+            entered.set()
+            release.wait(10)
+            real_append(records)
+
+        store.append = held_append  # type: ignore[method-assign]
+        starting = asyncio.create_task(engine.start("one", idempotency_key="k"))
+        run_id = uuid5(RUN_NAMESPACE, "one\x00k")
+        for _ in range(1000):
+            if entered.is_set():
+                break
+            await asyncio.sleep(0.005)
+        assert entered.is_set()
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        store.append = real_append  # type: ignore[method-assign]
+        release.set()
+        status = None
+        for _ in range(500):
+            try:
+                status = (await engine.get(run_id)).status
+            except RunNotFound:
+                status = None
+            if status == "completed":
+                break
+            await asyncio.sleep(0.02)
+        assert status == "completed"
+        types = [e.type for e in await engine.events(run_id)]
+    # The attempt the first write started never ran here: it is abandoned, then retried.
+    assert types[:3] == ["RunStarted", "StepScheduled", "AttemptStarted"]
+    assert "AttemptAbandoned" in types and types[-1] == "RunCompleted"

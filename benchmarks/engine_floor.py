@@ -5,7 +5,9 @@ A floor run walks the 5-step linear workflow of engine_bench by hand. Per step i
 what the issue and DESIGN.md fix, each part at its cheapest:
 
 - build the step's five events (AttemptSucceeded, StepCompleted, TransitionTaken, and the
-  next StepScheduled and AttemptStarted), unvalidated, as the engine's hot path does;
+  next StepScheduled and AttemptStarted; the last step's four end in RunCompleted), without
+  re-validation as the engine's hot path does (RunStarted and RunCompleted are validated,
+  as in the engine);
 - fold them into the run's state (the live state is the fold of the log);
 - stamp them: orjson body and the sha256 hash chain;
 - append them in one write through the store (the library's recorders; on SQLite through

@@ -179,14 +179,19 @@ class Engine:
         if missing:
             text = ", ".join(f"{e!r} (workflow {w!r})" for w, e in missing)
             raise DefinitionError(f"no executor registered for {text}")
-        unreserved = [] if self._read_only else self.registry.unreserved_token_steps()
-        if unreserved:
-            text = ", ".join(f"{s!r} of {w!r} (executor {e!r})" for w, s, e in unreserved)
-            raise DefinitionError(
-                f"steps on an executor with a token rate limit must declare max_tokens, so "
-                f"each call reserves its worst case in the window: {text}")
         if not self._read_only:
-            _refuse_unbudgeted(self.registry.unbudgeted_model_steps())
+            _refuse_unreserved(self.registry.unreserved_token_steps())
+            # New runs take the newest version of each workflow: it must budget its model
+            # steps. Older versions may be registered only so that their runs can finish
+            # (they started under the old rules): warn about those, do not refuse to open.
+            newest = [self.registry.latest(name) for name in self.registry.names()]
+            _refuse_unbudgeted(self.registry.unbudgeted_model_steps(newest))
+            older = self.registry.unbudgeted_model_steps()
+            for w, step, e in sorted(set(older) - set(
+                    self.registry.unbudgeted_model_steps(newest))):
+                log.warning("an older version of %r has model step %r (executor %r) without "
+                            "max_tokens: its runs reserve nothing against their token limit",
+                            w, step, e)
         store = self._store_spec
         if isinstance(store, str):
             store = await asyncio.get_running_loop().run_in_executor(None, open_store, store)
@@ -466,7 +471,8 @@ class Engine:
 
     def register(self, workflow: Workflow) -> None:
         """Add a workflow version at run time; runs held for that version resume."""
-        if not self._read_only:
+        if not self._read_only:  # the same rules as at open: new runs take this version
+            _refuse_unreserved(self.registry.unreserved_token_steps([workflow]))
             _refuse_unbudgeted(self.registry.unbudgeted_model_steps([workflow]))
         self.registry.add(workflow)
         for run in list(self._runs.values()):
@@ -1043,6 +1049,14 @@ _tuple_new = tuple.__new__
 def _seconds(seconds: float) -> timedelta:
     """A step timeout as a timedelta (a handful of distinct values, asked per attempt)."""
     return timedelta(seconds=seconds)
+
+
+def _refuse_unreserved(steps: list[tuple[str, str, str]]) -> None:
+    if steps:
+        text = ", ".join(f"{s!r} of {w!r} (executor {e!r})" for w, s, e in steps)
+        raise DefinitionError(
+            f"steps on an executor with a token rate limit must declare max_tokens, so "
+            f"each call reserves its worst case in the window: {text}")
 
 
 def _refuse_unbudgeted(steps: list[tuple[str, str, str]]) -> None:

@@ -165,8 +165,9 @@ class Executor(Protocol):
     """Anything awaitable with a Task. Optional hooks: `open(ctx)` and `close()`.
 
     Optional attribute `spends_tokens = True` (the model executors have it): every step on
-    the executor must then declare `max_tokens`, or `Engine.open` refuses the definition,
-    because the run's token limit is kept by reserving each attempt's ceiling in advance.
+    the executor must then declare `max_tokens`, or `Engine.open` (for the newest version of
+    each workflow) and `Engine.register` refuse the definition, because the run's token limit
+    is kept by reserving each attempt's ceiling in advance.
     """
 
     async def __call__(self, task: Task) -> Result: ...

@@ -72,22 +72,24 @@ class Registry:
         return sorted(set(missing))
 
 
-    def unreserved_token_steps(self) -> list[tuple[str, str, str]]:
+    def unreserved_token_steps(self, workflows: Iterable[Workflow] | None = None
+                               ) -> list[tuple[str, str, str]]:
         """(workflow, step, executor) for task steps on a token-rate-limited executor that
-        declare no `max_tokens`.
+        declare no `max_tokens` (in `workflows`, or every registered version).
 
         A token window can only be kept if every call reserves its worst case before it is
         made; a step without one would be admitted for free and could flood the window.
         """
         found = []
-        for versions in self._versions.values():
-            for wf in versions:
-                for task in _tasks_of(wf):
-                    limit = self.rate_limits.get(task.executor)
-                    if limit is not None and limit.tokens is not None and (
-                            task.max_tokens is None):
-                        found.append((wf.name, task.name, task.executor))
+        for wf in self._all() if workflows is None else workflows:
+            for task in _tasks_of(wf):
+                limit = self.rate_limits.get(task.executor)
+                if limit is not None and limit.tokens is not None and task.max_tokens is None:
+                    found.append((wf.name, task.name, task.executor))
         return sorted(set(found))
+
+    def _all(self) -> list[Workflow]:
+        return [wf for versions in self._versions.values() for wf in versions]
 
     def unbudgeted_model_steps(self, workflows: Iterable[Workflow] | None = None
                                ) -> list[tuple[str, str, str]]:
@@ -98,10 +100,8 @@ class Registry:
         scheduled; a model step without a ceiling reserves nothing, so a run of such steps
         could spend past its limit.
         """
-        if workflows is None:
-            workflows = [wf for versions in self._versions.values() for wf in versions]
         found = []
-        for wf in workflows:
+        for wf in self._all() if workflows is None else workflows:
             for task in _tasks_of(wf):
                 executor = self.executors.get(task.executor)
                 if getattr(executor, "spends_tokens", False) is True and task.max_tokens is None:

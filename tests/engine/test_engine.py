@@ -257,6 +257,33 @@ async def test_model_steps_must_declare_their_token_ceiling(store_url: str) -> N
         assert engine.registry.versions("later") == [budgeted]
 
 
+async def test_an_older_unbudgeted_version_may_stay_registered_to_finish_its_runs(
+        store_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    from adapters.executors import Script, ScriptedModel
+
+    model = ScriptedModel({}, default=Script(output={"ok": True}))
+    old = Workflow("upgraded", on_failure=FAIL, steps=[Step("s", executor="llm")])
+    new = Workflow("upgraded", on_failure=FAIL, steps=[Step("s", executor="llm",
+                                                            max_tokens=10)])
+    with caplog.at_level("WARNING", logger="rulebound.engine"):
+        async with Engine(store_url, [old, new], {"llm": model}) as engine:
+            view = await engine.wait(await engine.start("upgraded"), timeout=10)
+    assert view.status == "completed"
+    assert any("older version of 'upgraded'" in r.getMessage() for r in caplog.records)
+    with pytest.raises(DefinitionError, match="max_tokens"):  # but never as the newest
+        await Engine(store_url, [new, old], {"llm": model}).open()
+
+
+async def test_register_keeps_the_token_rate_limit_rule_too(store_url: str) -> None:
+    ok = Workflow("limited", on_failure=FAIL, steps=[Step("s", executor="llm", max_tokens=5)])
+    bad = Workflow("limited", on_failure=FAIL, steps=[Step("s", executor="llm")])
+    async with Engine(store_url, [ok], {"llm": echo},
+                      rate_limits={"llm": RateLimit(tokens=100, per=1)}) as engine:
+        with pytest.raises(DefinitionError, match=r"token rate limit.*'s' of 'limited'"):
+            engine.register(bad)
+        assert engine.registry.versions("limited") == [ok]
+
+
 class _CountingEngine(Engine):
     wakes = 0
 

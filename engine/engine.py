@@ -392,6 +392,7 @@ class Engine:
     async def events(self, run_id: UUID | str, after: int = 0) -> list[ev.Event]:
         """The run's events in order (event n has sequence number n)."""
         run_id = _uuid(run_id)
+        _check_position(after)
         records = await self.storage.read(run_id, after)
         if not records and after == 0:
             raise RunNotFound(f"no run {run_id}")
@@ -400,6 +401,7 @@ class Engine:
     async def watch(self, run_id: UUID | str, after: int = 0) -> AsyncIterator[ev.Event]:
         """Events after sequence `after`, then new ones as they are appended, until the end."""
         run_id = _uuid(run_id)
+        _check_position(after)
         run = self._runs.get(run_id)
         queue: asyncio.Queue[tuple[int, ev.Event]] = asyncio.Queue()
         if run is not None:
@@ -1049,6 +1051,12 @@ _tuple_new = tuple.__new__
 def _seconds(seconds: float) -> timedelta:
     """A step timeout as a timedelta (a handful of distinct values, asked per attempt)."""
     return timedelta(seconds=seconds)
+
+
+def _check_position(after: object) -> None:
+    """A sequence number from a caller: stores take 64-bit integers, events number from 1."""
+    if type(after) is not int or not 0 <= after <= ev.MAX_INT:
+        raise InvalidInput(f"after must be an integer from 0 to {ev.MAX_INT}, not {after!r}"[:200])
 
 
 def _refuse_unreserved(steps: list[tuple[str, str, str]]) -> None:

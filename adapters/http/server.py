@@ -223,9 +223,13 @@ class Api:
         last = request.headers.get("Last-Event-ID")
         if last is not None:
             try:
-                after = max(after, int(last))
+                seen = int(last)
             except ValueError:
                 raise ApiError(400, "bad_request", "Last-Event-ID must be a number") from None
+            if not 0 <= seen <= 10**12:
+                raise ApiError(400, "bad_request", "Last-Event-ID must be between 0 and "
+                               f"{10**12}")
+            after = max(after, seen)
         follow = request.query.get("follow", "0")
         if follow not in ("0", "1"):
             raise ApiError(400, "bad_request", "follow must be 0 or 1")

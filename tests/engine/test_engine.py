@@ -611,3 +611,17 @@ async def test_values_json_cannot_hold_are_refused_not_crashed(store_url: str) -
         view = await engine.wait(await engine.start("huge", {}), timeout=5)
         assert view.status == "failed"
         assert view.error_type == "invalid_output"
+
+
+@pytest.mark.parametrize("after", [-1, 2**63, 2**64, 1.5, "3", True])
+async def test_reading_events_after_an_impossible_position_is_invalid_input(
+        store_url: str, after: Any) -> None:
+    async with Engine(store_url, [linear()], {"echo": echo}) as engine:
+        run_id = await engine.start("linear")
+        await engine.wait(run_id, timeout=10)
+        with pytest.raises(InvalidInput, match="after must be an integer"):
+            await engine.events(run_id, after=after)
+        with pytest.raises(InvalidInput, match="after must be an integer"):
+            async for _ in engine.watch(run_id, after=after):
+                pass
+        assert len(await engine.events(run_id, after=2**53)) == 0

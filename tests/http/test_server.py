@@ -137,6 +137,10 @@ async def test_pagination(client: Client) -> None:
      {"headers": {"Last-Event-ID": "5"}}, 404),
     ("GET", "/v1/runs/00000000-0000-4000-8000-000000000000/events?follow=1",
      {"headers": {"Last-Event-ID": "5"}}, 404),
+    ("GET", "/v1/runs/00000000-0000-4000-8000-000000000000/events",
+     {"headers": {"Last-Event-ID": str(2**64)}}, 400),  # once a 500 (found by the fuzz test)
+    ("GET", "/v1/runs/00000000-0000-4000-8000-000000000000/events?follow=1",
+     {"headers": {"Last-Event-ID": "-1"}}, 400),
     ("POST", "/v1/runs/00000000-0000-4000-8000-000000000000/signals/go", {"json": {}}, 404),
     ("POST", "/v1/runs/00000000-0000-4000-8000-000000000000/cancel", {}, 404),
     ("GET", "/v1/runs?status=weird", {}, 400),

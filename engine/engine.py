@@ -471,12 +471,22 @@ class Engine:
         await self.storage.project()
         return await self.storage.call(self.storage.store.count_runs)
 
-    def register(self, workflow: Workflow) -> None:
-        """Add a workflow version at run time; runs held for that version resume."""
-        if not self._read_only:  # the same rules as at open: new runs take this version
+    def register(self, workflow: Workflow, *, newest: bool = True) -> None:
+        """Add a workflow version at run time; runs held for that version resume.
+
+        By default new runs take it from now on. `newest=False` registers an older version
+        only so that its held runs can finish; new runs keep taking the current newest.
+        """
+        if not self._read_only:  # the same rules as at open
             _refuse_unreserved(self.registry.unreserved_token_steps([workflow]))
-            _refuse_unbudgeted(self.registry.unbudgeted_model_steps([workflow]))
-        self.registry.add(workflow)
+            if newest or not self.registry.versions(workflow.name):
+                _refuse_unbudgeted(self.registry.unbudgeted_model_steps([workflow]))
+            else:
+                for w, step, e in self.registry.unbudgeted_model_steps([workflow]):
+                    log.warning("an older version of %r has model step %r (executor %r) "
+                                "without max_tokens: its runs reserve nothing against their "
+                                "token limit", w, step, e)
+        self.registry.add(workflow, newest=newest)
         for run in list(self._runs.values()):
             if run.held and run.state.definition_hash == workflow.hash:
                 run.held = None
@@ -939,7 +949,8 @@ class Engine:
         if definition is None:
             run.held = (f"run {run_id} is held: workflow {state.workflow!r} version "
                         f"{state.definition_hash[:12]} is not registered; register that "
-                        "version to resume it")
+                        "version to resume it (register(..., newest=False) keeps new runs "
+                        "on the current version)")
             log.warning(run.held)
         self._runs[run_id] = run
         return run

@@ -36,13 +36,18 @@ class Registry:
         for workflow in workflows:
             self.add(workflow)
 
-    def add(self, workflow: Workflow) -> None:
+    def add(self, workflow: Workflow, *, newest: bool = True) -> None:
+        """Register a version. `newest=False` registers an older version (so that its runs
+        can finish) without making it the one new runs take."""
         if not isinstance(workflow, Workflow):
             raise DefinitionError(f"expected a Workflow, got {type(workflow).__name__}")
         versions = self._versions.setdefault(workflow.name, [])
         if workflow.hash in self._by_hash:
             return
-        versions.append(workflow)
+        if newest or not versions:
+            versions.append(workflow)
+        else:
+            versions.insert(len(versions) - 1, workflow)
         self._by_hash[workflow.hash] = workflow
 
     def latest(self, name: str) -> Workflow:

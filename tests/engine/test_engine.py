@@ -473,9 +473,16 @@ async def test_runs_on_an_unregistered_version_are_held_until_it_returns(
         assert view.status == "held" and "not registered" in (view.reason or "")
         new = await engine.wait(await engine.start("linear"), timeout=5)
         assert new.definition_hash == v2.hash and new.status == "completed"
-        engine.register(v1)
+        engine.register(v1, newest=False)  # only to let its held run finish
         resumed = await engine.wait(run_id, timeout=5)
         assert resumed.status == "completed" and resumed.definition_hash == v1.hash
+        later = await engine.wait(await engine.start("linear"), timeout=5)
+        assert later.definition_hash == v2.hash  # new runs still take the newest
+        assert engine.registry.versions("linear") == [v1, v2]
+        v3 = linear(2, timeout=7.0)
+        engine.register(v3)  # by default a registered version is the newest
+        assert (await engine.wait(await engine.start("linear"), timeout=5)
+                ).definition_hash == v3.hash
 
 
 async def test_a_corrupt_run_is_quarantined_and_others_go_on(sqlite_url: str) -> None:

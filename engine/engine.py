@@ -530,7 +530,7 @@ class Engine:
         claimed, state = self._claim(run, state, now)
         batch: list[ev.Event] = [*triggers, *decided, *(c.event for c in claimed)]
         if not batch:
-            self._arm_timer(run)
+            self._arm_timer(run, now=now)
             if self._slot_waiters and self._free_slots > 0:
                 self._wake_slot_waiters()
             return
@@ -561,7 +561,7 @@ class Engine:
         run.state = state
         run.last_hash = prev
         self.metrics.commits += 1
-        self._after_commit(run, batch, stamps, claimed)
+        self._after_commit(run, batch, stamps, claimed, now)
 
     def _turn(self) -> asyncio.Future[None] | None:
         """None to commit now, or a future to await first: fairness for the event loop.
@@ -652,7 +652,7 @@ class Engine:
         return claimed, state
 
     def _after_commit(self, run: _Run, batch: list[ev.Event], stamps: list[tuple[str, str]],
-                      claimed: list[_Start]) -> None:
+                      claimed: list[_Start], now: datetime) -> None:
         first_seq = run.state.version - len(batch) + 1
         if run.watchers:
             stamped = [codec.stamped(e, i, h) for e, (i, h) in zip(batch, stamps, strict=True)]
@@ -679,7 +679,7 @@ class Engine:
         for start in claimed:
             task = asyncio.get_running_loop().create_task(self._execute(run, start))
             run.tasks[start.key] = task
-        self._arm_timer(run)
+        self._arm_timer(run, now=now)
 
     def _finish(self, run: _Run) -> None:
         if run.timer is not None:
@@ -846,7 +846,8 @@ class Engine:
 
     # --- time ----------------------------------------------------------------------------
 
-    def _arm_timer(self, run: _Run, at: datetime | None = None) -> None:
+    def _arm_timer(self, run: _Run, at: datetime | None = None, *,
+                   now: datetime | None = None) -> None:
         """Wake the run at its next due time (a not-before, a signal timeout, the deadline)."""
         state = run.state
         if run.definition is None or state.terminal or self._closing:
@@ -862,7 +863,8 @@ class Engine:
                 return
             due = run.deadline_at = state.started_at + timedelta(
                 seconds=state.limits["deadline"])
-        now = self._clock.now()
+        if now is None:  # a commit passes its own time: microseconds apart, one clock read
+            now = self._clock.now()
         blocked = run.admit_at is not None or run.run_id in self._slot_waiters
         if run.admit_at is not None and run.admit_at < due:
             due = run.admit_at

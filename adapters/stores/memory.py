@@ -26,6 +26,10 @@ class LeanPOPORecorder(POPOApplicationRecorder):
     cases run against this class (tests/stores/test_library_recorder_cases).
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._names: dict[Any, str] = {}  # stream id -> its text (UUID.__str__ is ~1 us)
+
     def insert_events(self, stored_events: Sequence[StoredEvent], **_: Any) -> list[int]:
         with self._database_lock:
             index = self._stored_events_index
@@ -34,10 +38,13 @@ class LeanPOPORecorder(POPOApplicationRecorder):
             positions: dict[int, int] = {}
             new: set[tuple[str, int]] = set()
             name = ""
+            names = self._names
             for s in stored_events:  # check everything first: all or nothing
                 if s.originator_id is not last:  # an append is mostly one run
                     last = s.originator_id
-                    name = str(last)
+                    name = names.get(last)
+                    if name is None:
+                        name = names[last] = str(last)
                     positions = index[name]
                 version = s.originator_version
                 if version in positions or (name, version) in new:

@@ -50,6 +50,7 @@ from .views import RunView
 log = logging.getLogger("rulebound.engine")
 RUN_NAMESPACE = UUID("5b1f0c3e-7a53-4f0e-9d7c-2f1d8d6a9e11")
 _MESSAGE_LIMIT = 500
+_REPLACED_RETRIES = 3  # signal/cancel: how often to follow a run whose object was replaced
 # Seconds of commits one loop iteration may run before further commits wait for a later
 # iteration (see Engine._turn): bounds the loop lag an embedding service sees under bursts.
 _TURN = 0.002
@@ -156,10 +157,11 @@ class Engine:
         self._id_prefix = str(uuid4())[:24]  # "xxxxxxxx-xxxx-4xxx-yxxx-": version 4 kept
         self._id_count = 0
         self._limits: dict[str, dict[str, Any]] = {}
-        self._turn_began: float | None = None
-        self._turn_last = 0.0  # when the turn's latest commit began
+        self._turn_armed = False  # an _end_turn is scheduled for the next loop iteration
+        self._turn_began: float | None = None  # when this turn's first commit began
+        self._turn_last = 0.0  # when its latest commit began
         self._turn_commits = 0
-        self._fit = 16  # commits that fit in one turn, measured on every turn
+        self._fit = 16  # queued commits let through per turn, measured on every turn
         self._deferred: deque[asyncio.Future[None]] = deque()
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -307,9 +309,12 @@ class Engine:
             async with run.lock:
                 await self._commit(run, [started])
         except ConcurrencyConflict:
-            # Another engine created the same idempotent run first: adopt what it wrote.
+            # Another engine created the same idempotent run first: adopt what it wrote, and
+            # hand over whoever already waits for this run.
             self._runs.pop(run_id, None)
-            await self._adopt(run_id)
+            run.dirty = True
+            adopted = await self._adopt(run_id)
+            self._hand_over_waiters(run, adopted)
             return False
         except BaseException:
             if run.state.version == 0:
@@ -328,25 +333,43 @@ class Engine:
         self._runs.pop(run.run_id, None)
         may_have_landed = run.dirty
         run.dirty = True
-        for waiter in run.waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        run.waiters.clear()
         if may_have_landed and not self._closing:
-            self._spawn(self._take_up_if_stored(run.run_id))
+            self._spawn(self._take_up_if_stored(run))
+        else:
+            self._hand_over_waiters(run, None)
 
-    async def _take_up_if_stored(self, run_id: UUID) -> None:
+    async def _take_up_if_stored(self, old: _Run) -> None:
+        run_id = old.run_id
+        while run_id in self._starting:  # a start of the same key is under way: let it end
+            await asyncio.shield(self._starting[run_id])
+        settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._starting[run_id] = settled  # and keep the next one out until this is settled
+        run: _Run | None = None
         try:
             await self.storage.barrier()  # every write handed over before this one is settled
             run = await self._adopt(run_id)
         except RunNotFound:
-            return  # the write did not land: there is no run
+            pass  # the write did not land: there is no run
         except Exception as exc:
             log.warning("run %s: cannot check whether its cancelled start landed (%s); the "
                         "next engine start recovers it if it did", run_id, type(exc).__name__)
-            return
+        finally:
+            del self._starting[run_id]
+            settled.set_result(None)
+            self._hand_over_waiters(old, run)
         if run is not None and not run.held:
             await self._resume(run)
+
+    def _hand_over_waiters(self, old: _Run, new: _Run | None) -> None:
+        """Callers waiting for a run whose first write failed wait on the object that now
+        stands for it, or, if there is none, wake to find out (RunNotFound or its end)."""
+        waiters = [w for w in old.waiters if not w.done()]
+        old.waiters.clear()
+        if new is not None and not new.state.terminal and not new.held:
+            new.waiters.extend(waiters)
+            return
+        for waiter in waiters:
+            waiter.set_result(None)
 
     def _limits_of(self, definition: Workflow) -> dict[str, Any]:
         """`definition.limits.model_dump()`, dumped once per definition (a fresh copy each)."""
@@ -431,25 +454,44 @@ class Engine:
                 run.watchers.remove(queue)
 
     async def signal(self, run_id: UUID | str, name: str, payload: Any = None) -> None:
-        run = await self._active(_uuid(run_id))
-        if run.definition is not None:
-            for st in run.state.steps.values():
-                step = run.definition.step(st.name) if st.parent is None else None
-                if st.status == "waiting" and isinstance(step, WaitForSignal) and (
-                    step.signal == name
-                ):
-                    payload = _validate(step.output, payload, f"signal {name!r}")
-        _check_storable(payload, f"payload of signal {name!r}")
-        async with run.lock:
-            self._check_live(run)
-            await self._commit(run, [ev.SignalReceived(at=self._clock.now(), name=name,
-                                                       payload=payload)])
+        run_id = _uuid(run_id)
+        for _ in range(_REPLACED_RETRIES):
+            run = await self._active(run_id)
+            checked = payload
+            if run.definition is not None:
+                for st in run.state.steps.values():
+                    step = run.definition.step(st.name) if st.parent is None else None
+                    if st.status == "waiting" and isinstance(step, WaitForSignal) and (
+                        step.signal == name
+                    ):
+                        checked = _validate(step.output, payload, f"signal {name!r}")
+            _check_storable(checked, f"payload of signal {name!r}")
+            async with run.lock:
+                if self._replaced(run):
+                    continue
+                self._check_live(run)
+                await self._commit(run, [ev.SignalReceived(at=self._clock.now(), name=name,
+                                                           payload=checked)])
+                return
+        raise RunNotFound(f"no run {run_id}: its start did not complete")
 
     async def cancel(self, run_id: UUID | str, reason: str = "cancelled") -> None:
-        run = await self._active(_uuid(run_id))
-        async with run.lock:
-            self._check_live(run)
-            await self._commit(run, [ev.CancelRequested(at=self._clock.now(), reason=reason)])
+        run_id = _uuid(run_id)
+        for _ in range(_REPLACED_RETRIES):
+            run = await self._active(run_id)
+            async with run.lock:
+                if self._replaced(run):
+                    continue
+                self._check_live(run)
+                await self._commit(run, [ev.CancelRequested(at=self._clock.now(),
+                                                            reason=reason)])
+                return
+        raise RunNotFound(f"no run {run_id}: its start did not complete")
+
+    def _replaced(self, run: _Run) -> bool:
+        """Whether the engine no longer drives this object: its start failed while the caller
+        waited for the lock (the run was then never written, or is now another object)."""
+        return self._runs.get(run.run_id) is not run and not run.state.terminal
 
     async def explain(self, run_id: UUID | str) -> str:
         run_id = _uuid(run_id)
@@ -477,7 +519,8 @@ class Engine:
         By default new runs take it from now on. `newest=False` registers an older version
         only so that its held runs can finish; new runs keep taking the current newest.
         """
-        if not self._read_only:  # the same rules as at open
+        known = self.registry.by_hash(workflow.hash) is not None
+        if not self._read_only and not (known and not newest):  # the same rules as at open
             _refuse_unreserved(self.registry.unreserved_token_steps([workflow]))
             if newest or not self.registry.versions(workflow.name):
                 _refuse_unbudgeted(self.registry.unbudgeted_model_steps([workflow]))
@@ -509,8 +552,11 @@ class Engine:
         waiter = self._turn()
         if waiter is not None:
             await waiter  # let through by _end_turn: this iteration's turn counts it
+            now = _perf_counter()
+            if self._turn_began is None:
+                self._turn_began = now
+            self._turn_last = now
             self._turn_commits += 1
-            self._turn_last = _perf_counter()
         if run.dirty:
             await self._reload(run)
         if run.definition is None or run.held:
@@ -530,7 +576,7 @@ class Engine:
         claimed, state = self._claim(run, state, now)
         batch: list[ev.Event] = [*triggers, *decided, *(c.event for c in claimed)]
         if not batch:
-            self._arm_timer(run, now=now)
+            self._arm_timer(run, now=now)  # nothing was written: `now` is current
             if self._slot_waiters and self._free_slots > 0:
                 self._wake_slot_waiters()
             return
@@ -561,7 +607,7 @@ class Engine:
         run.state = state
         run.last_hash = prev
         self.metrics.commits += 1
-        self._after_commit(run, batch, stamps, claimed, now)
+        self._after_commit(run, batch, stamps, claimed)
 
     def _turn(self) -> asyncio.Future[None] | None:
         """None to commit now, or a future to await first: fairness for the event loop.
@@ -573,17 +619,18 @@ class Engine:
         `_TURN` seconds; later commits queue in order and are let through a turn's worth per
         iteration. A quiet loop never waits: one commit per iteration always goes at once.
         """
-        began = self._turn_began
-        if began is None:  # the first commit of this loop iteration
-            self._turn_began = self._turn_last = _perf_counter()
+        if not self._turn_armed:  # the first commit of this loop iteration
+            self._turn_armed = True
             asyncio.get_running_loop().call_soon(self._end_turn)
-        elif self._deferred:  # others wait already: queue behind them
+        if self._deferred:  # others wait already: queue behind them
             return self._defer()
-        else:
-            now = _perf_counter()
-            if now - began > _TURN:
-                return self._defer()
-            self._turn_last = now
+        now = _perf_counter()
+        began = self._turn_began
+        if began is None:
+            self._turn_began = now
+        elif now - began > _TURN:
+            return self._defer()
+        self._turn_last = now
         self._turn_commits += 1
         return None
 
@@ -594,12 +641,15 @@ class Engine:
 
     def _end_turn(self) -> None:
         """At the next loop iteration (timers and I/O have had their turn): let the next
-        queued commits through, as many as fitted in a turn, and keep turning while any wait."""
+        queued commits through, as many as fit in a turn, and keep turning while any wait."""
         began, commits = self._turn_began, self._turn_commits
         if began is not None and commits > 1 and self._turn_last > began:
-            # How many commits fit in _TURN, from how long this turn's took to begin.
+            # Measured from this turn's own commits: the ones let through run back to back.
             per_commit = (self._turn_last - began) / (commits - 1)
             self._fit = max(1, min(1024, 1 + int(_TURN / per_commit)))
+        elif self._deferred and commits == 1:
+            self._fit = min(1024, self._fit * 2)  # nothing to measure: probe upwards
+        self._turn_armed = False
         self._turn_began = None
         self._turn_commits = 0
         released = 0
@@ -609,8 +659,8 @@ class Engine:
             if not waiter.done():  # skip a caller that was cancelled meanwhile
                 waiter.set_result(None)
                 released += 1
-        if deferred:  # the released ones run in the next iteration: that is this new turn
-            self._turn_began = self._turn_last = _perf_counter()
+        if deferred:  # the ones let through run in the next iteration: turn again after it
+            self._turn_armed = True
             asyncio.get_running_loop().call_soon(self._end_turn)
 
     def _claim(self, run: _Run, state: RunState, now: datetime
@@ -652,7 +702,7 @@ class Engine:
         return claimed, state
 
     def _after_commit(self, run: _Run, batch: list[ev.Event], stamps: list[tuple[str, str]],
-                      claimed: list[_Start], now: datetime) -> None:
+                      claimed: list[_Start]) -> None:
         first_seq = run.state.version - len(batch) + 1
         if run.watchers:
             stamped = [codec.stamped(e, i, h) for e, (i, h) in zip(batch, stamps, strict=True)]
@@ -679,7 +729,7 @@ class Engine:
         for start in claimed:
             task = asyncio.get_running_loop().create_task(self._execute(run, start))
             run.tasks[start.key] = task
-        self._arm_timer(run, now=now)
+        self._arm_timer(run)  # after the write: read the clock again
 
     def _finish(self, run: _Run) -> None:
         if run.timer is not None:
@@ -863,7 +913,7 @@ class Engine:
                 return
             due = run.deadline_at = state.started_at + timedelta(
                 seconds=state.limits["deadline"])
-        if now is None:  # a commit passes its own time: microseconds apart, one clock read
+        if now is None:
             now = self._clock.now()
         blocked = run.admit_at is not None or run.run_id in self._slot_waiters
         if run.admit_at is not None and run.admit_at < due:
@@ -943,6 +993,8 @@ class Engine:
         if run_id in self._runs:
             return self._runs[run_id]
         state, last_hash = await self._load_state(run_id)
+        if run_id in self._runs:  # adopted by someone else while we read
+            return self._runs[run_id]
         if state.terminal:
             self._finished[run_id] = state
             return None
@@ -966,6 +1018,8 @@ class Engine:
     async def _resume(self, run: _Run) -> None:
         """After a restart: attempts that were started and never finished are abandoned."""
         async with run.lock:
+            if run.dirty:  # see what is really stored before deciding what was abandoned
+                await self._reload(run)
             now = self._clock.now()
             abandoned: list[ev.Event] = [
                 ev.AttemptAbandoned(at=now, step=st.key, attempt=st.attempt,
@@ -1038,6 +1092,12 @@ class Engine:
         state = self._finished.get(run_id)
         if state is None:
             state, _ = await self._load_state(run_id)
+            if not state.terminal:  # stored and going, but not (yet) held here: take it up
+                adopted = await self._adopt(run_id)
+                if adopted is not None:
+                    self._check_live(adopted)
+                    return adopted
+                state = self._finished.get(run_id, state)
         raise RunTerminal(f"run {run_id} has ended ({state.status})")
 
     def _check_live(self, run: _Run) -> None:
@@ -1045,8 +1105,6 @@ class Engine:
             raise RunTerminal(f"run {run.run_id} has ended ({run.state.status})")
         if run.held:
             raise RunTerminal(run.held)
-        if self._runs.get(run.run_id) is not run:  # its start failed while we waited
-            raise RunNotFound(f"no run {run.run_id}: its start did not complete")
 
     def _view(self, run: _Run) -> RunView:
         waiting = tuple(

@@ -42,7 +42,11 @@ class Registry:
         if not isinstance(workflow, Workflow):
             raise DefinitionError(f"expected a Workflow, got {type(workflow).__name__}")
         versions = self._versions.setdefault(workflow.name, [])
-        if workflow.hash in self._by_hash:
+        known = self._by_hash.get(workflow.hash)
+        if known is not None:  # already here: at most it becomes the newest again
+            if newest and versions[-1] is not known:
+                versions.remove(known)
+                versions.append(known)
             return
         if newest or not versions:
             versions.append(workflow)

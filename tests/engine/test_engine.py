@@ -483,6 +483,10 @@ async def test_runs_on_an_unregistered_version_are_held_until_it_returns(
         engine.register(v3)  # by default a registered version is the newest
         assert (await engine.wait(await engine.start("linear"), timeout=5)
                 ).definition_hash == v3.hash
+        engine.register(v1)  # a known version registered as newest becomes the newest
+        assert engine.registry.versions("linear") == [v2, v3, v1]
+        engine.register(v2, newest=False)  # a known version is otherwise left where it is
+        assert engine.registry.latest("linear") == v1
 
 
 async def test_a_corrupt_run_is_quarantined_and_others_go_on(sqlite_url: str) -> None:

@@ -148,8 +148,8 @@ async def test_a_start_cancelled_mid_write_is_taken_up_when_the_write_lands(
     sqlite_url: str,
 ) -> None:
     # The first write was handed to the writer thread, then the caller gave up: the write
-    # lands anyway, so the run exists; the engine that wrote it must drive it, not forget it
-    # until the next restart.
+    # lands anyway, so the run exists; the engine that wrote it must drive it (once, even
+    # when the caller starts the same key again meanwhile), not forget it until restart.
     import threading
     from uuid import uuid5
 
@@ -180,11 +180,20 @@ async def test_a_start_cancelled_mid_write_is_taken_up_when_the_write_lands(
                 break
             await asyncio.sleep(0.005)
         assert entered.is_set()
+        waiting = asyncio.create_task(engine.wait(run_id, timeout=20))
+        await asyncio.sleep(0.01)
         starting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await starting
+        # The caller retries with the same key while the first write is still in flight.
+        again = asyncio.create_task(engine.start("one", idempotency_key="k"))
+        await asyncio.sleep(0.01)
         store.append = real_append  # type: ignore[method-assign]
         release.set()
+        assert await asyncio.wait_for(again, 10) == run_id
+        # Whoever waited all along sees the run end: not RunNotFound while the write was
+        # in flight, not a hang on an object the engine dropped.
+        assert (await waiting).status == "completed"
         status = None
         for _ in range(500):
             try:
@@ -199,3 +208,46 @@ async def test_a_start_cancelled_mid_write_is_taken_up_when_the_write_lands(
     # The attempt the first write started never ran here: it is abandoned, then retried.
     assert types[:3] == ["RunStarted", "StepScheduled", "AttemptStarted"]
     assert "AttemptAbandoned" in types and types[-1] == "RunCompleted"
+
+
+async def test_turns_measure_their_own_commits_not_a_busy_neighbour(ms_clock: None) -> None:
+    # Another part of the service spends 3 ms of every loop iteration. Queued commits are
+    # still let through a turn's worth at a time (measured from the commits themselves), not
+    # one per iteration, which made a burst of results crawl behind a busy neighbour.
+    release = asyncio.Event()
+    started = asyncio.Event()
+    count = 0
+
+    async def gated(task: Task) -> Any:
+        nonlocal count
+        count += 1
+        if count == RUNS:
+            started.set()
+        await release.wait()
+        return {}
+
+    wf = Workflow("burst", on_failure=FAIL, steps=[Step("only", executor="gated", next=END)])
+    async with Engine("memory://", [wf], {"gated": gated}) as engine:
+        runs = [await engine.start("burst") for _ in range(RUNS)]
+        await asyncio.wait_for(started.wait(), 10)
+        loop = asyncio.get_running_loop()
+        before = engine.metrics.commits
+        iterations = 0
+        done = asyncio.Event()
+
+        def busy_neighbour() -> None:  # 3 ms of someone else's work per iteration
+            nonlocal iterations
+            iterations += 1
+            for _ in range(3):
+                engine_module._perf_counter()
+            if engine.metrics.commits - before < RUNS:
+                loop.call_soon(busy_neighbour)
+            else:
+                done.set()
+
+        release.set()
+        loop.call_soon(busy_neighbour)
+        await asyncio.wait_for(done.wait(), 10)
+        views = [await engine.wait(r, timeout=10) for r in runs]
+    assert all(v.status == "completed" for v in views)
+    assert iterations <= RUNS // 2, (iterations, engine._fit)

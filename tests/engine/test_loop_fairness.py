@@ -25,25 +25,36 @@ def ms_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine_module, "_perf_counter", lambda: next(ticks) * 0.001)
 
 
+class Gate:
+    """An executor whose attempts all wait for one release, so their results land at once."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.all_started = asyncio.Event()
+        self.started = 0
+        self.workflow = Workflow("burst", on_failure=FAIL,
+                                 steps=[Step("only", executor="gated", next=END)])
+
+    async def __call__(self, task: Task) -> Any:
+        self.started += 1
+        if self.started == RUNS:
+            self.all_started.set()
+        await self.release.wait()
+        return {"n": 1}
+
+    async def start_all(self, engine: Engine) -> list[Any]:
+        runs = [await engine.start("burst") for _ in range(RUNS)]
+        await asyncio.wait_for(self.all_started.wait(), 10)
+        return runs
+
+
 async def test_a_burst_of_results_is_committed_over_several_iterations(
     store_url: str, ms_clock: None
 ) -> None:
-    release = asyncio.Event()
-    all_started = asyncio.Event()
-    started = 0
-
-    async def gated(task: Task) -> Any:
-        nonlocal started
-        started += 1
-        if started == RUNS:
-            all_started.set()
-        await release.wait()
-        return {"n": 1}
-
-    wf = Workflow("burst", on_failure=FAIL, steps=[Step("only", executor="gated", next=END)])
-    async with Engine(store_url, [wf], {"gated": gated}) as engine:
-        runs = [await engine.start("burst") for _ in range(RUNS)]
-        await asyncio.wait_for(all_started.wait(), 10)
+    gate = Gate()
+    release = gate.release
+    async with Engine(store_url, [gate.workflow], {"gated": gate}) as engine:
+        runs = await gate.start_all(engine)
         appends = 0  # writes handed to the store: one per commit, right after its turn
         storage_append = engine.storage.append
 
@@ -214,22 +225,10 @@ async def test_turns_measure_their_own_commits_not_a_busy_neighbour(ms_clock: No
     # Another part of the service spends 3 ms of every loop iteration. Queued commits are
     # still let through a turn's worth at a time (measured from the commits themselves), not
     # one per iteration, which made a burst of results crawl behind a busy neighbour.
-    release = asyncio.Event()
-    started = asyncio.Event()
-    count = 0
-
-    async def gated(task: Task) -> Any:
-        nonlocal count
-        count += 1
-        if count == RUNS:
-            started.set()
-        await release.wait()
-        return {}
-
-    wf = Workflow("burst", on_failure=FAIL, steps=[Step("only", executor="gated", next=END)])
-    async with Engine("memory://", [wf], {"gated": gated}) as engine:
-        runs = [await engine.start("burst") for _ in range(RUNS)]
-        await asyncio.wait_for(started.wait(), 10)
+    gate = Gate()
+    release = gate.release
+    async with Engine("memory://", [gate.workflow], {"gated": gate}) as engine:
+        runs = await gate.start_all(engine)
         loop = asyncio.get_running_loop()
         before = engine.metrics.commits
         iterations = 0

@@ -615,9 +615,10 @@ class Engine:
         asyncio runs every callback that is ready at the start of an iteration before it looks
         at timers and sockets again. When 200 runs' results arrive together, committing all of
         them in one iteration stalls everything else on the loop (an embedding service's HTTP
-        handlers, its timers) for 20 ms or more. So a loop iteration commits for at most
-        `_TURN` seconds; later commits queue in order and are let through a turn's worth per
-        iteration. A quiet loop never waits: one commit per iteration always goes at once.
+        handlers, its timers) for 20 ms or more. So commits stop going straight through once
+        `_TURN` seconds have passed since the iteration's first; later ones queue in order and
+        are let through about a turn's worth per iteration (as many as the last turn's own
+        commits say fit). A quiet loop never waits: the first commit of an iteration goes.
         """
         if not self._turn_armed:  # the first commit of this loop iteration
             self._turn_armed = True

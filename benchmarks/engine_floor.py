@@ -73,40 +73,40 @@ class FloorRun:
         await self.worker.append(records)
         self.state, self.prev = state, prev
 
-    @staticmethod
-    def _start_step(name: str, now: datetime) -> list[ev.Event]:
-        return [
-            ev.trusted(ev.StepScheduled, at=now, step=name, kind="task", visit=1, attempt=1,
-                       not_before=now, reason="floor", max_cost=0.0),
-            ev.trusted(ev.AttemptStarted, at=now, step=name, attempt=1, executor="work",
-                       worker="floor", deadline=now + timedelta(seconds=60)),
-        ]
-
     async def run(self, executor: Any) -> None:
         now = datetime.now(UTC)
         await self.commit([
             ev.RunStarted(at=now, workflow="floor", definition_hash="0" * 64, input=None,
                           limits={"deadline": 3600.0}, seed=1),
-            *self._start_step("s0", now)])
+            *_start_step("s0", now)])
         for i in range(STEPS):
-            name = f"s{i}"
-
             async with asyncio.timeout(60.0):  # inline: no task of its own (cheaper still)
                 output = await executor(None)
-            now = datetime.now(UTC)
-            batch: list[ev.Event] = [
-                ev.trusted(ev.AttemptSucceeded, at=now, step=name, attempt=1, output=output),
-                ev.trusted(ev.StepCompleted, at=now, step=name, visit=1, output=output)]
-            if i + 1 < STEPS:
-                nxt = f"s{i + 1}"
-                batch += [ev.trusted(ev.TransitionTaken, at=now, from_step=name, to_step=nxt,
-                                     condition="next"), *self._start_step(nxt, now)]
-            else:
-                batch += [ev.trusted(ev.TransitionTaken, at=now, from_step=name, to_step="end",
-                                     condition="next"),
-                          ev.RunCompleted(at=now, output=output, reason="floor")]
-            await self.commit(batch)
+            nxt = f"s{i + 1}" if i + 1 < STEPS else None
+            await self.commit(_step_events(datetime.now(UTC), f"s{i}", nxt, output))
         assert self.state.status == "completed", self.state.status
+
+
+def _start_step(name: str, now: datetime) -> list[ev.Event]:
+    return [
+        ev.trusted(ev.StepScheduled, at=now, step=name, kind="task", visit=1, attempt=1,
+                   not_before=now, reason="floor", max_cost=0.0),
+        ev.trusted(ev.AttemptStarted, at=now, step=name, attempt=1, executor="work",
+                   worker="floor", deadline=now + timedelta(seconds=60)),
+    ]
+
+
+def _step_events(now: datetime, name: str, nxt: str | None, output: Any) -> list[ev.Event]:
+    """What a step's result leads to: its end, the transition, and the next step's start
+    (or, after the last step, the run's end)."""
+    done: list[ev.Event] = [
+        ev.trusted(ev.AttemptSucceeded, at=now, step=name, attempt=1, output=output),
+        ev.trusted(ev.StepCompleted, at=now, step=name, visit=1, output=output),
+        ev.trusted(ev.TransitionTaken, at=now, from_step=name, to_step=nxt or "end",
+                   condition="next")]
+    if nxt is None:
+        return [*done, ev.RunCompleted(at=now, output=output, reason="floor")]
+    return [*done, *_start_step(nxt, now)]
 
 
 async def _noop(task: Any) -> Any:
@@ -155,14 +155,6 @@ async def concurrent(url: str, runs: int) -> dict[str, float]:
 # --- each part alone -------------------------------------------------------------------
 
 
-def _step_events(now: datetime) -> list[ev.Event]:
-    return [
-        ev.trusted(ev.AttemptSucceeded, at=now, step="s0", attempt=1, output=None),
-        ev.trusted(ev.StepCompleted, at=now, step="s0", visit=1, output=None),
-        ev.trusted(ev.TransitionTaken, at=now, from_step="s0", to_step="s1", condition="next"),
-        *FloorRun._start_step("s1", now)]
-
-
 async def primitives(db: Path, n: int = 5000) -> dict[str, float]:
     """Each required part of a step, timed alone (microseconds per step)."""
     from adapters.stores.memory import MemoryStore
@@ -172,15 +164,15 @@ async def primitives(db: Path, n: int = 5000) -> dict[str, float]:
 
     began = time.perf_counter()
     for _ in range(n):
-        _step_events(now)
+        _step_events(now, "s0", "s1", None)
     out["build_5_events_us"] = (time.perf_counter() - began) / n * 1e6
 
     start = RunState()
     for event in [ev.RunStarted(at=now, workflow="f", definition_hash="0" * 64,
                                 limits={"deadline": 3600.0}, seed=1),
-                  *FloorRun._start_step("s0", now)]:
+                  *_start_step("s0", now)]:
         start = evolve(start, event)
-    batch = _step_events(now)
+    batch = _step_events(now, "s0", "s1", None)
     began = time.perf_counter()
     for _ in range(n):
         state = start

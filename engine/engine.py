@@ -182,18 +182,10 @@ class Engine:
             text = ", ".join(f"{e!r} (workflow {w!r})" for w, e in missing)
             raise DefinitionError(f"no executor registered for {text}")
         if not self._read_only:
-            _refuse_unreserved(self.registry.unreserved_token_steps())
-            # New runs take the newest version of each workflow: it must budget its model
-            # steps. Older versions may be registered only so that their runs can finish
-            # (they started under the old rules): warn about those, do not refuse to open.
-            newest = [self.registry.latest(name) for name in self.registry.names()]
-            _refuse_unbudgeted(self.registry.unbudgeted_model_steps(newest))
-            older = self.registry.unbudgeted_model_steps()
-            for w, step, e in sorted(set(older) - set(
-                    self.registry.unbudgeted_model_steps(newest))):
-                log.warning("an older version of %r has model step %r (executor %r) without "
-                            "max_tokens: its runs reserve nothing against their token limit",
-                            w, step, e)
+            names = self.registry.names()
+            self._check_token_rules(
+                newest=[self.registry.latest(name) for name in names],
+                older=[wf for name in names for wf in self.registry.versions(name)[:-1]])
         store = self._store_spec
         if isinstance(store, str):
             store = await asyncio.get_running_loop().run_in_executor(None, open_store, store)
@@ -276,20 +268,13 @@ class Engine:
         _check_storable(checked, f"input of {workflow!r}")
         if idempotency_key is not None:
             run_id = uuid5(RUN_NAMESPACE, f"{workflow}\x00{idempotency_key}")
-            while run_id in self._starting:  # another caller is creating it right now
-                await asyncio.shield(self._starting[run_id])
-            if run_id in self._runs or run_id in self._finished:
-                return run_id, False
-            starting: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._starting[run_id] = starting
-            try:
+            async with self._alone_with(run_id):  # one creator per key at a time
+                if run_id in self._runs or run_id in self._finished:
+                    return run_id, False
                 if await self.storage.read(run_id, 0):
                     await self._adopt(run_id)
                     return run_id, False
                 created = await self._create(run_id, definition, checked, idempotency_key)
-            finally:
-                del self._starting[run_id]
-                starting.set_result(None)
             return run_id, created
         run_id = uuid4()
         await self._create(run_id, definition, checked, None)
@@ -325,10 +310,10 @@ class Engine:
     def _forget_unstarted(self, run: _Run) -> None:
         """A start that failed or was cancelled before its first write was confirmed.
 
-        Callers already waiting on this run (a signal on its lock, a `wait`) must not act on
-        it: `_check_live` refuses a run object that is no longer the engine's. If the write
-        was handed to the store it may still land; then the run exists, and this engine,
-        which wrote it, takes it up once the writer has settled it (`_take_up_if_stored`).
+        Callers already waiting on this object must not act on it: a signal or cancel on its
+        lock follows the run to whatever stands for it now (`_live_run`), a `wait` is handed
+        over. If the write was handed to the store it may still land; then the run exists,
+        and this engine, which wrote it, takes it up once the writer has settled it.
         """
         self._runs.pop(run.run_id, None)
         may_have_landed = run.dirty
@@ -340,25 +325,33 @@ class Engine:
 
     async def _take_up_if_stored(self, old: _Run) -> None:
         run_id = old.run_id
-        while run_id in self._starting:  # a start of the same key is under way: let it end
-            await asyncio.shield(self._starting[run_id])
-        settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._starting[run_id] = settled  # and keep the next one out until this is settled
         run: _Run | None = None
         try:
-            await self.storage.barrier()  # every write handed over before this one is settled
-            run = await self._adopt(run_id)
+            async with self._alone_with(run_id):  # no start of the same key meanwhile
+                await self.storage.barrier()  # every write handed over before is settled
+                run = await self._adopt(run_id)
         except RunNotFound:
             pass  # the write did not land: there is no run
         except Exception as exc:
             log.warning("run %s: cannot check whether its cancelled start landed (%s); the "
                         "next engine start recovers it if it did", run_id, type(exc).__name__)
         finally:
-            del self._starting[run_id]
-            settled.set_result(None)
             self._hand_over_waiters(old, run)
         if run is not None and not run.held:
             await self._resume(run)
+
+    @contextlib.asynccontextmanager
+    async def _alone_with(self, run_id: UUID) -> AsyncIterator[None]:
+        """Wait until nobody else is creating or taking up `run_id`, then keep others out."""
+        while run_id in self._starting:
+            await asyncio.shield(self._starting[run_id])
+        settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._starting[run_id] = settled
+        try:
+            yield
+        finally:
+            del self._starting[run_id]
+            settled.set_result(None)
 
     def _hand_over_waiters(self, old: _Run, new: _Run | None) -> None:
         """Callers waiting for a run whose first write failed wait on the object that now
@@ -454,44 +447,38 @@ class Engine:
                 run.watchers.remove(queue)
 
     async def signal(self, run_id: UUID | str, name: str, payload: Any = None) -> None:
-        run_id = _uuid(run_id)
-        for _ in range(_REPLACED_RETRIES):
-            run = await self._active(run_id)
-            checked = payload
+        async with self._live_run(_uuid(run_id)) as run:
             if run.definition is not None:
                 for st in run.state.steps.values():
                     step = run.definition.step(st.name) if st.parent is None else None
                     if st.status == "waiting" and isinstance(step, WaitForSignal) and (
                         step.signal == name
                     ):
-                        checked = _validate(step.output, payload, f"signal {name!r}")
-            _check_storable(checked, f"payload of signal {name!r}")
-            async with run.lock:
-                if self._replaced(run):
-                    continue
-                self._check_live(run)
-                await self._commit(run, [ev.SignalReceived(at=self._clock.now(), name=name,
-                                                           payload=checked)])
-                return
-        raise RunNotFound(f"no run {run_id}: its start did not complete")
+                        payload = _validate(step.output, payload, f"signal {name!r}")
+            _check_storable(payload, f"payload of signal {name!r}")
+            await self._commit(run, [ev.SignalReceived(at=self._clock.now(), name=name,
+                                                       payload=payload)])
 
     async def cancel(self, run_id: UUID | str, reason: str = "cancelled") -> None:
-        run_id = _uuid(run_id)
+        async with self._live_run(_uuid(run_id)) as run:
+            await self._commit(run, [ev.CancelRequested(at=self._clock.now(), reason=reason)])
+
+    @contextlib.asynccontextmanager
+    async def _live_run(self, run_id: UUID) -> AsyncIterator[_Run]:
+        """The engine's object for a live run, with its lock held.
+
+        If the run's start failed while we waited for the lock, that object is no longer the
+        engine's (the run was never written, or another object now stands for it): follow it.
+        """
         for _ in range(_REPLACED_RETRIES):
             run = await self._active(run_id)
             async with run.lock:
-                if self._replaced(run):
+                if self._runs.get(run_id) is not run and not run.state.terminal:
                     continue
                 self._check_live(run)
-                await self._commit(run, [ev.CancelRequested(at=self._clock.now(),
-                                                            reason=reason)])
+                yield run
                 return
         raise RunNotFound(f"no run {run_id}: its start did not complete")
-
-    def _replaced(self, run: _Run) -> bool:
-        """Whether the engine no longer drives this object: its start failed while the caller
-        waited for the lock (the run was then never written, or is now another object)."""
-        return self._runs.get(run.run_id) is not run and not run.state.terminal
 
     async def explain(self, run_id: UUID | str) -> str:
         run_id = _uuid(run_id)
@@ -521,20 +508,35 @@ class Engine:
         """
         known = self.registry.by_hash(workflow.hash) is not None
         if not self._read_only and not (known and not newest):  # the same rules as at open
-            _refuse_unreserved(self.registry.unreserved_token_steps([workflow]))
             if newest or not self.registry.versions(workflow.name):
-                _refuse_unbudgeted(self.registry.unbudgeted_model_steps([workflow]))
+                self._check_token_rules(newest=[workflow], older=[])
             else:
-                for w, step, e in self.registry.unbudgeted_model_steps([workflow]):
-                    log.warning("an older version of %r has model step %r (executor %r) "
-                                "without max_tokens: its runs reserve nothing against their "
-                                "token limit", w, step, e)
+                self._check_token_rules(newest=[], older=[workflow])
         self.registry.add(workflow, newest=newest)
         for run in list(self._runs.values()):
             if run.held and run.state.definition_hash == workflow.hash:
                 run.held = None
                 run.definition = workflow
                 self._spawn(self._resume(run))
+
+    def _check_token_rules(self, newest: list[Workflow], older: list[Workflow]) -> None:
+        """Steps that reserve no tokens where a reservation is what keeps a limit.
+
+        A token rate limit is a window every run shares: every version's steps must reserve.
+        A run's token limit is kept by reserving each attempt's worst case, so the version new
+        runs take must budget its model steps; an older version may stay registered only so
+        that its runs (started under the old rules) can finish: warn, do not refuse.
+        """
+        _refuse(self.registry.unreserved_token_steps([*newest, *older]),
+                "steps on an executor with a token rate limit must declare max_tokens, so "
+                "each call reserves its worst case in the window")
+        _refuse(self.registry.unbudgeted_model_steps(newest),
+                "steps on a model executor must declare max_tokens: the run's token limit is "
+                "kept by reserving each attempt's worst case before it is scheduled")
+        for w, step, e in self.registry.unbudgeted_model_steps(older):
+            log.warning("an older version of %r has model step %r (executor %r) without "
+                        "max_tokens: its runs reserve nothing against their token limit",
+                        w, step, e)
 
     @property
     def active_runs(self) -> int:
@@ -552,11 +554,7 @@ class Engine:
         waiter = self._turn()
         if waiter is not None:
             await waiter  # let through by _end_turn: this iteration's turn counts it
-            now = _perf_counter()
-            if self._turn_began is None:
-                self._turn_began = now
-            self._turn_last = now
-            self._turn_commits += 1
+            self._count_commit(_perf_counter())
         if run.dirty:
             await self._reload(run)
         if run.definition is None or run.held:
@@ -626,19 +624,22 @@ class Engine:
         if self._deferred:  # others wait already: queue behind them
             return self._defer()
         now = _perf_counter()
-        began = self._turn_began
-        if began is None:
-            self._turn_began = now
-        elif now - began > _TURN:
+        if self._turn_began is not None and now - self._turn_began > _TURN:
             return self._defer()
-        self._turn_last = now
-        self._turn_commits += 1
+        self._count_commit(now)
         return None
 
     def _defer(self) -> asyncio.Future[None]:
         waiter = asyncio.get_running_loop().create_future()
         self._deferred.append(waiter)
         return waiter
+
+    def _count_commit(self, now: float) -> None:
+        """A commit of this turn begins at `now` (what _end_turn measures the turn by)."""
+        if self._turn_began is None:
+            self._turn_began = now
+        self._turn_last = now
+        self._turn_commits += 1
 
     def _end_turn(self) -> None:
         """At the next loop iteration (timers and I/O have had their turn): let the next
@@ -1131,20 +1132,11 @@ def _check_position(after: object) -> None:
         raise InvalidInput(f"after must be an integer from 0 to {ev.MAX_INT}, not {after!r}"[:200])
 
 
-def _refuse_unreserved(steps: list[tuple[str, str, str]]) -> None:
+def _refuse(steps: list[tuple[str, str, str]], rule: str) -> None:
+    """A DefinitionError naming every (workflow, step, executor) that breaks `rule`."""
     if steps:
         text = ", ".join(f"{s!r} of {w!r} (executor {e!r})" for w, s, e in steps)
-        raise DefinitionError(
-            f"steps on an executor with a token rate limit must declare max_tokens, so "
-            f"each call reserves its worst case in the window: {text}")
-
-
-def _refuse_unbudgeted(steps: list[tuple[str, str, str]]) -> None:
-    if steps:
-        text = ", ".join(f"{s!r} of {w!r} (executor {e!r})" for w, s, e in steps)
-        raise DefinitionError(
-            f"steps on a model executor must declare max_tokens: the run's token limit is "
-            f"kept by reserving each attempt's worst case before it is scheduled: {text}")
+        raise DefinitionError(f"{rule}: {text}")
 
 
 def _uuid(value: UUID | str) -> UUID:

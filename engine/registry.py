@@ -81,36 +81,33 @@ class Registry:
         return sorted(set(missing))
 
 
-    def unreserved_token_steps(self, workflows: Iterable[Workflow] | None = None
+    def unreserved_token_steps(self, workflows: Iterable[Workflow]
                                ) -> list[tuple[str, str, str]]:
-        """(workflow, step, executor) for task steps on a token-rate-limited executor that
-        declare no `max_tokens` (in `workflows`, or every registered version).
+        """(workflow, step, executor) for task steps of `workflows` on a token-rate-limited
+        executor that declare no `max_tokens`.
 
         A token window can only be kept if every call reserves its worst case before it is
         made; a step without one would be admitted for free and could flood the window.
         """
         found = []
-        for wf in self._all() if workflows is None else workflows:
+        for wf in workflows:
             for task in _tasks_of(wf):
                 limit = self.rate_limits.get(task.executor)
                 if limit is not None and limit.tokens is not None and task.max_tokens is None:
                     found.append((wf.name, task.name, task.executor))
         return sorted(set(found))
 
-    def _all(self) -> list[Workflow]:
-        return [wf for versions in self._versions.values() for wf in versions]
-
-    def unbudgeted_model_steps(self, workflows: Iterable[Workflow] | None = None
+    def unbudgeted_model_steps(self, workflows: Iterable[Workflow]
                                ) -> list[tuple[str, str, str]]:
-        """(workflow, step, executor) for task steps on an executor that spends tokens (a
-        model: `spends_tokens = True`) that declare no `max_tokens`.
+        """(workflow, step, executor) for task steps of `workflows` on an executor that spends
+        tokens (a model: `spends_tokens = True`) that declare no `max_tokens`.
 
         A run's token limit is kept by reserving each attempt's worst case before it is
         scheduled; a model step without a ceiling reserves nothing, so a run of such steps
         could spend past its limit.
         """
         found = []
-        for wf in self._all() if workflows is None else workflows:
+        for wf in workflows:
             for task in _tasks_of(wf):
                 executor = self.executors.get(task.executor)
                 if getattr(executor, "spends_tokens", False) is True and task.max_tokens is None:

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from domain.errors import RuleboundError, RunNotFound
-from engine import Engine, Registry, load_app
+from rulebound.domain.errors import RuleboundError, RunNotFound
+from rulebound.engine import Engine, Registry, load_app
 
 DEFAULT_STORE = "sqlite:///rulebound.db"
 
@@ -29,7 +29,7 @@ def _store(args: argparse.Namespace) -> str:
 def _registry(args: argparse.Namespace) -> Registry:
     if getattr(args, "app", None):
         return load_app(args.app)
-    from adapters.demo.run import demo_registry
+    from rulebound.adapters.demo.run import demo_registry
 
     return demo_registry()  # the demo's definitions, so its runs explain out of the box
 
@@ -65,7 +65,7 @@ def _reader(args: argparse.Namespace) -> Engine:
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
-    from adapters.demo.run import TICKETS, run_demo
+    from rulebound.adapters.demo.run import TICKETS, run_demo
 
     return await run_demo(_store(args), tickets=Path(args.tickets) if args.tickets else TICKETS,
                           explain=not args.no_explain)
@@ -138,7 +138,7 @@ async def cmd_explain(args: argparse.Namespace) -> int:
 
 
 async def cmd_serve(args: argparse.Namespace) -> int:
-    from adapters.http.server import check_bind, serve
+    from rulebound.adapters.http.server import check_bind, serve
 
     token = os.environ.get("RULEBOUND_TOKEN") or None
     check_bind(args.host, token, args.insecure_no_auth)  # before the engine opens (recovery)
@@ -179,7 +179,7 @@ def _write_lines(path: str | None, lines: list[dict[str, Any]]) -> None:
 
 
 async def cmd_export(args: argparse.Namespace) -> int:
-    from engine.audit import export_records
+    from rulebound.engine.audit import export_records
 
     records = await _stored_records(args)
     lines = export_records(str(_run_uuid(args.run)), records)
@@ -204,7 +204,7 @@ def _print_report(report: Any, what: str, *, source: str = "file") -> int:
     """Findings, or the OK lines. Only values the checks derived or matched are printed (the
     status from the last event, never the manifest's word for it), and every string from the
     file goes through repr or `printable`: a crafted log cannot write terminal escapes."""
-    from engine.audit import printable
+    from rulebound.engine.audit import printable
 
     what = printable(what)
     if not report.ok:
@@ -273,7 +273,7 @@ def _anchor(raw: str | None) -> str | None:
 
 
 async def cmd_verify(args: argparse.Namespace) -> int:
-    from engine.audit import verify_lines
+    from rulebound.engine.audit import verify_lines
 
     head = _anchor(args.head)
     registry = _registry(args)
@@ -284,7 +284,7 @@ async def cmd_verify(args: argparse.Namespace) -> int:
 
 
 async def cmd_replay(args: argparse.Namespace) -> int:
-    from engine.audit import record_lines, verify_lines
+    from rulebound.engine.audit import record_lines, verify_lines
 
     registry = _registry(args)
     records = await _stored_records(args)
@@ -322,7 +322,7 @@ async def cmd_graph(args: argparse.Namespace) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
-    from engine.audit import one_line
+    from rulebound.engine.audit import one_line
 
     return one_line(exc)
 

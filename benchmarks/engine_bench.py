@@ -28,7 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from domain import END, FAIL, Limits, Route, Step, Workflow, field  # noqa: E402
+from rulebound.domain import END, FAIL, Limits, Route, Step, Workflow, field  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -50,7 +50,7 @@ async def _sleep10(task: Any) -> Any:
 
 async def case_sequential(store: str, runs: int) -> dict[str, float]:
     """W1/W2 shape: runs one after another, 5 instant steps each."""
-    from engine import Engine
+    from rulebound.engine import Engine
 
     async with Engine(store, [linear()], {"work": _noop}) as engine:
         await engine.wait(await engine.start("bench-linear"))  # warm-up
@@ -66,8 +66,9 @@ async def case_sequential(store: str, runs: int) -> dict[str, float]:
 
 async def case_concurrent(store: str, runs: int) -> dict[str, float]:
     """W3 shape: all runs at once, 5 steps of 10 ms each; ideal wall time is 50 ms."""
+    from rulebound.engine import Engine
+
     from benchmarks.common import LagProbe
-    from engine import Engine
 
     async with Engine(store, [linear()], {"work": _sleep10}, max_concurrency=2000) as engine:
         await engine.wait(await engine.start("bench-linear"))
@@ -86,9 +87,9 @@ async def case_concurrent(store: str, runs: int) -> dict[str, float]:
 
 async def case_replay(events_wanted: int) -> dict[str, float]:
     """Fold speed: decode stored bytes and fold a run of `events_wanted` events."""
-    from domain import Simulator
-    from domain.state import replay
-    from engine import codec
+    from rulebound.domain import Simulator
+    from rulebound.domain.state import replay
+    from rulebound.engine import codec
 
     wf = Workflow("bench-loop", limits=Limits(max_steps=10_000), on_failure=FAIL, steps=[
         Step("a", executor="x", max_visits=10_000,

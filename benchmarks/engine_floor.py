@@ -35,13 +35,14 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
+from rulebound.domain import events as ev
+from rulebound.domain.state import RunState, evolve
+from rulebound.engine import codec
+from rulebound.engine.storage import StoreWorker
+from rulebound.engine.store import Record
+from rulebound.engine.stores import open_store
+
 from benchmarks.common import LagProbe
-from domain import events as ev
-from domain.state import RunState, evolve
-from engine import codec
-from engine.storage import StoreWorker
-from engine.store import Record
-from engine.stores import open_store
 
 STEPS = 5
 _tuple_new = tuple.__new__
@@ -157,7 +158,7 @@ async def concurrent(url: str, runs: int) -> dict[str, float]:
 
 async def primitives(db: Path, n: int = 5000) -> dict[str, float]:
     """Each required part of a step, timed alone (microseconds per step)."""
-    from adapters.stores.memory import MemoryStore
+    from rulebound.adapters.stores.memory import MemoryStore
 
     now = datetime.now(UTC)
     out: dict[str, float] = {}

@@ -59,7 +59,7 @@ async def _verify(engine: Any, run_ids: list[Any]) -> None:
 
 async def _measure(store: str, db: Path | None, runs: int, executor: Any,
                    timer: Any) -> dict[str, Any]:
-    from engine import Engine
+    from rulebound.engine import Engine
 
     url = _url(store, db)
     run_ids: list[Any] = []
@@ -107,7 +107,7 @@ def _recovery_workflow() -> Any:
     step's retry policy, whose default waits 1 s first, since the attempt may itself have
     killed the process. The peers re-run an interrupted step at once; for a like-for-like
     recovery time, W4 declares that choice explicitly: no backoff."""
-    from domain import END, FAIL, Retry, Step, Workflow
+    from rulebound.domain import END, FAIL, Retry, Step, Workflow
 
     return Workflow("bench-linear", on_failure=FAIL, steps=[
         Step(f"s{i}", executor="work", retry=Retry(backoff=0),
@@ -116,7 +116,7 @@ def _recovery_workflow() -> Any:
 
 
 async def crash_child(db: Path, ledger: Ledger) -> None:
-    from engine import Engine
+    from rulebound.engine import Engine
 
     ledger.mark_engine_start()
     async with Engine(store=_url("sqlite", db), workflows=[_recovery_workflow()],
@@ -127,7 +127,7 @@ async def crash_child(db: Path, ledger: Ledger) -> None:
 
 
 async def crash_restart(db: Path, ledger: Ledger) -> dict[str, Any]:
-    from engine import Engine
+    from rulebound.engine import Engine
 
     run_id = ledger.value("run")
     check(run_id is not None, "rulebound: the killed process never recorded its run id")

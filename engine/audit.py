@@ -33,11 +33,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-
-from domain.decider import decide
-from domain.definitions import Workflow
-from domain.events import DECIDER_EVENTS, TERMINAL_EVENTS, Event, RunStarted, parse_event
-from domain.state import RunState, evolve
+from rulebound.domain.decider import decide
+from rulebound.domain.definitions import Workflow
+from rulebound.domain.events import DECIDER_EVENTS, TERMINAL_EVENTS, Event, RunStarted, parse_event
+from rulebound.domain.state import RunState, evolve
 
 from . import codec
 from .store import Record

@@ -14,9 +14,8 @@ from uuid import UUID
 
 import orjson
 from pydantic import BaseModel
-
-from domain.errors import CorruptRun
-from domain.events import Event, parse_event
+from rulebound.domain.errors import CorruptRun
+from rulebound.domain.events import Event, parse_event
 
 GENESIS_HASH = "0" * 64
 _sha256 = hashlib.sha256

@@ -27,13 +27,12 @@ from typing import Any
 from uuid import UUID, uuid4, uuid5
 
 from pydantic import BaseModel, ValidationError
-
-from domain import events as ev
-from domain.decider import advance, build_input, dispatchable, timers
-from domain.definitions import Step, WaitForSignal, Workflow
-from domain.errors import CorruptRun, DefinitionError, RunNotFound
-from domain.explain import explain as explain_events
-from domain.state import RunState, evolve
+from rulebound.domain import events as ev
+from rulebound.domain.decider import advance, build_input, dispatchable, timers
+from rulebound.domain.definitions import Step, WaitForSignal, Workflow
+from rulebound.domain.errors import CorruptRun, DefinitionError, RunNotFound
+from rulebound.domain.explain import explain as explain_events
+from rulebound.domain.state import RunState, evolve
 
 from . import codec
 from .clock import Clock, SystemClock

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from domain.errors import RuleboundError
+from rulebound.domain.errors import RuleboundError
 
 
 class WorkflowNotFound(RuleboundError, LookupError):

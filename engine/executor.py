@@ -15,9 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 from uuid import UUID
 
 from pydantic import BaseModel
-
-from domain.errors import RuleboundError
-from domain.events import Usage
+from rulebound.domain.errors import RuleboundError
+from rulebound.domain.events import Usage
 
 __all__ = [
     "Executor",

@@ -9,8 +9,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from domain.definitions import Step, Workflow
-from domain.errors import DefinitionError, RuleboundError
+from rulebound.domain.definitions import Step, Workflow
+from rulebound.domain.errors import DefinitionError, RuleboundError
 
 from .errors import WorkflowNotFound
 from .ratelimit import RateLimit

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import NamedTuple, Protocol
 from uuid import UUID
 
-from domain.errors import RuleboundError
+from rulebound.domain.errors import RuleboundError
 
 
 class Record(NamedTuple):

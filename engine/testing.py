@@ -1,6 +1,6 @@
 """Property-test your own workflows before production.
 
-    from engine.testing import check_workflow
+    from rulebound.engine.testing import check_workflow
     check_workflow(triage, outputs={"classify": st.builds(Label)}, max_examples=300)
 
 drives the definition through the real decider (via `domain.Simulator`) with
@@ -28,13 +28,12 @@ from typing import Any
 from uuid import UUID
 
 import orjson
-
-from domain import events as ev
-from domain.decider import decide
-from domain.definitions import Map, Parallel, Step, WaitForSignal, Workflow
-from domain.errors import RuleboundError
-from domain.simulator import Simulator
-from domain.state import RunState, evolve
+from rulebound.domain import events as ev
+from rulebound.domain.decider import decide
+from rulebound.domain.definitions import Map, Parallel, Step, WaitForSignal, Workflow
+from rulebound.domain.errors import RuleboundError
+from rulebound.domain.simulator import Simulator
+from rulebound.domain.state import RunState, evolve
 
 from . import codec
 

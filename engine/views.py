@@ -7,8 +7,8 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from domain.events import Usage
-from domain.state import RunState
+from rulebound.domain.events import Usage
+from rulebound.domain.state import RunState
 
 _NO_USAGE = Usage(tokens_in=0, tokens_out=0, cost=0.0)  # frozen: safe to share
 

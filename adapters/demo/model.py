@@ -13,9 +13,9 @@ import asyncio
 import re
 from typing import Any
 
-from adapters.executors.scripted import Script, ScriptedModel, unit
-from domain.events import Usage
-from engine.executor import ExecutorError, PermanentError, Task
+from rulebound.adapters.executors.scripted import Script, ScriptedModel, unit
+from rulebound.domain.events import Usage
+from rulebound.engine.executor import ExecutorError, PermanentError, Task
 
 PRICE_IN, PRICE_OUT = 3.0 / 1e6, 15.0 / 1e6  # USD per token
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from uuid import UUID
 
-from engine import Engine, RateLimit, Registry
+from rulebound.engine import Engine, RateLimit, Registry
 
 from .model import Outbox, crm, orders, policy, triage_model
 from .workflow import triage
@@ -35,7 +35,7 @@ def demo_registry(outbox: Outbox | None = None, model: Any = None) -> Registry:
 def _model_from_env() -> Any:
     if not os.environ.get("RULEBOUND_OPENAI_BASE_URL"):
         return None
-    from adapters.executors import OpenAIChat
+    from rulebound.adapters.executors import OpenAIChat
 
     return OpenAIChat.from_env()
 

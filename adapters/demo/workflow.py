@@ -10,8 +10,18 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, Field
-
-from domain import END, FAIL, Limits, Parallel, Retry, Route, Step, WaitForSignal, Workflow, field
+from rulebound.domain import (
+    END,
+    FAIL,
+    Limits,
+    Parallel,
+    Retry,
+    Route,
+    Step,
+    WaitForSignal,
+    Workflow,
+    field,
+)
 
 
 class Ticket(BaseModel):

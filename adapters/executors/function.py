@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from engine.executor import ExecutorError, Result, Task
+from rulebound.engine.executor import ExecutorError, Result, Task
 
 _MESSAGE_LIMIT = 500
 

@@ -15,8 +15,7 @@ from typing import Any, Self
 
 import aiohttp
 import orjson
-
-from engine.executor import ExecutorContext, ExecutorError, Task
+from rulebound.engine.executor import ExecutorContext, ExecutorError, Task
 
 DEFAULT_MAX_BYTES = 4 * 1024 * 1024
 

@@ -12,8 +12,7 @@ from urllib.parse import quote, urljoin, urlsplit
 import aiohttp
 import orjson
 from pydantic import BaseModel, ValidationError
-
-from engine.executor import ExecutorError, Result, Task
+from rulebound.engine.executor import ExecutorError, Result, Task
 
 from .http_common import (
     SessionUser,

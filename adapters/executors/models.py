@@ -35,10 +35,9 @@ from typing import Any, Literal
 import aiohttp
 import orjson
 from pydantic import BaseModel, ValidationError
-
-from domain.errors import RuleboundError
-from domain.events import Usage
-from engine.executor import ExecutorError, Result, Task
+from rulebound.domain.errors import RuleboundError
+from rulebound.domain.events import Usage
+from rulebound.engine.executor import ExecutorError, Result, Task
 
 from .http_common import (
     DEFAULT_MAX_BYTES,

@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from domain.events import Usage
-from engine.executor import ExecutorError, Result, Task
+from rulebound.domain.events import Usage
+from rulebound.engine.executor import ExecutorError, Result, Task
 
 _RETRYABLE = {"timeout", "connection", "rate_limited", "server_error", "invalid_output"}
 

@@ -18,10 +18,9 @@ from uuid import UUID
 
 import orjson
 from aiohttp import web
-
-from domain.errors import CorruptRun, RuleboundError, RunNotFound
-from engine import Engine
-from engine.errors import (
+from rulebound.domain.errors import CorruptRun, RuleboundError, RunNotFound
+from rulebound.engine import Engine
+from rulebound.engine.errors import (
     EngineClosed,
     InvalidInput,
     Overloaded,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from engine.store import EventStore, StoreError
+from rulebound.engine.store import EventStore, StoreError
 
 from .memory import MemoryStore
 from .sqlite import SQLiteStore

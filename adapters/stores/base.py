@@ -16,8 +16,7 @@ from eventsourcing.persistence import (
     OperationalError,
     StoredEvent,
 )
-
-from engine.store import ConcurrencyConflict, Notification, Record, StoreError
+from rulebound.engine.store import ConcurrencyConflict, Notification, Record, StoreError
 
 log = logging.getLogger("rulebound.stores")
 T = TypeVar("T")

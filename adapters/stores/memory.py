@@ -10,8 +10,7 @@ from uuid import UUID
 
 from eventsourcing.persistence import IntegrityError, StoredEvent
 from eventsourcing.popo import POPOApplicationRecorder
-
-from engine.store import ConcurrencyConflict, Record, RunChange, RunRow
+from rulebound.engine.store import ConcurrencyConflict, Record, RunChange, RunRow
 
 from .base import RecorderStore
 

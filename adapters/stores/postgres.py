@@ -16,8 +16,7 @@ from uuid import UUID
 from eventsourcing.persistence import OperationalError
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from psycopg.sql import SQL, Identifier
-
-from engine.store import RunChange, RunRow, StoreError
+from rulebound.engine.store import RunChange, RunRow, StoreError
 
 from .base import RecorderStore, _safe
 

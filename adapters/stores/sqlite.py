@@ -16,8 +16,7 @@ from uuid import UUID
 
 from eventsourcing.persistence import OperationalError
 from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteDatastore
-
-from engine.store import RunChange, RunRow, StoreError
+from rulebound.engine.store import RunChange, RunRow, StoreError
 
 from .base import RecorderStore
 

@@ -10,14 +10,13 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-
-from adapters.cli import main
-from engine import Engine, load_app
+from rulebound.adapters.cli import main
+from rulebound.engine import Engine, load_app
 
 APP = '''
 from pydantic import BaseModel
-from domain import FAIL, Retry, Route, Step, WaitForSignal, Workflow, field
-from engine import Registry, RetryableError
+from rulebound.domain import FAIL, Retry, Route, Step, WaitForSignal, Workflow, field
+from rulebound.engine import Registry, RetryableError
 
 
 class Label(BaseModel):
@@ -172,8 +171,8 @@ def test_tampering_is_detected_at_the_first_bad_event(
 def test_a_forged_hash_for_an_edited_event_breaks_the_next_link(
     recorded: dict[str, Any], capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from engine import codec
-    from engine.codec import decode
+    from rulebound.engine import codec
+    from rulebound.engine.codec import decode
 
     rows = lines(recorded["export"])
     index = next(i for i, r in enumerate(rows) if r["event"]["type"] == "AttemptSucceeded")
@@ -243,7 +242,7 @@ def test_explain_covers_retries_transitions_and_waiting(recorded: dict[str, Any]
 
 def rechain(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """What a forger who can rewrite the whole file does: recompute every hash."""
-    from engine import codec
+    from rulebound.engine import codec
 
     prev = codec.GENESIS_HASH
     for row in rows:
@@ -620,7 +619,7 @@ def test_a_relabelled_run_id_is_not_caught_and_the_ok_line_says_so(
 
 
 def test_non_object_lines_fail_without_a_crash() -> None:
-    from engine.audit import verify_lines
+    from rulebound.engine.audit import verify_lines
 
     for content in ([1, {"manifest": {}}], [[], "x"], [{"manifest": 1}, 2]):
         report = verify_lines(content, lambda *_: None)
@@ -630,7 +629,7 @@ def test_non_object_lines_fail_without_a_crash() -> None:
 
 def test_the_golden_histories_pass_the_chain_checks() -> None:
     """The stored logs the engine wrote (ids and all) meet what check_chain now requires."""
-    from engine.audit import Report, check_chain
+    from rulebound.engine.audit import Report, check_chain
 
     histories = sorted((Path(__file__).parents[1] / "histories").glob("*.jsonl"))
     assert histories

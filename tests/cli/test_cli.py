@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def rulebound(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RULEBOUND_STORE", None)
-    return subprocess.run([sys.executable, "-m", "adapters.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "rulebound", *args], capture_output=True,
                           text=True, timeout=120, env=env, cwd=cwd or ROOT)
 
 
@@ -61,7 +61,7 @@ def test_runs_show_and_explain_work_on_the_demo_store(demo_store: str) -> None:
     (["runs", "--store", "sqlite:////no/such/folder/x.db"], "does not exist"),
     (["runs", "--store", "postgresql://me:hunter2@127.0.0.1:1/db"], "cannot open PostgreSQL"),
     (["show", "x", "--app", "missing_file.py:registry"], "no file"),
-    (["show", "x", "--app", "adapters.cli:nothing_here"], "has no attribute"),
+    (["show", "x", "--app", "rulebound.adapters.cli:nothing_here"], "has no attribute"),
     (["show", "x", "--app", "no_such_module:registry"], "not found"),
     (["graph", "nope"], "no workflow named 'nope'"),
 ])
@@ -173,7 +173,7 @@ def test_export_to_a_missing_folder_names_the_target(demo_store: str, tmp_path: 
 
 def test_a_closed_pipe_is_not_an_error(demo_store: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "adapters.cli", "runs", "--store",
+    proc = subprocess.Popen([sys.executable, "-m", "rulebound.adapters.cli", "runs", "--store",
                              demo_store, "--limit", "1000"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env, cwd=ROOT)
     assert proc.stdout is not None and proc.stderr is not None

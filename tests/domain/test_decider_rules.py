@@ -6,8 +6,7 @@ from datetime import timedelta
 
 import pytest
 from pydantic import BaseModel
-
-from domain import (
+from rulebound.domain import (
     END,
     FAIL,
     Limits,
@@ -22,7 +21,7 @@ from domain import (
     decide,
     field,
 )
-from domain import events as ev
+from rulebound.domain import events as ev
 
 
 class Label(BaseModel):

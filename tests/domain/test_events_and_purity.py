@@ -10,9 +10,8 @@ from uuid import UUID
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from domain import events as ev
-from engine import codec
+from rulebound.domain import events as ev
+from rulebound.engine import codec
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53)

@@ -11,9 +11,8 @@ from typing import Any
 
 import pytest
 from pydantic import BaseModel, ConfigDict, Field, create_model
-
-from domain import END, FAIL, Parallel, Simulator, Step, Workflow
-from engine.testing import InvariantViolated, check_history
+from rulebound.domain import END, FAIL, Parallel, Simulator, Step, Workflow
+from rulebound.engine.testing import InvariantViolated, check_history
 
 NAMES = ("title", "description", "examples")
 

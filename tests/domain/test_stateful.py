@@ -43,8 +43,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 from pydantic import BaseModel
-
-from domain import (
+from rulebound.domain import (
     END,
     FAIL,
     Limits,
@@ -58,10 +57,10 @@ from domain import (
     Workflow,
     field,
 )
-from domain import events as ev
-from domain.decider import dispatchable, timers
-from domain.errors import InvalidEvent
-from engine.testing import HistoryChecker, InvariantViolated
+from rulebound.domain import events as ev
+from rulebound.domain.decider import dispatchable, timers
+from rulebound.domain.errors import InvalidEvent
+from rulebound.engine.testing import HistoryChecker, InvariantViolated
 
 EXAMPLES = int(os.environ.get("RULEBOUND_HYPOTHESIS_EXAMPLES", "200"))
 STEPS = 50

@@ -13,8 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
-
-from domain import (
+from rulebound.domain import (
     END,
     FAIL,
     DefinitionError,

@@ -15,8 +15,8 @@ import json
 import os
 import sys
 
-from domain import FAIL, Limits, Parallel, Retry, Step, WaitForSignal, Workflow
-from engine import Engine, RunTerminal
+from rulebound.domain import FAIL, Limits, Parallel, Retry, Step, WaitForSignal, Workflow
+from rulebound.engine import Engine, RunTerminal
 
 STEPS = 150  # long enough that 20 kills land mid-run (~19 s of work per run), not after the end
 

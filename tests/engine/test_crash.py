@@ -22,11 +22,10 @@ from pathlib import Path
 from uuid import UUID
 
 import pytest
-
-from adapters.stores import open_store
-from domain.state import replay
-from engine import codec
-from engine.views import RunView
+from rulebound.adapters.stores import open_store
+from rulebound.domain.state import replay
+from rulebound.engine import codec
+from rulebound.engine.views import RunView
 
 WORKER = Path(__file__).with_name("crash_worker.py")
 ROOT = Path(__file__).resolve().parents[2]

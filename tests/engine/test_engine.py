@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 from pydantic import BaseModel
-
-from domain import (
+from rulebound.domain import (
     END,
     FAIL,
     Limits,
@@ -21,8 +20,8 @@ from domain import (
     Workflow,
     field,
 )
-from domain.errors import DefinitionError, RunNotFound
-from engine import (
+from rulebound.domain.errors import DefinitionError, RunNotFound
+from rulebound.engine import (
     Engine,
     InvalidInput,
     RateLimit,
@@ -64,8 +63,8 @@ async def test_a_linear_run_completes_and_its_events_replay(store_url: str) -> N
         assert types[0] == "RunStarted" and types[-1] == "RunCompleted"
         assert types.count("AttemptSucceeded") == 3
         assert all(e.id is not None and e.hash is not None for e in events)
-        from domain.state import replay
-        from engine.views import RunView
+        from rulebound.domain.state import replay
+        from rulebound.engine.views import RunView
         assert RunView.of(run_id, replay(events)).to_dict() == view.to_dict()
         text = await engine.explain(run_id)
         assert "transition s0 -> s1" in text and "run completed" in text
@@ -229,7 +228,7 @@ async def test_a_token_rate_limit_needs_a_reservation_on_every_step(store_url: s
 async def test_model_steps_must_declare_their_token_ceiling(store_url: str) -> None:
     # Without a ceiling a model step reserves nothing, and the run's token limit is kept only
     # by reservations: a loop of such steps could spend past it.
-    from adapters.executors import AnthropicMessages, OpenAIChat, Script, ScriptedModel
+    from rulebound.adapters.executors import AnthropicMessages, OpenAIChat, Script, ScriptedModel
 
     assert OpenAIChat.spends_tokens and AnthropicMessages.spends_tokens
     model = ScriptedModel({}, default=Script(output={"ok": True}))
@@ -259,7 +258,7 @@ async def test_model_steps_must_declare_their_token_ceiling(store_url: str) -> N
 
 async def test_an_older_unbudgeted_version_may_stay_registered_to_finish_its_runs(
         store_url: str, caplog: pytest.LogCaptureFixture) -> None:
-    from adapters.executors import Script, ScriptedModel
+    from rulebound.adapters.executors import Script, ScriptedModel
 
     model = ScriptedModel({}, default=Script(output={"ok": True}))
     old = Workflow("upgraded", on_failure=FAIL, steps=[Step("s", executor="llm")])
@@ -516,7 +515,7 @@ async def test_a_corrupt_run_is_quarantined_and_others_go_on(sqlite_url: str) ->
     release.set()
     async with Engine(sqlite_url, [wf], {"echo": blocking}) as engine:
         assert (await engine.wait(good, timeout=5)).status == "completed"
-        from domain.errors import CorruptRun
+        from rulebound.domain.errors import CorruptRun
         with pytest.raises(CorruptRun, match=str(bad)):
             await engine.get(bad)
 

@@ -15,12 +15,11 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-
-from adapters.demo.run import approver, demo_registry, load_tickets
-from adapters.demo.workflow import triage
-from domain.state import RunState, evolve
-from engine import Engine
-from engine.testing import canonical_state
+from rulebound.adapters.demo.run import approver, demo_registry, load_tickets
+from rulebound.adapters.demo.workflow import triage
+from rulebound.domain.state import RunState, evolve
+from rulebound.engine import Engine
+from rulebound.engine.testing import canonical_state
 
 
 class RecordingEngine(Engine):

@@ -11,10 +11,9 @@ import itertools
 from typing import Any
 
 import pytest
-
-import engine.engine as engine_module
-from domain import END, FAIL, Step, Workflow
-from engine import Engine, Task
+import rulebound.engine.engine as engine_module
+from rulebound.domain import END, FAIL, Step, Workflow
+from rulebound.engine import Engine, Task
 
 RUNS = 20
 
@@ -110,9 +109,9 @@ async def test_a_start_cancelled_in_the_queue_leaves_no_half_run(
     # that was never written), nothing is stored, and the same key starts cleanly afterwards.
     from uuid import uuid5
 
-    from domain import WaitForSignal
-    from domain.errors import RunNotFound
-    from engine.engine import RUN_NAMESPACE
+    from rulebound.domain import WaitForSignal
+    from rulebound.domain.errors import RunNotFound
+    from rulebound.engine.engine import RUN_NAMESPACE
 
     wf = Workflow("approve", on_failure=FAIL, steps=[
         WaitForSignal("ok", signal="go", timeout=60, next=END)])
@@ -164,9 +163,9 @@ async def test_a_start_cancelled_mid_write_is_taken_up_when_the_write_lands(
     import threading
     from uuid import uuid5
 
-    from domain import Retry
-    from domain.errors import RunNotFound
-    from engine.engine import RUN_NAMESPACE
+    from rulebound.domain import Retry
+    from rulebound.domain.errors import RunNotFound
+    from rulebound.engine.engine import RUN_NAMESPACE
 
     async def done(task: Task) -> Any:
         return {"ok": True}

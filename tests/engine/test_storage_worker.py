@@ -9,10 +9,9 @@ from pathlib import Path
 from uuid import uuid4
 
 import pytest
-
-from adapters.stores import open_store
-from engine.storage import StoreWorker
-from engine.store import ConcurrencyConflict, Record, StoreError
+from rulebound.adapters.stores import open_store
+from rulebound.engine.storage import StoreWorker
+from rulebound.engine.store import ConcurrencyConflict, Record, StoreError
 
 
 class Flaky:

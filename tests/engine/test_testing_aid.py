@@ -6,11 +6,10 @@ from datetime import timedelta
 
 import pytest
 from hypothesis import strategies as st
-
-from adapters.demo.workflow import Ticket, triage
-from domain import END, FAIL, Limits, Retry, Route, Simulator, Step, Workflow, field
-from domain import events as ev
-from engine.testing import InvariantViolated, check_history, check_workflow
+from rulebound.adapters.demo.workflow import Ticket, triage
+from rulebound.domain import END, FAIL, Limits, Retry, Route, Simulator, Step, Workflow, field
+from rulebound.domain import events as ev
+from rulebound.engine.testing import InvariantViolated, check_history, check_workflow
 
 loop = Workflow("loop", limits=Limits(max_cost=0.05, max_steps=30), on_failure="giveup",
                 on_limit="giveup", steps=[
@@ -73,7 +72,8 @@ def test_check_history_catches_events_after_the_end() -> None:
 def test_a_history_cut_after_some_of_its_decisions_is_caught() -> None:
     from pathlib import Path
 
-    from engine import codec
+    from rulebound.engine import codec
+
     from tests.histories.golden_workflows import SCRIPTS
 
     workflow, _script = SCRIPTS["linear_chain"]

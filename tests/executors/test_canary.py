@@ -10,12 +10,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-
-from adapters.cli import main
-from adapters.executors import AnthropicMessages, HttpTool, OpenAIChat
-from adapters.http.server import create_app
-from domain import FAIL, Retry, Step, Workflow
-from engine import Engine
+from rulebound.adapters.cli import main
+from rulebound.adapters.executors import AnthropicMessages, HttpTool, OpenAIChat
+from rulebound.adapters.http.server import create_app
+from rulebound.domain import FAIL, Retry, Step, Workflow
+from rulebound.engine import Engine
 
 from .fake_providers import MODE, make_app
 from .test_http_executors import CANARY, Customer, Label

@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from adapters.demo.run import approver, demo_registry, load_tickets
-from adapters.demo.workflow import triage
-from domain import events as ev
-from engine import Engine
+from rulebound.adapters.demo.run import approver, demo_registry, load_tickets
+from rulebound.adapters.demo.workflow import triage
+from rulebound.domain import events as ev
+from rulebound.engine import Engine
 
 
 async def test_the_demo_model_stays_inside_every_grant() -> None:

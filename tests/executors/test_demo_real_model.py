@@ -53,7 +53,7 @@ def test_the_demo_runs_against_a_configured_model(tmp_path: Path,
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RULEBOUND_OPENAI_BASE_URL": base,
            "RULEBOUND_OPENAI_MODEL": "local-model", "RULEBOUND_OPENAI_API_KEY": "sk-local",
            "RULEBOUND_OPENAI_PRICE": "0"}
-    done = subprocess.run([sys.executable, "-m", "adapters.cli", "demo", "--no-explain",
+    done = subprocess.run([sys.executable, "-m", "rulebound.adapters.cli", "demo", "--no-explain",
                            "--store", f"sqlite:///{tmp_path / 'real.db'}"],
                           capture_output=True, text=True, timeout=180, env=env)
     assert done.returncode == 0, done.stderr
@@ -70,7 +70,7 @@ def test_a_model_without_a_price_is_one_clear_error(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RULEBOUND_OPENAI_BASE_URL":
            "http://127.0.0.1:9/v1", "RULEBOUND_OPENAI_MODEL": "local-model"}
     env.pop("RULEBOUND_OPENAI_PRICE", None)
-    done = subprocess.run([sys.executable, "-m", "adapters.cli", "demo", "--no-explain",
+    done = subprocess.run([sys.executable, "-m", "rulebound.adapters.cli", "demo", "--no-explain",
                            "--store", f"sqlite:///{tmp_path / 'real.db'}"],
                           capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode != 0

@@ -8,10 +8,9 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
-
-from adapters.executors import FunctionExecutor, Script, ScriptedModel
-from domain import FAIL, Retry, Step, Workflow
-from engine import Engine, ExecutorError, Result, Task, Usage
+from rulebound.adapters.executors import FunctionExecutor, Script, ScriptedModel
+from rulebound.domain import FAIL, Retry, Step, Workflow
+from rulebound.engine import Engine, ExecutorError, Result, Task, Usage
 
 
 def task(step: str = "s", attempt: int = 1, data: Any = None, key: str = "k") -> Task:

@@ -15,12 +15,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-
-from adapters.executors import AnthropicMessages, HttpTool, OpenAIChat
-from adapters.executors.models import MissingPrice, estimate_tokens
-from domain import FAIL, Retry, Step, Workflow
-from domain import events as ev
-from engine import Engine, ExecutorError
+from rulebound.adapters.executors import AnthropicMessages, HttpTool, OpenAIChat
+from rulebound.adapters.executors.models import MissingPrice, estimate_tokens
+from rulebound.domain import FAIL, Retry, Step, Workflow
+from rulebound.domain import events as ev
+from rulebound.engine import Engine, ExecutorError
 
 from .test_http_executors import CANARY, Label, Server, openai, server, task
 

@@ -13,11 +13,10 @@ from uuid import uuid4
 import pytest
 from aiohttp import web
 from pydantic import BaseModel
-
-from adapters.executors import AnthropicMessages, HttpTool, OpenAIChat
-from adapters.executors.models import estimate_tokens
-from adapters.executors.ssrf import Guard
-from engine import ExecutorError, Task
+from rulebound.adapters.executors import AnthropicMessages, HttpTool, OpenAIChat
+from rulebound.adapters.executors.models import estimate_tokens
+from rulebound.adapters.executors.ssrf import Guard
+from rulebound.engine import ExecutorError, Task
 
 from .fake_providers import MODE, make_app
 

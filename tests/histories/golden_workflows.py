@@ -10,8 +10,7 @@ from collections.abc import Callable
 from uuid import UUID, uuid5
 
 from pydantic import BaseModel
-
-from domain import (
+from rulebound.domain import (
     END,
     FAIL,
     Limits,
@@ -25,8 +24,8 @@ from domain import (
     Workflow,
     field,
 )
-from domain import events as ev
-from engine import codec
+from rulebound.domain import events as ev
+from rulebound.engine import codec
 
 NAMESPACE = UUID("1b9d4c5e-0e7a-4f43-9a4e-0d3c2b1a0f00")
 

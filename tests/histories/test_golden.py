@@ -7,10 +7,10 @@ from pathlib import Path
 
 import orjson
 import pytest
+from rulebound.domain.state import replay
+from rulebound.engine import codec
+from rulebound.engine.testing import check_history
 
-from domain.state import replay
-from engine import codec
-from engine.testing import check_history
 from tests.histories.golden_workflows import SCRIPTS
 
 HERE = Path(__file__).resolve().parent

@@ -24,10 +24,9 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
-
-from adapters.http.server import create_app
-from domain import FAIL, Step, WaitForSignal, Workflow
-from engine import Engine, Task
+from rulebound.adapters.http.server import create_app
+from rulebound.domain import FAIL, Step, WaitForSignal, Workflow
+from rulebound.engine import Engine, Task
 
 REQUESTS = 2200
 COUNTS: Counter[str] = Counter()

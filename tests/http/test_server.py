@@ -14,11 +14,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 from pydantic import BaseModel
-
-from adapters.http.server import create_app, serve
-from domain import FAIL, Step, WaitForSignal, Workflow
-from domain.errors import RuleboundError
-from engine import Engine, Task
+from rulebound.adapters.http.server import create_app, serve
+from rulebound.domain import FAIL, Step, WaitForSignal, Workflow
+from rulebound.domain.errors import RuleboundError
+from rulebound.engine import Engine, Task
 
 
 class Order(BaseModel):

@@ -7,9 +7,8 @@ from datetime import UTC, datetime, timedelta
 from uuid import UUID, uuid4
 
 import pytest
-
-from adapters.stores import open_store, redact
-from engine.store import ConcurrencyConflict, EventStore, Record, RunChange, StoreError
+from rulebound.adapters.stores import open_store, redact
+from rulebound.engine.store import ConcurrencyConflict, EventStore, Record, RunChange, StoreError
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

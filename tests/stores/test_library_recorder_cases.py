@@ -17,8 +17,7 @@ from eventsourcing.tests.persistence import (
     ApplicationRecorderTestCase,
     NonInterleavingNotificationIDsBaseCase,
 )
-
-from adapters.stores import open_store
+from rulebound.adapters.stores import open_store
 
 
 class _StoreRecorders:

@@ -6,8 +6,8 @@ import multiprocessing
 from pathlib import Path
 from uuid import UUID, uuid5
 
-from adapters.stores import open_store
-from engine.store import ConcurrencyConflict, Record
+from rulebound.adapters.stores import open_store
+from rulebound.engine.store import ConcurrencyConflict, Record
 
 PROCESSES = 8
 RUNS_EACH = 20

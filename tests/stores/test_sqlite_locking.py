@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from uuid import uuid4
 
-from adapters.stores.sqlite import SQLiteStore
-from engine.store import Record
+from rulebound.adapters.stores.sqlite import SQLiteStore
+from rulebound.engine.store import Record
 
 
 def test_a_lock_held_longer_than_the_busy_timeout_is_waited_out(tmp_path: Path) -> None:

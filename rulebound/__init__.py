@@ -1,0 +1,148 @@
+"""rulebound: the system orchestrates, the model executes.
+
+`from rulebound import ...` is the one documented import. The code lives in three layers,
+installed as parts of this package (dependencies point inward):
+
+    rulebound.domain    pure and synchronous: definitions, events, run state, the decider
+    rulebound.engine    the asyncio runtime: Engine, Registry, executor protocol, testing aid
+    rulebound.adapters  the outside world: stores, model and tool executors, HTTP, the CLI
+
+Names are loaded on first use, so `import rulebound` (and the CLI's start-up) pays only for
+what a program touches.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Where each public name lives, grouped by who reaches for it.
+_HOMES: dict[str, str] = {
+    # Writing workflows: the definition language.
+    "Workflow": "rulebound.domain.definitions",
+    "Step": "rulebound.domain.definitions",
+    "Retry": "rulebound.domain.definitions",
+    "Limits": "rulebound.domain.definitions",
+    "Route": "rulebound.domain.definitions",
+    "Parallel": "rulebound.domain.definitions",
+    "Map": "rulebound.domain.definitions",
+    "WaitForSignal": "rulebound.domain.definitions",
+    "END": "rulebound.domain.definitions",
+    "FAIL": "rulebound.domain.definitions",
+    "field": "rulebound.domain.conditions",
+    # Running them: the engine, the bundle the CLI and server load, limits, what you read back.
+    "Engine": "rulebound.engine.engine",
+    "Registry": "rulebound.engine.registry",
+    "RateLimit": "rulebound.engine.ratelimit",
+    "RunView": "rulebound.engine.views",
+    "StepView": "rulebound.engine.views",
+    # Writing executors: what an executor is given and what it returns or raises.
+    "Executor": "rulebound.engine.executor",
+    "Task": "rulebound.engine.executor",
+    "Result": "rulebound.engine.executor",
+    "Usage": "rulebound.domain.events",
+    "Spend": "rulebound.engine.executor",
+    "ExecutorContext": "rulebound.engine.executor",
+    "ExecutorError": "rulebound.engine.executor",
+    "RetryableError": "rulebound.engine.executor",
+    "PermanentError": "rulebound.engine.executor",
+    # Executors that ship: models, HTTP tools, plain functions, a scripted model for tests.
+    "OpenAIChat": "rulebound.adapters.executors.models",
+    "AnthropicMessages": "rulebound.adapters.executors.models",
+    "HttpTool": "rulebound.adapters.executors.http_tool",
+    "FunctionExecutor": "rulebound.adapters.executors.function",
+    "ScriptedModel": "rulebound.adapters.executors.scripted",
+    "Script": "rulebound.adapters.executors.scripted",
+    # Errors (the tree is drawn in rulebound.domain.errors).
+    "RuleboundError": "rulebound.domain.errors",
+    "DefinitionError": "rulebound.domain.errors",
+    "RunNotFound": "rulebound.domain.errors",
+    "CorruptRun": "rulebound.domain.errors",
+    "InvalidEvent": "rulebound.domain.errors",
+    "WorkflowNotFound": "rulebound.engine.errors",
+    "InvalidInput": "rulebound.engine.errors",
+    "RunTerminal": "rulebound.engine.errors",
+    "EngineClosed": "rulebound.engine.errors",
+    "Overloaded": "rulebound.engine.errors",
+    "StoreError": "rulebound.engine.store",
+    "ConcurrencyConflict": "rulebound.engine.store",
+    "AppLoadError": "rulebound.engine.registry",
+    # Replaying and property-testing: the pure fold and decider, and the testing aid.
+    "Event": "rulebound.domain.events",
+    "RunState": "rulebound.domain.state",
+    "evolve": "rulebound.domain.state",
+    "replay": "rulebound.domain.state",
+    "decide": "rulebound.domain.decider",
+    "Simulator": "rulebound.domain.simulator",
+    "check_workflow": "rulebound.engine.testing",
+    "InvariantViolated": "rulebound.engine.testing",
+}
+
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'rulebound' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # found once; later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:  # the same names, spelled out for type checkers and IDEs
+    from rulebound.adapters.executors.function import FunctionExecutor
+    from rulebound.adapters.executors.http_tool import HttpTool
+    from rulebound.adapters.executors.models import AnthropicMessages, OpenAIChat
+    from rulebound.adapters.executors.scripted import Script, ScriptedModel
+    from rulebound.domain.conditions import field
+    from rulebound.domain.decider import decide
+    from rulebound.domain.definitions import (
+        END,
+        FAIL,
+        Limits,
+        Map,
+        Parallel,
+        Retry,
+        Route,
+        Step,
+        WaitForSignal,
+        Workflow,
+    )
+    from rulebound.domain.errors import (
+        CorruptRun,
+        DefinitionError,
+        InvalidEvent,
+        RuleboundError,
+        RunNotFound,
+    )
+    from rulebound.domain.events import Event, Usage
+    from rulebound.domain.simulator import Simulator
+    from rulebound.domain.state import RunState, evolve, replay
+    from rulebound.engine.engine import Engine
+    from rulebound.engine.errors import (
+        EngineClosed,
+        InvalidInput,
+        Overloaded,
+        RunTerminal,
+        WorkflowNotFound,
+    )
+    from rulebound.engine.executor import (
+        Executor,
+        ExecutorContext,
+        ExecutorError,
+        PermanentError,
+        Result,
+        RetryableError,
+        Spend,
+        Task,
+    )
+    from rulebound.engine.ratelimit import RateLimit
+    from rulebound.engine.registry import AppLoadError, Registry
+    from rulebound.engine.store import ConcurrencyConflict, StoreError
+    from rulebound.engine.testing import InvariantViolated, check_workflow
+    from rulebound.engine.views import RunView, StepView

@@ -43,6 +43,9 @@ class Event(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     origin: ClassVar[str] = "engine"
+    # Fields added after the first stored format: left out of the stored body while None, so
+    # an event written before they existed still serialises to the bytes that were hashed.
+    optional_fields: ClassVar[tuple[str, ...]] = ()
     type: str
     at: datetime
     id: UUID | None = None
@@ -180,9 +183,14 @@ class TransitionTaken(Event):
 
 
 class SignalReceived(Event):
+    """A signal for the run. `signal_id`, when the sender gave one, makes sending it again
+    harmless: the engine records one signal per id (see RunState.signal_ids)."""
+
+    optional_fields: ClassVar[tuple[str, ...]] = ("signal_id",)
     type: Literal["SignalReceived"] = "SignalReceived"
     name: str
     payload: Any = None
+    signal_id: str | None = None
 
 
 class TimerFired(Event):

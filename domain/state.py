@@ -80,6 +80,7 @@ class RunState:
     last_error: Mapping[str, Any] | None = None
     inbox: tuple[tuple[str, Any], ...] = ()
     signals: Mapping[str, Any] = field(default_factory=dict)
+    signal_ids: Mapping[str, str] = field(default_factory=dict)  # sender's id -> signal name
     cost: float = 0.0
     tokens_in: int = 0
     tokens_out: int = 0
@@ -254,6 +255,8 @@ def _signal_received(state: RunState, event: ev.SignalReceived, values: dict[str
     signals[event.name] = event.payload
     values["inbox"] = (*state.inbox, (event.name, event.payload))
     values["signals"] = signals
+    if event.signal_id is not None:
+        values["signal_ids"] = {**state.signal_ids, event.signal_id: event.name}
 
 
 def _limit_reached(state: RunState, event: ev.LimitReached, values: dict[str, Any]) -> None:

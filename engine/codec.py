@@ -36,6 +36,9 @@ def canonical_body(event: Event) -> bytes:
     """
     fields = event.__dict__.copy()  # a C-level copy beats filtering in Python
     del fields["id"], fields["hash"]
+    for name in event.optional_fields:
+        if fields[name] is None:
+            del fields[name]
     return orjson.dumps(fields, default=_plain, option=_OPTS)
 
 
@@ -53,6 +56,9 @@ def stamp(event: Event, event_id: UUID | str, prev_hash: str) -> tuple[str, byte
     # every event on the hot path, about five per step, and each call frame is measurable.
     fields = event.__dict__.copy()
     del fields["id"], fields["hash"]
+    for name in event.optional_fields:
+        if fields[name] is None:
+            del fields[name]
     body = orjson.dumps(fields, default=_plain, option=_OPTS)
     digest = _sha256(prev_hash.encode() + body).hexdigest()
     return digest, b'{"event":%b,"hash":"%b","id":"%b"}' % (body, digest.encode(),

@@ -6,104 +6,94 @@ slot for every attempt that is due (its AttemptStarted goes into the SAME write,
 start is durable before the executor is called), appends the whole batch, and only then
 launches the executors. Every run has a lock; runs never wait for each other, and the
 writes of many runs in the same moment share one transaction (engine.storage).
+
+`Engine` keeps the lifecycle and the public facade; the parts it is made of each have one
+job: the run table (runs.py), turns (turns.py), dispatch (dispatch.py), timers (timers.py)
+and the feed of waiters and watchers (feed.py). The commit path and reconciliation live
+here, because they are what ties those parts together:
+
+- A request, once handed to the engine, is finished by the engine: `start`, `signal` and
+  `cancel` run as tasks the engine owns and the caller awaits them shielded, so a caller
+  cancelled after its write was handed to the store never leaves a half-applied commit (the
+  write landed but its attempts never launched).
+- Reconciliation is one path: whenever a run is loaded or reloaded, attempts the log shows
+  as running with no task here are abandoned and decided again, its timer is re-armed, and
+  its followers are fed the events the reload found.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
+import enum
 import logging
 import os
 import secrets
 import socket
-import time
-from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID, uuid4, uuid5
 
-from pydantic import BaseModel, ValidationError
 from rulebound.domain import events as ev
-from rulebound.domain.decider import advance, build_input, dispatchable, timers
-from rulebound.domain.definitions import Step, WaitForSignal, Workflow
+from rulebound.domain.decider import advance, build_input
+from rulebound.domain.decider import timers as due_timers
+from rulebound.domain.definitions import WaitForSignal, Workflow
 from rulebound.domain.errors import CorruptRun, DefinitionError, RunNotFound
 from rulebound.domain.explain import explain as explain_events
 from rulebound.domain.state import RunState, evolve
 
 from . import codec
 from .clock import Clock, SystemClock
-from .errors import EngineClosed, InvalidInput, Overloaded, RunTerminal
-from .executor import ExecutorContext, ExecutorError, Result, Task
+from .dispatch import Claim, Dispatcher, short, validate
+from .errors import (
+    EngineClosed,
+    IdempotencyConflict,
+    InvalidInput,
+    Overloaded,
+    RunTerminal,
+)
+from .executor import ExecutorContext, Task
+from .feed import Feed
+from .live import LiveRun
 from .metrics import EngineMetrics
-from .ratelimit import Admission, RateLimit, SlidingWindow
+from .ratelimit import RateLimit
 from .registry import Registry
+from .runs import RunTable
 from .storage import StoreWorker
 from .store import ConcurrencyConflict, EventStore, Record, RunRow, StoreError
 from .stores import open_store
+from .timers import Timers
+from .turns import Turns
 from .views import RunView
 
 log = logging.getLogger("rulebound.engine")
 RUN_NAMESPACE = UUID("5b1f0c3e-7a53-4f0e-9d7c-2f1d8d6a9e11")
-_MESSAGE_LIMIT = 500
 _REPLACED_RETRIES = 3  # signal/cancel: how often to follow a run whose object was replaced
-# Seconds of commits one loop iteration may run before further commits wait for a later
-# iteration (see Engine._turn): bounds the loop lag an embedding service sees under bursts.
-_TURN = 0.002
-_perf_counter = time.perf_counter  # a name of our own, so tests can drive the turn clock
+_RESULT_BACKOFF_MAX = 5.0  # seconds between tries of a result write while the store is down
+T = TypeVar("T")
 
 
-@dataclass(slots=True)
-class _Start:
-    """An attempt claimed for dispatch: its event, and the rate-limit place it holds."""
-
-    event: ev.AttemptStarted
-    key: str
-    limiter: SlidingWindow | None = None
-    admission: Admission | None = None
-
-    def release(self) -> None:
-        if self.limiter is not None and self.admission is not None:
-            self.limiter.release(self.admission)
-
-
-class _Run:
-    __slots__ = ("admit_at", "deadline_at", "definition", "dirty", "held", "id_text",
-                 "last_hash", "lock", "run_id", "state", "tasks", "timer", "timer_at", "waiters",
-                 "watchers")
-
-    def __init__(self, run_id: UUID, definition: Workflow | None, state: RunState,
-                 last_hash: str) -> None:
-        self.run_id = run_id
-        self.id_text = str(run_id)  # for idempotency keys: UUID.__str__ costs ~1.5 us a call
-        self.definition = definition
-        self.state = state
-        self.last_hash = last_hash
-        self.lock = asyncio.Lock()
-        self.tasks: dict[str, asyncio.Task[None]] = {}
-        self.waiters: list[asyncio.Future[None]] = []
-        self.watchers: list[asyncio.Queue[tuple[int, ev.Event]]] = []
-        self.timer: asyncio.TimerHandle | None = None
-        self.timer_at: datetime | None = None
-        self.held: str | None = None
-        self.dirty = False
-        self.deadline_at: datetime | None = None
-        self.admit_at: datetime | None = None  # when a rate limit may next admit an attempt
+class EngineState(enum.Enum):
+    NEW = "new"  # built, never opened (or a failed open was undone)
+    OPENING = "opening"  # open() is connecting and recovering
+    OPEN = "open"  # running: requests are taken
+    CLOSING = "closing"  # close() is draining: no new attempts, no new requests
+    CLOSED = "closed"  # closed; open() again to reuse
 
 
 class Engine:
     """Run workflows durably. Use as `async with Engine(...) as engine:`.
 
     store: a URL (`memory://`, `sqlite:///path.db`, `postgresql://...`) or an EventStore.
-    workflows / executors: what to run (or pass a `registry`).
+    workflows / executors: what to run (or pass a `registry`); an executor is any async
+      callable taking a `Task` (a plain `async def f(input)` too, see Registry).
     max_concurrency: attempts executing at once across all runs.
     max_active_runs: runs in flight before `start` answers Overloaded (backpressure).
     rate_limits: per executor name, requests and tokens per window; attempts wait for it.
     drain_timeout: on exit, how long running attempts may finish before being cancelled
-      (a cancelled attempt is marked abandoned and retried by the next engine start).
+      (a cancelled attempt is marked abandoned and run again by the next engine start,
+      without using one of the step's retries).
     read_only: inspect a store (get, events, explain, runs) without running anything: no
       recovery, no executors needed; start, signal and cancel are refused.
     """
@@ -128,40 +118,35 @@ class Engine:
         self.registry = registry or Registry()
         for workflow in workflows:
             self.registry.add(workflow)
+        if executors is not None and not isinstance(executors, Mapping):
+            raise TypeError(f"executors must be a mapping of name to executor, not "
+                            f"{type(executors).__name__} (use {{'name': executor}})")
         self.registry.executors.update(executors or {})
         self.registry.rate_limits.update(rate_limits or {})
         self._store_spec = store
         self._clock = clock or SystemClock()
         self.worker = worker or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-        self._max_concurrency = max_concurrency
-        self._free_slots = max_concurrency
         self._max_active = max_active_runs
         self._read_only = read_only
         self._recover_on_start = recover and not read_only
         self._drain_timeout = drain_timeout
-        self._keep_finished = keep_finished
-        self._runs: dict[UUID, _Run] = {}
-        self._finished: OrderedDict[UUID, RunState] = OrderedDict()
-        self._quarantined: dict[UUID, CorruptRun] = {}
-        self._starting: dict[UUID, asyncio.Future[None]] = {}
-        self._slot_waiters: OrderedDict[UUID, None] = OrderedDict()
-        self._limiters: dict[str, SlidingWindow] = {}
+        self.metrics = EngineMetrics()
+        self.runs_table = RunTable(self.registry, keep_finished=keep_finished)
+        self.turns = Turns()
+        self.feed = Feed()
+        self.dispatch = Dispatcher(slots=max_concurrency, clock=self._clock, worker=self.worker,
+                                   metrics=self.metrics, wake=self._wake_by_id)
+        self.timers = Timers(self._clock, self._on_timer, self.dispatch.waiting)
         self._background: set[asyncio.Task[Any]] = set()
+        self._requests: set[asyncio.Task[Any]] = set()
         self._context = ExecutorContext()
         self._storage: StoreWorker | None = None
         self._project_wanted: asyncio.Event | None = None
-        self._closing = False
-        self._open = False
-        self.metrics = EngineMetrics()
+        self.state = EngineState.NEW
         self._id_prefix = str(uuid4())[:24]  # "xxxxxxxx-xxxx-4xxx-yxxx-": version 4 kept
         self._id_count = 0
         self._limits: dict[str, dict[str, Any]] = {}
-        self._turn_armed = False  # an _end_turn is scheduled for the next loop iteration
-        self._turn_began: float | None = None  # when this turn's first commit began
-        self._turn_last = 0.0  # when its latest commit began
-        self._turn_commits = 0
-        self._fit = 16  # queued commits let through per turn, measured on every turn
-        self._deferred: deque[asyncio.Future[None]] = deque()
+        self.results_pending = 0  # results waiting for the store to come back
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -174,8 +159,15 @@ class Engine:
         await self.close()
 
     async def open(self) -> None:
-        if self._open:
+        """Connect, start the store threads and executors, recover unfinished runs.
+
+        All or nothing: if any part fails, everything already started is stopped again and
+        the engine is left as it was, so `open()` can simply be called again.
+        """
+        if self.state is EngineState.OPEN:
             return
+        if self.state in (EngineState.OPENING, EngineState.CLOSING):
+            raise EngineClosed(f"the engine is {self.state.value}; wait for that to finish")
         missing = [] if self._read_only else self.registry.missing_executors()
         if missing:
             text = ", ".join(f"{e!r} (workflow {w!r})" for w, e in missing)
@@ -185,77 +177,127 @@ class Engine:
             self._check_token_rules(
                 newest=[self.registry.latest(name) for name in names],
                 older=[wf for name in names for wf in self.registry.versions(name)[:-1]])
-        store = self._store_spec
-        if isinstance(store, str):
-            store = await asyncio.get_running_loop().run_in_executor(None, open_store, store)
-        self._storage = StoreWorker(store)
-        self._storage.start()
-        self._limiters = {k: SlidingWindow(v) for k, v in self.registry.rate_limits.items()}
-        for executor in () if self._read_only else self.registry.executors.values():
-            opener = getattr(executor, "open", None)
-            if opener is not None:
-                await opener(self._context)
-        self._project_wanted = asyncio.Event()
-        self._spawn(self._project_loop())
-        self._open = True
-        if self._recover_on_start:
-            await self._recover()
+        self.state = EngineState.OPENING
+        opened: list[Any] = []
+        try:
+            store = self._store_spec
+            if isinstance(store, str):
+                store = await asyncio.get_running_loop().run_in_executor(None, open_store,
+                                                                         store)
+            self._storage = StoreWorker(store)
+            self._storage.start()
+            self.timers.stopped = False
+            self.dispatch.set_rate_limits(self.registry.rate_limits)
+            self.dispatch.secrets = self._secret_values()
+            for executor in () if self._read_only else self.registry.executors.values():
+                opener = getattr(executor, "open", None)
+                if opener is not None:
+                    await opener(self._context)
+                    opened.append(executor)
+            self._project_wanted = asyncio.Event()
+            self._spawn(self._project_loop())
+            if self._recover_on_start:
+                await self._recover()
+        except BaseException:
+            await self._stop(opened)
+            self.state = EngineState.NEW
+            raise
+        self.state = EngineState.OPEN
 
     async def close(self) -> None:
-        """Stop starting attempts, let running ones finish (up to drain_timeout), flush."""
-        if not self._open or self._closing:
+        """Stop taking requests, let running attempts finish (up to drain_timeout), flush."""
+        if self.state is not EngineState.OPEN:
             return
-        self._closing = True
-        in_flight = [t for run in self._runs.values() for t in run.tasks.values()]
+        self.state = EngineState.CLOSING
+        if self._requests:  # requests already taken finish first: their writes are owned
+            await asyncio.wait(list(self._requests), timeout=self._drain_timeout)
+        in_flight = [t for run in self.runs_table.live.values() for t in run.attempts.values()]
         if in_flight:
             _done, pending = await asyncio.wait(in_flight, timeout=self._drain_timeout)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        for run in self._runs.values():
-            if run.timer is not None:
-                run.timer.cancel()
-        for task in list(self._background):
+        await self._stop(list(self.registry.executors.values()))
+        self.state = EngineState.CLOSED
+
+    async def _stop(self, executors: list[Any]) -> None:
+        """Stop timers, background work, executors and the store threads (never raises)."""
+        self.timers.stopped = True
+        for run in self.runs_table.live.values():
+            self.timers.cancel(run)
+        for task in [*self._background, *self._requests]:
             task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
-        assert self._storage is not None
-        with contextlib.suppress(Exception):
-            await self._storage.project()
-        for executor in self.registry.executors.values():
+        await asyncio.gather(*self._background, *self._requests, return_exceptions=True)
+        if self._storage is not None:
+            with contextlib.suppress(Exception):
+                await self._storage.project()
+        for executor in executors:
             closer = getattr(executor, "close", None)
             if closer is not None:
                 with contextlib.suppress(Exception):
                     await closer()
         await self._context.aclose()
-        await self._storage.close()
-        self._open = False
+        self._context = ExecutorContext()
+        if self._storage is not None:
+            with contextlib.suppress(Exception):
+                await self._storage.close()
+        self._storage = None
+        self.runs_table.live.clear()
 
-    def _next_id(self) -> str:
-        """A unique event id (UUID text): a random per-engine prefix plus a counter.
+    def _secret_values(self) -> tuple[str, ...]:
+        """Values no stored message may contain: what executors declare as their secrets."""
+        found: set[str] = set()
+        for executor in self.registry.executors.values():
+            declared = getattr(executor, "secret_values", None)
+            if callable(declared):
+                with contextlib.suppress(Exception):
+                    found.update(v for v in declared() if isinstance(v, str) and len(v) >= 4)
+        return tuple(sorted(found, key=len, reverse=True))
 
-        The 74 random bits of the prefix make two engines' ids collide no more often than
-        uuid4s would, and there is no system call or UUID object per event.
-        """
-        self._id_count += 1
-        return f"{self._id_prefix}{self._id_count:012x}"
-
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+    def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
 
+    async def _owned(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a request as a task the engine owns; the caller awaits it shielded.
+
+        A caller cancelled meanwhile (a handler at shutdown, a `wait_for`) stops waiting, but
+        the request goes on to the end: a write handed to the store is always followed by
+        what must follow it (launching attempts, arming timers, feeding followers).
+        """
+        task = asyncio.get_running_loop().create_task(coro)
+        self._requests.add(task)
+        task.add_done_callback(_finished_request(self._requests))
+        return await asyncio.shield(task)
+
     @property
     def storage(self) -> StoreWorker:
-        if self._storage is None or not self._open:
+        if self._storage is None or self.state not in (EngineState.OPEN, EngineState.OPENING,
+                                                        EngineState.CLOSING):
             raise EngineClosed("the engine is not open; use `async with Engine(...)`")
         return self._storage
+
+    @property
+    def _driving(self) -> bool:
+        """Runs are being driven: timers fire, results are written (also during recovery)."""
+        return self.state is EngineState.OPEN or self.state is EngineState.OPENING
+
+    @property
+    def quarantined(self) -> dict[UUID, str]:
+        """Runs whose log cannot be folded, with the reason: reported, never driven."""
+        return {run_id: str(exc) for run_id, exc in self.runs_table.quarantined.items()}
 
     # --- the facade ---------------------------------------------------------------------
 
     async def start(self, workflow: str, input: Any = None, idempotency_key: str | None = None
                     ) -> UUID:
-        """Start a run of the newest version of `workflow`; the same key gives the same run."""
+        """Start a run of the newest version of `workflow`; the same key gives the same run.
+
+        idempotency_key: the same key with the same input returns the first run; with a
+          different input it raises IdempotencyConflict naming the key.
+        """
         return (await self.start_run(workflow, input, idempotency_key))[0]
 
     async def start_run(self, workflow: str, input: Any = None,
@@ -263,28 +305,57 @@ class Engine:
         """`start`, also saying whether this call created the run (False: key seen before)."""
         self._check_open()
         definition = self.registry.latest(workflow)
-        checked = _validate(definition.input_schema, input, f"input of {workflow!r}")
+        checked = validate(definition.input_schema, input, f"input of {workflow!r}")
         _check_storable(checked, f"input of {workflow!r}")
-        if idempotency_key is not None:
-            run_id = uuid5(RUN_NAMESPACE, f"{workflow}\x00{idempotency_key}")
-            async with self._alone_with(run_id):  # one creator per key at a time
-                if run_id in self._runs or run_id in self._finished:
-                    return run_id, False
-                if await self.storage.read(run_id, 0):
-                    await self._adopt(run_id)
-                    return run_id, False
-                created = await self._create(run_id, definition, checked, idempotency_key)
-            return run_id, created
-        run_id = uuid4()
-        await self._create(run_id, definition, checked, None)
-        return run_id, True
+        if idempotency_key is None:
+            if len(self.runs_table.live) >= self._max_active:
+                raise Overloaded(f"{len(self.runs_table.live)} runs in flight "
+                                 "(max_active_runs)", 1.0)
+            run_id = uuid4()
+            await self._owned(self._create(run_id, definition, checked, None))
+            return run_id, True
+        run_id = uuid5(RUN_NAMESPACE, f"{workflow}\x00{idempotency_key}")
+        return await self._owned(self._start_keyed(run_id, definition, checked,
+                                                   idempotency_key))
+
+    async def _start_keyed(self, run_id: UUID, definition: Workflow, input: Any,
+                           key: str) -> tuple[UUID, bool]:
+        async with self.runs_table.alone_with(run_id):  # one creator per key at a time
+            state = await self._known_state(run_id)
+            if state is None:
+                if len(self.runs_table.live) >= self._max_active:
+                    raise Overloaded(f"{len(self.runs_table.live)} runs in flight "
+                                     "(max_active_runs)", 1.0)
+                created = await self._create(run_id, definition, input, key)
+                if created:
+                    return run_id, True
+                state = await self._known_state(run_id)
+                assert state is not None
+        if state.input != input:
+            raise IdempotencyConflict(
+                f"idempotency key {key!r} already started run {run_id} of "
+                f"{definition.name!r} with a different input")
+        return run_id, False
+
+    async def _known_state(self, run_id: UUID) -> RunState | None:
+        """The run's state if it exists (live here, ended, or stored), taking it up if it is
+        stored and going; None if there is no such run."""
+        run = self.runs_table.live.get(run_id)
+        if run is not None:
+            return run.state
+        state = self.runs_table.finished.get(run_id)
+        if state is not None:
+            return state
+        if not await self.storage.read(run_id, 0):
+            return None
+        adopted = await self._take_up(run_id)
+        return adopted.state if adopted is not None else self.runs_table.finished[run_id]
 
     async def _create(self, run_id: UUID, definition: Workflow, input: Any,
                       key: str | None) -> bool:
-        if len(self._runs) >= self._max_active:
-            raise Overloaded(f"{len(self._runs)} runs in flight (max_active_runs)", 1.0)
-        run = _Run(run_id, definition, RunState(), codec.GENESIS_HASH)
-        self._runs[run_id] = run
+        """Write a new run's first events; False if another writer created it first."""
+        run = LiveRun(run_id, definition, RunState(), codec.GENESIS_HASH)
+        self.runs_table.live[run_id] = run
         started = ev.RunStarted(
             at=self._clock.now(), workflow=definition.name, definition_hash=definition.hash,
             input=input, limits=self._limits_of(definition), idempotency_key=key,
@@ -293,75 +364,41 @@ class Engine:
             async with run.lock:
                 await self._commit(run, [started])
         except ConcurrencyConflict:
-            # Another engine created the same idempotent run first: adopt what it wrote, and
-            # hand over whoever already waits for this run.
-            self._runs.pop(run_id, None)
-            run.dirty = True
-            adopted = await self._adopt(run_id)
-            self._hand_over_waiters(run, adopted)
+            # Another engine created the same idempotent run first: take up what it wrote,
+            # and hand over whoever already waits for this run.
+            self.runs_table.live.pop(run_id, None)
+            self.feed.hand_over(run, await self._take_up(run_id))
             return False
         except BaseException:
             if run.state.version == 0:
-                self._forget_unstarted(run)
+                self.runs_table.live.pop(run_id, None)
+                # The write's outcome is unknown: if it landed, the run exists; settle that
+                # now (after every write handed over before), so the run is driven or gone.
+                self._spawn(self._take_up_if_stored(run))
             raise
         return True
 
-    def _forget_unstarted(self, run: _Run) -> None:
-        """A start that failed or was cancelled before its first write was confirmed.
-
-        Callers already waiting on this object must not act on it: a signal or cancel on its
-        lock follows the run to whatever stands for it now (`_live_run`), a `wait` is handed
-        over. If the write was handed to the store it may still land; then the run exists,
-        and this engine, which wrote it, takes it up once the writer has settled it.
-        """
-        self._runs.pop(run.run_id, None)
-        may_have_landed = run.dirty
-        run.dirty = True
-        if may_have_landed and not self._closing:
-            self._spawn(self._take_up_if_stored(run))
-        else:
-            self._hand_over_waiters(run, None)
-
-    async def _take_up_if_stored(self, old: _Run) -> None:
-        run_id = old.run_id
-        run: _Run | None = None
+    async def _take_up_if_stored(self, old: LiveRun) -> None:
+        run: LiveRun | None = None
         try:
-            async with self._alone_with(run_id):  # no start of the same key meanwhile
+            async with self.runs_table.alone_with(old.run_id):
                 await self.storage.barrier()  # every write handed over before is settled
-                run = await self._adopt(run_id)
+                run = await self._take_up(old.run_id)
         except RunNotFound:
             pass  # the write did not land: there is no run
         except Exception as exc:
-            log.warning("run %s: cannot check whether its cancelled start landed (%s); the "
-                        "next engine start recovers it if it did", run_id, type(exc).__name__)
+            log.warning("run %s: cannot check whether its failed start landed (%s); the "
+                        "next engine start recovers it if it did", old.run_id,
+                        type(exc).__name__)
         finally:
-            self._hand_over_waiters(old, run)
-        if run is not None and not run.held:
-            await self._resume(run)
+            self.feed.hand_over(old, run)
 
-    @contextlib.asynccontextmanager
-    async def _alone_with(self, run_id: UUID) -> AsyncIterator[None]:
-        """Wait until nobody else is creating or taking up `run_id`, then keep others out."""
-        while run_id in self._starting:
-            await asyncio.shield(self._starting[run_id])
-        settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._starting[run_id] = settled
-        try:
-            yield
-        finally:
-            del self._starting[run_id]
-            settled.set_result(None)
-
-    def _hand_over_waiters(self, old: _Run, new: _Run | None) -> None:
-        """Callers waiting for a run whose first write failed wait on the object that now
-        stands for it, or, if there is none, wake to find out (RunNotFound or its end)."""
-        waiters = [w for w in old.waiters if not w.done()]
-        old.waiters.clear()
-        if new is not None and not new.state.terminal and not new.held:
-            new.waiters.extend(waiters)
-            return
-        for waiter in waiters:
-            waiter.set_result(None)
+    async def _take_up(self, run_id: UUID) -> LiveRun | None:
+        """Drive a stored, going run here: load it and reconcile it (None if it has ended)."""
+        run = await self.runs_table.adopt(self.storage, run_id)
+        if run is not None and run.reconcile and not run.held:
+            await self._reconcile(run)
+        return run
 
     def _limits_of(self, definition: Workflow) -> dict[str, Any]:
         """`definition.limits.model_dump()`, dumped once per definition (a fresh copy each)."""
@@ -372,14 +409,14 @@ class Engine:
 
     async def get(self, run_id: UUID | str) -> RunView:
         run_id = _uuid(run_id)
-        run = self._runs.get(run_id)
+        run = self.runs_table.live.get(run_id)
         if run is not None:
             return self._view(run)
-        if run_id in self._quarantined:
-            raise self._quarantined[run_id]
-        state = self._finished.get(run_id)
+        if run_id in self.runs_table.quarantined:
+            raise self.runs_table.quarantined[run_id]
+        state = self.runs_table.finished.get(run_id)
         if state is None:
-            state, _hash = await self._load_state(run_id)
+            state, _hash, _ = await self.runs_table.load(self.storage, run_id)
         return RunView.of(run_id, state)
 
     async def wait(
@@ -389,24 +426,17 @@ class Engine:
     ) -> RunView:
         """Wait until the run ends (or is held); raises TimeoutError after `timeout` s."""
         run_id = _uuid(run_id)
-        run = self._runs.get(run_id)
+        run = self.runs_table.live.get(run_id)
         if run is None or run.state.terminal or run.held:
             return await self.get(run_id)
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        run.waiters.append(waiter)
-        try:
-            # No shield: the waiter is this call's own future (nobody else awaits it, and
-            # _finish skips done ones), so cancelling it with the caller is harmless, and a
-            # shield costs a future and an extra loop hop per wait.
-            await asyncio.wait_for(waiter, timeout)
-        finally:
-            if waiter in run.waiters:
-                run.waiters.remove(waiter)
+        await self.feed.wait(run, timeout)
         return await self.get(run_id)
 
     async def events(self, run_id: UUID | str, after: int = 0) -> list[ev.Event]:
         """The run's events in order (event n has sequence number n)."""
-        run_id = _uuid(run_id)
+        return [event for _seq, event in await self._stored_events(_uuid(run_id), after)]
+
+    async def _stored_events(self, run_id: UUID, after: int) -> list[tuple[int, ev.Event]]:
         _check_position(after)
         records = await self.storage.read(run_id, after)
         if not records and after == 0:
@@ -415,9 +445,15 @@ class Engine:
 
     async def watch(self, run_id: UUID | str, after: int = 0) -> AsyncIterator[ev.Event]:
         """Events after sequence `after`, then new ones as they are appended, until the end."""
+        async for _seq, event in self.follow(run_id, after):
+            yield event
+
+    async def follow(self, run_id: UUID | str, after: int = 0
+                     ) -> AsyncIterator[tuple[int, ev.Event]]:
+        """`watch` with each event's stored sequence number (what an SSE id should be)."""
         run_id = _uuid(run_id)
         _check_position(after)
-        run = self._runs.get(run_id)
+        run = self.runs_table.live.get(run_id)
         queue: asyncio.Queue[tuple[int, ev.Event]] = asyncio.Queue()
         if run is not None:
             run.watchers.append(queue)
@@ -426,56 +462,80 @@ class Engine:
             records = await self.storage.read(run_id, after)
             if not records and after == 0 and run is None:
                 raise RunNotFound(f"no run {run_id}")
-            for event in await self.storage.call(_decode_all, run_id, records):
-                seen += 1
-                yield event
+            for seq, event in await self.storage.call(_decode_all, run_id, records):
+                seen = seq
+                yield seq, event
                 if event.type in ev.TERMINAL_EVENTS:
                     return
             if run is None:
                 return
             while True:
+                if run.state.terminal and queue.empty() and seen >= run.state.version:
+                    return  # ended while we read: nothing more will come
                 seq, event = await queue.get()
                 if seq <= seen:
                     continue
                 seen = seq
-                yield event
+                yield seq, event
                 if event.type in ev.TERMINAL_EVENTS:
                     return
         finally:
             if run is not None and queue in run.watchers:
                 run.watchers.remove(queue)
 
-    async def signal(self, run_id: UUID | str, name: str, payload: Any = None) -> None:
-        async with self._live_run(_uuid(run_id)) as run:
-            if run.definition is not None:
-                for st in run.state.steps.values():
-                    step = run.definition.step(st.name) if st.parent is None else None
-                    if st.status == "waiting" and isinstance(step, WaitForSignal) and (
-                        step.signal == name
-                    ):
-                        payload = _validate(step.output, payload, f"signal {name!r}")
-            _check_storable(payload, f"payload of signal {name!r}")
-            await self._commit(run, [ev.SignalReceived(at=self._clock.now(), name=name,
-                                                       payload=payload)])
+    async def signal(self, run_id: UUID | str, name: str, payload: Any = None, *,
+                     id: str | None = None) -> None:
+        """Send the run a signal; it answers the step waiting for `name`, now or later.
+
+        name: must be a signal some step of the run's workflow waits for.
+        payload: validated against that step's output schema on receipt.
+        id: a dedup id of the sender's choice: the same id again records nothing more and
+          returns as the first call did (IdempotencyConflict if it named another signal).
+        """
+        self._check_open()
+        if id is not None and (not isinstance(id, str) or not 1 <= len(id) <= 200):
+            raise InvalidInput("a signal id must be a string of 1 to 200 characters")
+        await self._owned(self._signal(_uuid(run_id), name, payload, id))
+
+    async def _signal(self, run_id: UUID, name: str, payload: Any, id: str | None) -> None:
+        for _ in range(_REPLACED_RETRIES):
+            run = await self._live_or_none(run_id)
+            if run is None:  # ended: a resend of a signal it recorded still succeeds
+                state = await self._ended_state(run_id)
+                if id is not None and _seen_signal(state, id, name):
+                    return
+                raise RunTerminal(f"run {run_id} has ended ({state.status})")
+            async with run.lock:
+                if self.runs_table.live.get(run_id) is not run and not run.state.terminal:
+                    continue  # replaced while we waited for the lock: follow it
+                await self._refresh(run)
+                if id is not None and _seen_signal(run.state, id, name):
+                    return
+                self._check_live(run)
+                assert run.definition is not None
+                checked = _signal_payload(run.definition, run.state, name, payload)
+                await self._commit(run, [ev.SignalReceived(
+                    at=self._clock.now(), name=name, payload=checked, signal_id=id)])
+                return
+        raise RunNotFound(f"no run {run_id}: its start did not complete")
 
     async def cancel(self, run_id: UUID | str, reason: str = "cancelled") -> None:
-        async with self._live_run(_uuid(run_id)) as run:
-            await self._commit(run, [ev.CancelRequested(at=self._clock.now(), reason=reason)])
+        self._check_open()
+        await self._owned(self._cancel(_uuid(run_id), reason))
 
-    @contextlib.asynccontextmanager
-    async def _live_run(self, run_id: UUID) -> AsyncIterator[_Run]:
-        """The engine's object for a live run, with its lock held.
-
-        If the run's start failed while we waited for the lock, that object is no longer the
-        engine's (the run was never written, or another object now stands for it): follow it.
-        """
+    async def _cancel(self, run_id: UUID, reason: str) -> None:
         for _ in range(_REPLACED_RETRIES):
-            run = await self._active(run_id)
+            run = await self._live_or_none(run_id)
+            if run is None:
+                state = await self._ended_state(run_id)
+                raise RunTerminal(f"run {run_id} has ended ({state.status})")
             async with run.lock:
-                if self._runs.get(run_id) is not run and not run.state.terminal:
+                if self.runs_table.live.get(run_id) is not run and not run.state.terminal:
                     continue
+                await self._refresh(run)
                 self._check_live(run)
-                yield run
+                await self._commit(run, [ev.CancelRequested(at=self._clock.now(),
+                                                            reason=reason)])
                 return
         raise RunNotFound(f"no run {run_id}: its start did not complete")
 
@@ -504,7 +564,14 @@ class Engine:
 
         By default new runs take it from now on. `newest=False` registers an older version
         only so that its held runs can finish; new runs keep taking the current newest.
+        The same checks as at open apply: every executor it names must be registered.
         """
+        if not self._read_only:
+            missing = sorted(self.registry.executors_missing_for(workflow))
+            if missing:
+                raise DefinitionError(
+                    "no executor registered for "
+                    + ", ".join(f"{e!r} (workflow {workflow.name!r})" for e in missing))
         known = self.registry.by_hash(workflow.hash) is not None
         if not self._read_only and not (known and not newest):  # the same rules as at open
             if newest or not self.registry.versions(workflow.name):
@@ -512,11 +579,12 @@ class Engine:
             else:
                 self._check_token_rules(newest=[], older=[workflow])
         self.registry.add(workflow, newest=newest)
-        for run in list(self._runs.values()):
+        for run in list(self.runs_table.live.values()):
             if run.held and run.state.definition_hash == workflow.hash:
                 run.held = None
                 run.definition = workflow
-                self._spawn(self._resume(run))
+                run.reconcile = True
+                self._spawn(self._wake(run))
 
     def _check_token_rules(self, newest: list[Workflow], older: list[Workflow]) -> None:
         """Steps that reserve no tokens where a reservation is what keeps a limit.
@@ -538,44 +606,57 @@ class Engine:
                         w, step, e)
 
     @property
+    def followers(self) -> int:
+        """Callers following live runs' events (`watch`, `follow`, SSE streams)."""
+        return sum(len(run.watchers) for run in self.runs_table.live.values())
+
+    @property
     def active_runs(self) -> int:
-        return len(self._runs)
+        return len(self.runs_table.live)
 
     @property
     def saturation(self) -> float:
         """Busy fraction of the run capacity (for backpressure and /metrics)."""
-        return len(self._runs) / self._max_active
+        return len(self.runs_table.live) / self._max_active
 
-    # --- the core: fold, decide, claim, append, launch ---------------------------------------
+    # --- the commit path: fold, decide, claim, stamp, append, launch ------------------------
 
-    async def _commit(self, run: _Run, triggers: list[ev.Event]) -> None:
-        """Append `triggers` and everything they lead to, atomically. Caller holds run.lock."""
-        waiter = self._turn()
+    async def _commit(self, run: LiveRun, triggers: list[ev.Event]) -> None:
+        """Append `triggers` and everything they lead to, atomically. Caller holds run.lock.
+
+        If the write fails, the run is marked dirty (its stored tail is unknown) and woken
+        again shortly, so the next holder of its lock reloads and reconciles it.
+        """
+        waiter = self.turns.gate()
         if waiter is not None:
-            await waiter  # let through by _end_turn: this iteration's turn counts it
-            self._count_commit(_perf_counter())
+            await waiter  # let through by the turn's end: this iteration's turn counts it
+            self.turns.admitted()
         if run.dirty:
             await self._reload(run)
-        if run.definition is None or run.held:
-            return
-        if run.state.terminal:
+        if run.definition is None or run.held or run.state.terminal:
             return
         now = self._clock.now()
+        if run.reconcile:
+            triggers = [*run.orphaned_attempts(now), *triggers]
+            run.reconcile = False
         state = run.state
         if not triggers:
             # A wake-up with no new fact: time itself is the trigger. Record which timers
             # came due, so every batch of decisions in the log follows the fact it answers.
             triggers = [ev.TimerFired(at=now, timer=name)
-                        for when, name in timers(run.definition, state) if when <= now]
+                        for when, name in due_timers(run.definition, state) if when <= now]
         for event in triggers:
             state = evolve(state, event)
         decided, state = advance(run.definition, state, now)
-        claimed, state = self._claim(run, state, now)
+        if self.state is EngineState.CLOSING:
+            claimed: list[Claim] = []
+        else:
+            claimed, state = self.dispatch.claim(run, state, now)
         batch: list[ev.Event] = [*triggers, *decided, *(c.event for c in claimed)]
         if not batch:
-            self._arm_timer(run, now=now)  # nothing was written: `now` is current
-            if self._slot_waiters and self._free_slots > 0:
-                self._wake_slot_waiters()
+            self.timers.arm(run, now=now)  # nothing was written: `now` is current
+            if self.dispatch.waiting and self.dispatch.free > 0:
+                self.dispatch.wake_waiting()
             return
         records: list[Record] = []
         stamps: list[tuple[str, str]] = []
@@ -583,7 +664,7 @@ class Engine:
         seq = run.state.version
         run_id = run.run_id
         stamp = codec.stamp
-        # `_next_id` and Record's Python-level __new__ inlined: five events per step.
+        # Event ids and Record's Python-level __new__ inlined: five events per step.
         prefix, count = self._id_prefix, self._id_count
         for event in batch:
             seq += 1
@@ -596,120 +677,23 @@ class Engine:
         try:
             await self.storage.append(records)
         except BaseException:
-            for start in claimed:
-                start.release()
-                self._release_slot()
+            self.dispatch.unclaim(claimed)
             run.dirty = True  # the write may or may not have landed: read back before use
+            if self._driving:
+                self.timers.retry_soon(run)  # reconcile even if nobody else touches the run
             raise
         run.state = state
         run.last_hash = prev
         self.metrics.commits += 1
         self._after_commit(run, batch, stamps, claimed)
 
-    def _turn(self) -> asyncio.Future[None] | None:
-        """None to commit now, or a future to await first: fairness for the event loop.
-
-        asyncio runs every callback that is ready at the start of an iteration before it looks
-        at timers and sockets again. When 200 runs' results arrive together, committing all of
-        them in one iteration stalls everything else on the loop (an embedding service's HTTP
-        handlers, its timers) for 20 ms or more. So commits stop going straight through once
-        `_TURN` seconds have passed since the iteration's first; later ones queue in order and
-        are let through about a turn's worth per iteration (as many as the last turn's own
-        commits say fit). A quiet loop never waits: the first commit of an iteration goes.
-        """
-        if not self._turn_armed:  # the first commit of this loop iteration
-            self._turn_armed = True
-            asyncio.get_running_loop().call_soon(self._end_turn)
-        if self._deferred:  # others wait already: queue behind them
-            return self._defer()
-        now = _perf_counter()
-        if self._turn_began is not None and now - self._turn_began > _TURN:
-            return self._defer()
-        self._count_commit(now)
-        return None
-
-    def _defer(self) -> asyncio.Future[None]:
-        waiter = asyncio.get_running_loop().create_future()
-        self._deferred.append(waiter)
-        return waiter
-
-    def _count_commit(self, now: float) -> None:
-        """A commit of this turn begins at `now` (what _end_turn measures the turn by)."""
-        if self._turn_began is None:
-            self._turn_began = now
-        self._turn_last = now
-        self._turn_commits += 1
-
-    def _end_turn(self) -> None:
-        """At the next loop iteration (timers and I/O have had their turn): let the next
-        queued commits through, as many as fit in a turn, and keep turning while any wait."""
-        began, commits = self._turn_began, self._turn_commits
-        if began is not None and commits > 1 and self._turn_last > began:
-            # Measured from this turn's own commits: the ones let through run back to back.
-            per_commit = (self._turn_last - began) / (commits - 1)
-            self._fit = max(1, min(1024, 1 + int(_TURN / per_commit)))
-        elif self._deferred and commits == 1:
-            self._fit = min(1024, self._fit * 2)  # nothing to measure: probe upwards
-        self._turn_armed = False
-        self._turn_began = None
-        self._turn_commits = 0
-        released = 0
-        deferred = self._deferred
-        while deferred and released < self._fit:
-            waiter = deferred.popleft()
-            if not waiter.done():  # skip a caller that was cancelled meanwhile
-                waiter.set_result(None)
-                released += 1
-        if deferred:  # the ones let through run in the next iteration: turn again after it
-            self._turn_armed = True
-            asyncio.get_running_loop().call_soon(self._end_turn)
-
-    def _claim(self, run: _Run, state: RunState, now: datetime
-               ) -> tuple[list[_Start], RunState]:
-        """Take dispatch slots (and rate-limit room) for attempts that are due now."""
-        claimed: list[_Start] = []
-        run.admit_at = None
-        if self._closing or state.terminal or run.definition is None:
-            return claimed, state
-        for st in dispatchable(state):
-            if st.not_before is not None and st.not_before > now:
-                continue
-            if self._free_slots <= 0:
-                self._slot_waiters[run.run_id] = None
-                break
-            task = run.definition.task(st.name)
-            limiter = self._limiters.get(task.executor)
-            admission = None
-            if limiter is not None:
-                wait, admission = limiter.try_acquire(self._clock.monotonic(),
-                                                      st.max_tokens or 0)
-                if admission is None:  # the timer armed after this commit wakes the run
-                    when = now + timedelta(seconds=wait)
-                    if run.admit_at is None or when < run.admit_at:
-                        run.admit_at = when
-                    continue
-            self._free_slots -= 1
-            deadline = now + _seconds(task.timeout)
-            run_deadline = run.deadline_at  # a run's start and deadline never change
-            if run_deadline is None:
-                assert state.started_at is not None
-                run_deadline = run.deadline_at = state.started_at + timedelta(
-                    seconds=state.limits["deadline"])
-            started = ev.trusted(
-                ev.AttemptStarted, at=now, step=st.key, attempt=st.attempt,
-                executor=task.executor, worker=self.worker, deadline=min(deadline, run_deadline))
-            state = evolve(state, started)
-            claimed.append(_Start(started, st.key, limiter, admission))
-        return claimed, state
-
-    def _after_commit(self, run: _Run, batch: list[ev.Event], stamps: list[tuple[str, str]],
-                      claimed: list[_Start]) -> None:
-        first_seq = run.state.version - len(batch) + 1
+    def _after_commit(self, run: LiveRun, batch: list[ev.Event], stamps: list[tuple[str, str]],
+                      claimed: list[Claim]) -> None:
         if run.watchers:
             stamped = [codec.stamped(e, i, h) for e, (i, h) in zip(batch, stamps, strict=True)]
-            for queue in run.watchers:
-                for n, event in enumerate(stamped):
-                    queue.put_nowait((first_seq + n, event))
+            self.feed.publish(run, run.state.version - len(batch) + 1, stamped)
+        if self.feed.listeners:
+            self.feed.committed(run, batch)
         metrics = self.metrics
         for event in batch:
             kind = event.type
@@ -727,310 +711,155 @@ class Engine:
         if run.state.terminal:
             self._finish(run)
             return
-        for start in claimed:
-            task = asyncio.get_running_loop().create_task(self._execute(run, start))
-            run.tasks[start.key] = task
-        self._arm_timer(run)  # after the write: read the clock again
+        loop = asyncio.get_running_loop()
+        for claim in claimed:
+            run.attempts[claim.key] = loop.create_task(self._attempt(run, claim))
+        self.timers.arm(run)  # after the write: read the clock again
 
-    def _finish(self, run: _Run) -> None:
-        if run.timer is not None:
-            run.timer.cancel()
-            run.timer = None
+    def _finish(self, run: LiveRun) -> None:
+        self.timers.cancel(run)
         current = asyncio.current_task()
-        for task in run.tasks.values():
+        for task in run.attempts.values():
             if task is not current:
                 task.cancel()  # a cancelled run or a deadline: in-flight results are unwanted
-        for waiter in run.waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        run.waiters.clear()
-        self._runs.pop(run.run_id, None)
-        self._slot_waiters.pop(run.run_id, None)
-        self._finished[run.run_id] = run.state
-        while len(self._finished) > self._keep_finished:
-            self._finished.popitem(last=False)
+        self.feed.end(run)
+        self.dispatch.waiting.pop(run.run_id, None)
+        self.runs_table.ended(run)
 
-    async def _execute(self, run: _Run, start: _Start) -> None:
-        """Run one attempt, then feed its result back as an event."""
+    async def _refresh(self, run: LiveRun) -> None:
+        """Under the run's lock: if its stored tail is unknown, read it back first."""
+        if run.dirty:
+            await self._reload(run)
+
+    async def _reload(self, run: LiveRun) -> None:
+        """Read the events stored beyond what we hold, fold them, feed them to followers.
+
+        Whatever the reload finds may show attempts running that nothing here runs: the next
+        commit reconciles them.
+        """
+        before = run.state.version
+        state, last_hash, found = await self.runs_table.load(
+            self.storage, run.run_id, before, run.state, run.last_hash)
+        run.state, run.last_hash, run.dirty = state, last_hash, False
+        run.reconcile = True
+        if found:
+            self.feed.publish(run, before + 1, found)
+        if state.terminal:
+            self._finish(run)
+
+    async def _reconcile(self, run: LiveRun) -> None:
+        """Bring a run's log in line with what really runs here, and re-arm its timer."""
+        async with run.lock:
+            if run.state.terminal or run.held:
+                return
+            run.reconcile = True
+            await self._commit(run, [])
+
+    # --- attempts ---------------------------------------------------------------------------
+
+    async def _attempt(self, run: LiveRun, claim: Claim) -> None:
+        """Run one attempt, then deliver its result to the log."""
         definition = run.definition
         assert definition is not None
-        st = run.state.steps[start.key]
+        dispatch = self.dispatch
+        st = run.state.steps[claim.key]
         step = definition.task(st.name)
         event: ev.Event
         began = self._clock.monotonic()
         try:
             task = Task(
-                run_id=run.run_id, step=start.key, attempt=st.attempt,
-                idempotency_key=f"{run.id_text}:{start.key}:{st.visit}",
-                input=build_input(definition, run.state, start.key), config=step.config,
+                run_id=run.run_id, step=claim.key, attempt=st.attempt,
+                idempotency_key=f"{run.id_text}:{claim.key}:{st.visit}",
+                input=build_input(definition, run.state, claim.key), config=step.config,
                 output_schema=step.output, timeout=step.timeout,
-                deadline=start.event.deadline, max_tokens=st.max_tokens, max_cost=st.max_cost)
-            event = await self._call(step, task, start, began)
+                deadline=claim.event.deadline, max_tokens=st.max_tokens, max_cost=st.max_cost)
+            event = await dispatch.call(self.registry.executors[step.executor], step, task,
+                                        claim, began)
         except asyncio.CancelledError:
-            start.release()  # no-op once the call was made
-            self._release_slot()
-            run.tasks.pop(start.key, None)
+            claim.release()  # no-op once the call was made
+            dispatch.release_slot()
+            run.attempts.pop(claim.key, None)
             raise
         except Exception as exc:  # a bug in building the task: record it, never crash the loop
-            event = self._failure(start, "error", _short(exc), False, began)
-        self._release_slot()
+            event = dispatch.failure(claim, "error", short(exc), False, began)
+        dispatch.release_slot()
         try:
-            async with run.lock:
-                current = run.state.steps.get(start.key)
-                if (run.state.terminal or current is None or current.status != "running"
-                        or current.attempt != start.event.attempt):
-                    return  # a late result for an attempt the run no longer waits for
-                await self._commit_retrying(run, [event])
+            await self._deliver(run, claim, event)
         finally:
-            run.tasks.pop(start.key, None)
+            run.attempts.pop(claim.key, None)
 
-    async def _call(self, step: Step, task: Task, start: _Start, began: float) -> ev.Event:
-        executor = self.registry.executors[step.executor]
-        budget = (task.deadline - self._clock.now()).total_seconds()
-        if start.limiter is not None and start.admission is not None:
-            start.limiter.called(start.admission, self._clock.monotonic())
-        try:
-            async with asyncio.timeout(max(0.0, budget)):
-                result = await executor(task)
-        except TimeoutError:
-            # Cancelled at the deadline: what the executor reported round by round is all we
-            # know of its spend, and it must reach the log (the budget is a fold of facts).
-            spent = _spent(task)
-            self._check_grant(step, task, spent)
-            return self._failure(start, "timeout", f"no result within {step.timeout:g}s",
-                                 True, began, usage=spent)
-        except ExecutorError as exc:
-            retry_after = (self._clock.now() + timedelta(seconds=exc.retry_after)
-                           if exc.retry_after is not None else None)
-            usage = exc.usage if exc.usage != ev.NO_USAGE else _spent(task)
-            self._check_grant(step, task, usage)
-            return self._failure(start, exc.kind, exc.message[:_MESSAGE_LIMIT], exc.retryable,
-                                 began, usage=usage, retry_after=retry_after)
-        except Exception as exc:
-            return self._failure(start, "error", _short(exc), False, began,
-                                 usage=_spent(task))
-        if isinstance(result, Result):
-            output, usage = result.output, result.usage
-        else:  # a bare output: skip building a Result and a default Usage per attempt
-            output, usage = result, ev.NO_USAGE
-        if type(usage) is not ev.Usage:  # events below are built unvalidated: check it here
-            try:
-                usage = ev.Usage.model_validate(usage)
-            except ValidationError as exc:
-                return self._failure(start, "error", "executor reported invalid usage: "
-                                     + _validation_summary(exc), False, began)
-        if step.output is not None:
-            try:
-                output = step.output.model_validate(output).model_dump(mode="json")
-            except ValidationError as exc:
-                self._check_grant(step, task, usage)
-                return self._failure(start, "invalid_output", _validation_summary(exc), True,
-                                     began, usage=usage)
-        problem = codec.check_json(output)
-        if problem is not None:
-            return self._failure(start, "invalid_output", f"output cannot be stored: {problem}",
-                                 True, began, usage=usage)
-        self._check_grant(step, task, usage)
-        if start.limiter is not None and start.admission is not None:
-            start.limiter.settle(start.admission, usage.tokens)
-        return ev.trusted(
-            ev.AttemptSucceeded, at=self._clock.now(), step=task.step, attempt=task.attempt,
-            output=output, usage=usage, latency=round(self._clock.monotonic() - began, 6))
+    async def _deliver(self, run: LiveRun, claim: Claim, event: ev.Event) -> None:
+        """Write an attempt's result; while the store is down, keep it and try again.
 
-    def _check_grant(self, step: Step, task: Task, usage: ev.Usage) -> None:
-        """Usage is recorded as reported (the spend happened), but an executor that overruns
-        the grant it was told breaks the budget guarantee: make it loud."""
-        if (task.max_tokens is not None and usage.tokens_in + usage.tokens_out > task.max_tokens
-                ) or (task.max_cost and usage.cost > task.max_cost + 1e-9):
-            self.metrics.grant_overruns += 1
-            log.warning("executor %r overran its grant on %s attempt %d: %d tokens, $%.6f "
-                        "(granted %s tokens, $%s)", step.executor, task.step, task.attempt,
-                        usage.tokens, usage.cost, task.max_tokens, task.max_cost)
-
-    def _failure(self, start: _Start, kind: str, message: str, retryable: bool, began: float,
-                 *, usage: ev.Usage | None = None, retry_after: datetime | None = None
-                 ) -> ev.AttemptFailed:
-        return ev.AttemptFailed(
-            at=self._clock.now(), step=start.key, attempt=start.event.attempt, error_type=kind,
-            message=message, retryable=retryable, usage=usage or ev.NO_USAGE,
-            latency=round(self._clock.monotonic() - began, 6), retry_after=retry_after)
-
-    async def _commit_retrying(self, run: _Run, triggers: list[ev.Event]) -> None:
-        """Commit an executor's result; a failed write is settled by reloading, then retried."""
-        delay = 0.05
-        for attempt in range(8):
-            try:
-                await self._commit(run, triggers)
-                return
-            except (StoreError, ConcurrencyConflict) as exc:
-                log.warning("run %s: write failed (%s); reloading", run.run_id,
-                            type(exc).__name__)
-                await asyncio.sleep(delay * (attempt + 1))
-                await self._reload(run)
-                if run.state.terminal or any(
-                    run.state.steps.get(t.step) is None  # type: ignore[attr-defined]
-                    or run.state.steps[t.step].status != "running"  # type: ignore[attr-defined]
-                    for t in triggers
-                ):
-                    return  # the result landed after all, or the run moved on
-        log.error("run %s: giving up on a write; the attempt will be retried on restart",
-                  run.run_id)
-
-    def _release_slot(self) -> None:
-        self._free_slots += 1
-        self._wake_slot_waiters()
-
-    def _wake_slot_waiters(self) -> None:
-        """Wake as many runs waiting for a dispatch slot as there are free slots.
-
-        A woken run that cannot use its slot after all (its rate limit says wait, or another
-        run took it first) queues again; waking one per free slot on every commit, not only
-        when a slot is released, means a slot never sits free while runs wait for one.
+        The result is never dropped while this process lives: it is retried with backoff
+        until it is written, the run moves on without it, or the run's deadline passes (the
+        deadline then decides the run when the store answers again).
         """
-        woken = 0
-        while self._slot_waiters and woken < self._free_slots:
-            run_id, _ = self._slot_waiters.popitem(last=False)
-            run = self._runs.get(run_id)
-            if run is not None:
-                self._spawn(self._wake(run))
-                woken += 1
+        delay = 0.05
+        waiting = False
+        try:
+            while True:
+                try:
+                    async with run.lock:
+                        await self._refresh(run)
+                        current = run.state.steps.get(claim.key)
+                        if (run.state.terminal or current is None
+                                or current.status != "running"
+                                or current.attempt != claim.event.attempt):
+                            return  # a late result for an attempt the run no longer waits for
+                        await self._commit(run, [event])
+                    return
+                except (StoreError, CorruptRun) as exc:
+                    if isinstance(exc, CorruptRun) or not self._driving:
+                        log.error("run %s: the result of %s attempt %d could not be written "
+                                  "(%s); it is abandoned and runs again at the next start",
+                                  run.run_id, claim.key, claim.event.attempt, short(exc))
+                        return
+                    deadline = run.deadline_at
+                    if deadline is not None and self._clock.now() >= deadline:
+                        log.error("run %s: the store did not answer before the run's deadline; "
+                                  "the result of %s attempt %d is dropped", run.run_id,
+                                  claim.key, claim.event.attempt)
+                        return
+                    if not waiting:
+                        waiting = True
+                        self.results_pending += 1
+                    log.warning("run %s: writing the result of %s failed (%s); trying again "
+                                "in %.2fs", run.run_id, claim.key, short(exc), delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _RESULT_BACKOFF_MAX)
+        finally:
+            if waiting:
+                self.results_pending -= 1
 
-    # --- time ----------------------------------------------------------------------------
+    # --- time ------------------------------------------------------------------------------
 
-    def _arm_timer(self, run: _Run, at: datetime | None = None, *,
-                   now: datetime | None = None) -> None:
-        """Wake the run at its next due time (a not-before, a signal timeout, the deadline)."""
-        state = run.state
-        if run.definition is None or state.terminal or self._closing:
-            return
-        # The same moments as `timers()` plus the attempts' not-before times, in one pass over
-        # the steps: this runs after every commit, and the run's deadline never changes. While
-        # the run waits for a dispatch slot (a freed slot wakes it) or for its rate limit
-        # (`admit_at`), an attempt that is already due is left out: a timer for its past
-        # not-before time would wake the run in a busy loop.
-        due = run.deadline_at
-        if due is None:
-            if state.started_at is None:
-                return
-            due = run.deadline_at = state.started_at + timedelta(
-                seconds=state.limits["deadline"])
-        if now is None:
-            now = self._clock.now()
-        blocked = run.admit_at is not None or run.run_id in self._slot_waiters
-        if run.admit_at is not None and run.admit_at < due:
-            due = run.admit_at
-        for st in state.steps.values():
-            status = st.status
-            if status == "scheduled":
-                if st.not_before is not None and st.not_before < due and (
-                        not blocked or st.not_before > now):
-                    due = st.not_before
-            elif status == "waiting" and st.waiting_since is not None:
-                step = run.definition.step(st.name)
-                assert isinstance(step, WaitForSignal)
-                when = st.waiting_since + timedelta(seconds=step.timeout)
-                if when < due:
-                    due = when
-        if at is not None and at < due:
-            due = at
-        if run.timer is not None:
-            if due == run.timer_at:
-                return  # already armed for that moment
-            run.timer.cancel()
-            run.timer = None
-        run.timer_at = due
-        if due is None:
-            return
-        delay = max(0.0, (due - now).total_seconds())
-        run.timer = asyncio.get_running_loop().call_later(delay, self._on_timer, run)
-
-    def _on_timer(self, run: _Run) -> None:
-        run.timer = None
-        run.timer_at = None
-        if not self._closing:
+    def _on_timer(self, run: LiveRun) -> None:
+        if self._driving:
             self._spawn(self._wake(run))
 
-    async def _wake(self, run: _Run) -> None:
+    def _wake_by_id(self, run_id: UUID) -> None:
+        run = self.runs_table.live.get(run_id)
+        if run is not None:
+            self._spawn(self._wake(run))
+
+    async def _wake(self, run: LiveRun) -> None:
+        self.metrics.wakes += 1
         async with run.lock:
-            if run.definition is None or run.state.terminal or self._closing:
+            if run.definition is None or run.state.terminal or not self._driving:
                 return
             try:
                 await self._commit(run, [])  # adds TimerFired for whatever came due
             except Exception as exc:
                 log.warning("run %s: wake-up failed (%s); will retry", run.run_id,
                             type(exc).__name__)
-                self._arm_timer(run, self._clock.now() + timedelta(seconds=1))
+                self.timers.retry_soon(run)
 
-    # --- loading, recovery, read model ------------------------------------------------------
-
-    async def _load_state(self, run_id: UUID) -> tuple[RunState, str]:
-        try:
-            return await self.storage.call(self._load_sync, run_id)
-        except CorruptRun as exc:
-            self._quarantined[run_id] = exc
-            raise
-
-    def _load_sync(self, run_id: UUID) -> tuple[RunState, str]:
-        """Read, decode and fold a run on a reader thread (CPU work stays off the loop)."""
-        records = self.storage.store.read(run_id, 0)
-        if not records:
-            raise RunNotFound(f"no run {run_id}")
-        state = RunState()
-        last_hash = codec.GENESIS_HASH
-        for expected, record in enumerate(records, start=1):
-            if record.seq != expected:
-                raise CorruptRun(run_id, f"event {expected} is missing", seq=expected)
-            event = codec.decode(record.data, run_id=run_id, seq=record.seq)
-            try:
-                state = evolve(state, event)
-            except Exception as exc:
-                raise CorruptRun(run_id, f"cannot fold {event.type}: {exc}",
-                                 seq=record.seq) from exc
-            last_hash = event.hash or last_hash
-        return state, last_hash
-
-    async def _adopt(self, run_id: UUID) -> _Run | None:
-        """Load a run from the store and take charge of it if it is still going."""
-        if run_id in self._runs:
-            return self._runs[run_id]
-        state, last_hash = await self._load_state(run_id)
-        if run_id in self._runs:  # adopted by someone else while we read
-            return self._runs[run_id]
-        if state.terminal:
-            self._finished[run_id] = state
-            return None
-        definition = self.registry.by_hash(state.definition_hash)
-        run = _Run(run_id, definition, state, last_hash)
-        if definition is None:
-            run.held = (f"run {run_id} is held: workflow {state.workflow!r} version "
-                        f"{state.definition_hash[:12]} is not registered; register that "
-                        "version to resume it (register(..., newest=False) keeps new runs "
-                        "on the current version)")
-            log.warning(run.held)
-        self._runs[run_id] = run
-        return run
-
-    async def _reload(self, run: _Run) -> None:
-        state, last_hash = await self._load_state(run.run_id)
-        run.state, run.last_hash, run.dirty = state, last_hash, False
-        if state.terminal:
-            self._finish(run)
-
-    async def _resume(self, run: _Run) -> None:
-        """After a restart: attempts that were started and never finished are abandoned."""
-        async with run.lock:
-            if run.dirty:  # see what is really stored before deciding what was abandoned
-                await self._reload(run)
-            now = self._clock.now()
-            abandoned: list[ev.Event] = [
-                ev.AttemptAbandoned(at=now, step=st.key, attempt=st.attempt,
-                                    why="engine restarted before the attempt reported")
-                for st in run.state.steps.values()
-                if st.status == "running" and st.kind == "task" and st.key not in run.tasks
-            ]
-            await self._commit(run, abandoned)
+    # --- recovery and the read model ---------------------------------------------------------
 
     async def _recover(self) -> None:
+        """Take up every unfinished run. One run that cannot be loaded is quarantined and
+        logged; it never stops the others. A store that cannot list runs fails open()."""
         await self.storage.project()
         offset, page = 0, 500
         run_ids: list[UUID] = []
@@ -1049,12 +878,15 @@ class Engine:
         async def recover_one(run_id: UUID) -> None:
             async with gate:
                 try:
-                    run = await self._adopt(run_id)
+                    await self._take_up(run_id)
                 except CorruptRun as exc:
                     log.error("quarantined: %s", exc)
-                    return
-                if run is not None and not run.held:
-                    await self._resume(run)
+                except StoreError:
+                    raise  # the store itself failed: open() fails as a whole
+                except Exception as exc:
+                    problem = CorruptRun(run_id, f"cannot be recovered: {short(exc)}")
+                    self.runs_table.quarantine(run_id, problem)
+                    log.error("quarantined: %s", problem)
 
         await asyncio.gather(*(recover_one(r) for r in run_ids))
 
@@ -1076,38 +908,38 @@ class Engine:
     # --- helpers -------------------------------------------------------------------------
 
     def _check_open(self) -> None:
-        if not self._open or self._closing:
+        if self.state is not EngineState.OPEN:
             raise EngineClosed("the engine is not open; use `async with Engine(...)`")
         if self._read_only:
             raise EngineClosed("this engine is read-only: it inspects runs, it does not run "
                                "them")
 
-    async def _active(self, run_id: UUID) -> _Run:
-        self._check_open()
-        run = self._runs.get(run_id)
+    async def _live_or_none(self, run_id: UUID) -> LiveRun | None:
+        """The live object of a going run, taking it up from the store if needed; None if
+        the run has ended. RunNotFound if there is no such run."""
+        run = self.runs_table.live.get(run_id)
         if run is not None:
-            self._check_live(run)
             return run
-        if run_id in self._quarantined:
-            raise self._quarantined[run_id]
-        state = self._finished.get(run_id)
-        if state is None:
-            state, _ = await self._load_state(run_id)
-            if not state.terminal:  # stored and going, but not (yet) held here: take it up
-                adopted = await self._adopt(run_id)
-                if adopted is not None:
-                    self._check_live(adopted)
-                    return adopted
-                state = self._finished.get(run_id, state)
-        raise RunTerminal(f"run {run_id} has ended ({state.status})")
+        if run_id in self.runs_table.quarantined:
+            raise self.runs_table.quarantined[run_id]
+        if run_id in self.runs_table.finished:
+            return None
+        async with self.runs_table.alone_with(run_id):
+            return await self._take_up(run_id)
 
-    def _check_live(self, run: _Run) -> None:
+    async def _ended_state(self, run_id: UUID) -> RunState:
+        state = self.runs_table.finished.get(run_id)
+        if state is None:
+            state, _hash, _ = await self.runs_table.load(self.storage, run_id)
+        return state
+
+    def _check_live(self, run: LiveRun) -> None:
         if run.state.terminal:
             raise RunTerminal(f"run {run.run_id} has ended ({run.state.status})")
         if run.held:
             raise RunTerminal(run.held)
 
-    def _view(self, run: _Run) -> RunView:
+    def _view(self, run: LiveRun) -> RunView:
         waiting = tuple(
             step.signal for st in run.state.steps.values()
             if st.status == "waiting" and run.definition is not None
@@ -1119,10 +951,44 @@ class Engine:
 _tuple_new = tuple.__new__
 
 
-@functools.lru_cache(maxsize=256)
-def _seconds(seconds: float) -> timedelta:
-    """A step timeout as a timedelta (a handful of distinct values, asked per attempt)."""
-    return timedelta(seconds=seconds)
+def _finished_request(requests: set[asyncio.Task[Any]]) -> Any:
+    def done(task: asyncio.Task[Any]) -> None:
+        requests.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a caller that stopped waiting never sees it
+    return done
+
+
+def _seen_signal(state: RunState, signal_id: str, name: str) -> bool:
+    """Whether the run recorded a signal with this id (IdempotencyConflict if another name)."""
+    recorded = state.signal_ids.get(signal_id)
+    if recorded is None:
+        return False
+    if recorded != name:
+        raise IdempotencyConflict(f"signal id {signal_id!r} was already used for signal "
+                                  f"{recorded!r}, not {name!r}")
+    return True
+
+
+def _signal_payload(definition: Workflow, state: RunState, name: str, payload: Any) -> Any:
+    """The payload of signal `name` checked against the step that will take it.
+
+    That is the step waiting for it now, else the first step of the workflow that waits for
+    that name; a name no step waits for is refused (it would be buffered for ever).
+    """
+    waits = [s for s in definition.steps if isinstance(s, WaitForSignal)
+             and s.signal == name]
+    if not waits:
+        known = sorted({s.signal for s in definition.steps
+                        if isinstance(s, WaitForSignal)})
+        raise InvalidInput(f"workflow {definition.name!r} has no step waiting for signal "
+                           f"{name!r}" + (f"; it waits for {', '.join(map(repr, known))}"
+                                          if known else "; it waits for no signal"))
+    waiting = {st.name for st in state.steps.values() if st.status == "waiting"}
+    step = next((s for s in waits if s.name in waiting), waits[0])
+    checked = validate(step.output, payload, f"signal {name!r}")
+    _check_storable(checked, f"payload of signal {name!r}")
+    return checked
 
 
 def _check_position(after: object) -> None:
@@ -1147,41 +1013,12 @@ def _uuid(value: UUID | str) -> UUID:
         raise RunNotFound(f"{value!r} is not a run id") from None
 
 
-def _validate(schema: type[BaseModel] | None, value: Any, what: str) -> Any:
-    if schema is None:
-        return value
-    try:
-        return schema.model_validate(value).model_dump(mode="json")
-    except ValidationError as exc:
-        raise InvalidInput(f"{what}: {_validation_summary(exc)}") from None
-
-
 def _check_storable(value: Any, what: str) -> None:
     problem = codec.check_json(value)
     if problem is not None:
         raise InvalidInput(f"{what} cannot be stored as JSON: {problem}")
 
 
-def _validation_summary(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:5]:
-        loc = ".".join(str(x) for x in err["loc"]) or "value"
-        parts.append(f"{loc}: {err['msg']}")
-    more = f" (+{exc.error_count() - 5} more)" if exc.error_count() > 5 else ""
-    return ("; ".join(parts) + more)[:_MESSAGE_LIMIT]
+def _decode_all(run_id: UUID, records: list[Record]) -> list[tuple[int, ev.Event]]:
+    return [(r.seq, codec.decode(r.data, run_id=run_id, seq=r.seq)) for r in records]
 
-
-def _spent(task: Task) -> ev.Usage:
-    """The usage an executor reported into `task.spent` before it stopped (see Spend)."""
-    spent = task.spent
-    if not (spent.tokens_in or spent.tokens_out or spent.cost):
-        return ev.NO_USAGE
-    return spent.usage
-
-
-def _short(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:_MESSAGE_LIMIT]
-
-
-def _decode_all(run_id: UUID, records: list[Record]) -> list[ev.Event]:
-    return [codec.decode(r.data, run_id=run_id, seq=r.seq) for r in records]

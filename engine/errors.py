@@ -27,3 +27,12 @@ class Overloaded(RuleboundError):
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class IdempotencyConflict(RuleboundError):
+    """An idempotency key or signal id already stands for a different request.
+
+    The same key with the same request returns the first request's outcome; with a different
+    one (another input, another signal name) it is refused, so a retry can never turn into a
+    different action by accident.
+    """

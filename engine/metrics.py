@@ -46,5 +46,6 @@ class EngineMetrics:
     tokens: int = 0
     commits: int = 0
     grant_overruns: int = 0  # attempts that reported more usage than their grant
+    wakes: int = 0  # runs woken with no new fact (a timer, a free slot, a retry after a fault)
     latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     loop_lag: Histogram = field(default_factory=lambda: Histogram(LAG_BUCKETS))

@@ -80,6 +80,9 @@ class Registry:
                         missing.append((wf.name, name))
         return sorted(set(missing))
 
+    def executors_missing_for(self, workflow: Workflow) -> set[str]:
+        """Executor names `workflow` uses that are not registered."""
+        return {name for name in _executors_of(workflow) if name not in self.executors}
 
     def unreserved_token_steps(self, workflows: Iterable[Workflow]
                                ) -> list[tuple[str, str, str]]:

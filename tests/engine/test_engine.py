@@ -283,14 +283,6 @@ async def test_register_keeps_the_token_rate_limit_rule_too(store_url: str) -> N
         assert engine.registry.versions("limited") == [ok]
 
 
-class _CountingEngine(Engine):
-    wakes = 0
-
-    async def _wake(self, run: Any) -> None:
-        type(self).wakes += 1
-        await super()._wake(run)
-
-
 @pytest.mark.parametrize("limits", ["slots", "rate"])
 async def test_runs_waiting_for_a_slot_or_a_rate_limit_sleep_instead_of_spinning(
         store_url: str, limits: str) -> None:
@@ -307,12 +299,12 @@ async def test_runs_waiting_for_a_slot_or_a_rate_limit_sleep_instead_of_spinning
     options: dict[str, Any] = (
         {"max_concurrency": 2} if limits == "slots"
         else {"rate_limits": {"w": RateLimit(requests=4, per=0.2)}})
-    _CountingEngine.wakes = 0
-    async with _CountingEngine(store_url, [wf], {"w": work}, **options) as engine:
+    async with Engine(store_url, [wf], {"w": work}, **options) as engine:
         ids = [await engine.start("busy", {"i": i}) for i in range(12)]
         views = [await engine.wait(r, timeout=30) for r in ids]
     assert all(v.status == "completed" for v in views)
-    assert _CountingEngine.wakes <= 10 * 12 * 3, _CountingEngine.wakes  # a few per attempt
+    wakes = engine.metrics.wakes
+    assert wakes <= 10 * 12 * 3, wakes  # a few per attempt
 
 
 async def test_idempotent_start_under_50_concurrent_calls(sqlite_url: str) -> None:

@@ -28,11 +28,10 @@ class RecordingEngine(Engine):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.snapshots: dict[UUID, list[tuple[int, bytes]]] = {}
+        self.feed.listeners.append(self._snapshot)
 
-    def _after_commit(self, run: Any, *args: Any, **kwargs: Any) -> None:
-        self.snapshots.setdefault(run.run_id, []).append(
-            (run.state.version, canonical_state(run.state)))
-        super()._after_commit(run, *args, **kwargs)
+    def _snapshot(self, run_id: UUID, state: RunState, events: Any) -> None:
+        self.snapshots.setdefault(run_id, []).append((state.version, canonical_state(state)))
 
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])

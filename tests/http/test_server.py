@@ -334,7 +334,6 @@ async def test_a_client_leaving_an_event_stream_is_quiet_and_frees_the_watcher(
     async with Engine(sqlite_url, workflows(), {"echo": echo}) as engine:
         runner, base = await _server(engine, keepalive=0.05)
         run_id = await engine.start("approval", {})
-        run = engine._runs[run_id]  # the live run's watchers: white-box, to see the cleanup
         async with aiohttp.ClientSession() as session:
             resp = await session.get(f"{base}/v1/runs/{run_id}/events?follow=1")
             assert resp.status == 200
@@ -343,13 +342,13 @@ async def test_a_client_leaving_an_event_stream_is_quiet_and_frees_the_watcher(
                 raw = await asyncio.wait_for(resp.content.readline(), 5)
                 lines.append(raw.decode().rstrip("\n"))
             assert any(line.startswith("event: RunStarted") for line in lines)
-            assert len(run.watchers) == 1
+            assert engine.followers == 1
             resp.close()  # the client goes away while the run waits for its signal
             for _ in range(100):
-                if not run.watchers:
+                if not engine.followers:
                     break
                 await asyncio.sleep(0.02)
-            assert run.watchers == []  # noticed by the next keepalive, not the next event
+            assert engine.followers == 0  # noticed by the next keepalive, not the next event
         await engine.cancel(run_id, "done")
         await runner.cleanup()
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -372,19 +371,18 @@ async def test_shutdown_ends_open_event_streams_promptly(sqlite_url: str) -> Non
         runner, base = await _server(engine)
         run_id = await engine.start("approval", {})
         await _until_waiting(engine, run_id)
-        run = engine._runs[run_id]  # white-box: the follower is a watcher of the live run
         async with aiohttp.ClientSession() as session:
             resp = await session.get(f"{base}/v1/runs/{run_id}/events?follow=1")
             assert resp.status == 200
             assert (await asyncio.wait_for(resp.content.readline(), 5)).startswith(b"id: 1")
-            assert len(run.watchers) == 1
+            assert engine.followers == 1
             started = time.monotonic()
             await asyncio.wait_for(runner.cleanup(), 10)
             took = time.monotonic() - started
             assert took < 2.0, f"shutdown took {took:.1f} s with a follower attached"
             rest = await asyncio.wait_for(resp.content.read(), 5)  # the stream ended ...
             assert b"keepalive" not in rest
-            assert run.watchers == []  # ... and its watcher is gone
+            assert engine.followers == 0  # ... and its watcher is gone
         await engine.cancel(run_id, "done")
 
 

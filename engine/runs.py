@@ -1,0 +1,118 @@
+"""The run table: which runs this engine drives, and how a run is loaded from the store.
+
+Live runs are `LiveRun`s; ended runs keep only their final state, for a while; a run whose
+log cannot be read or folded is quarantined (reported, never driven). The creator gate makes
+sure one caller at a time creates or takes up a given run id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from uuid import UUID
+
+from rulebound.domain import events as ev
+from rulebound.domain.errors import CorruptRun, RunNotFound
+from rulebound.domain.state import RunState, evolve
+
+from . import codec
+from .live import LiveRun
+from .registry import Registry
+from .storage import StoreWorker
+
+log = logging.getLogger("rulebound.engine")
+
+
+class RunTable:
+    def __init__(self, registry: Registry, *, keep_finished: int) -> None:
+        self.registry = registry
+        self.live: dict[UUID, LiveRun] = {}
+        self.finished: OrderedDict[UUID, RunState] = OrderedDict()
+        self.quarantined: dict[UUID, CorruptRun] = {}
+        self._keep_finished = keep_finished
+        self._creating: dict[UUID, asyncio.Future[None]] = {}
+
+    def ended(self, run: LiveRun) -> None:
+        """`run` ended: forget its live object, keep its final state for a while."""
+        self.live.pop(run.run_id, None)
+        self.finished[run.run_id] = run.state
+        while len(self.finished) > self._keep_finished:
+            self.finished.popitem(last=False)
+
+    def quarantine(self, run_id: UUID, problem: CorruptRun) -> None:
+        self.quarantined[run_id] = problem
+        self.live.pop(run_id, None)
+
+    @contextlib.asynccontextmanager
+    async def alone_with(self, run_id: UUID) -> AsyncIterator[None]:
+        """Wait until nobody else is creating or taking up `run_id`, then keep others out."""
+        while run_id in self._creating:
+            await asyncio.shield(self._creating[run_id])
+        settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._creating[run_id] = settled
+        try:
+            yield
+        finally:
+            del self._creating[run_id]
+            settled.set_result(None)
+
+    async def load(self, storage: StoreWorker, run_id: UUID, after: int = 0,
+                   state: RunState | None = None, last_hash: str = codec.GENESIS_HASH
+                   ) -> tuple[RunState, str, list[ev.Event]]:
+        """Fold the run's events after `after` onto `state` (on a reader thread).
+
+        Returns the new state, the last hash and the events that were read, so a reload can
+        hand them to followers. A log that cannot be folded quarantines the run.
+        """
+        try:
+            return await storage.call(_load_sync, storage, run_id, after,
+                                      state or RunState(), last_hash)
+        except CorruptRun as exc:
+            self.quarantine(run_id, exc)
+            raise
+
+    async def adopt(self, storage: StoreWorker, run_id: UUID) -> LiveRun | None:
+        """Load a run from the store and drive it here if it is still going."""
+        if run_id in self.live:
+            return self.live[run_id]
+        state, last_hash, _ = await self.load(storage, run_id)
+        if run_id in self.live:  # adopted by someone else while we read
+            return self.live[run_id]
+        if state.terminal:
+            self.finished[run_id] = state
+            return None
+        definition = self.registry.by_hash(state.definition_hash)
+        run = LiveRun(run_id, definition, state, last_hash)
+        run.reconcile = True
+        if definition is None:
+            run.held = (f"run {run_id} is held: workflow {state.workflow!r} version "
+                        f"{state.definition_hash[:12]} is not registered; register that "
+                        "version to resume it (register(..., newest=False) keeps new runs "
+                        "on the current version)")
+            log.warning(run.held)
+        self.live[run_id] = run
+        return run
+
+
+def _load_sync(storage: StoreWorker, run_id: UUID, after: int, state: RunState,
+               last_hash: str) -> tuple[RunState, str, list[ev.Event]]:
+    """Read, decode and fold a run's events (CPU work stays off the loop)."""
+    records = storage.store.read(run_id, after)
+    if not records and after == 0:
+        raise RunNotFound(f"no run {run_id}")
+    events = []
+    for expected, record in enumerate(records, start=after + 1):
+        if record.seq != expected:
+            raise CorruptRun(run_id, f"event {expected} is missing", seq=expected)
+        event = codec.decode(record.data, run_id=run_id, seq=record.seq)
+        try:
+            state = evolve(state, event)
+        except Exception as exc:
+            raise CorruptRun(run_id, f"cannot fold {event.type}: {exc}",
+                             seq=record.seq) from exc
+        last_hash = event.hash or last_hash
+        events.append(event)
+    return state, last_hash, events

@@ -13,10 +13,10 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
-from eventsourcing.persistence import OperationalError
+from eventsourcing.persistence import InterfaceError, OperationalError, PersistenceError
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from psycopg.sql import SQL, Identifier
-from rulebound.engine.store import RunChange, RunRow, StoreError
+from rulebound.engine.store import RunChange, RunRow, StoreError, StoreUnavailable
 
 from .base import RecorderStore, _safe
 
@@ -45,8 +45,10 @@ class PostgresStore(RecorderStore):
         except StoreError:
             raise
         except Exception as exc:  # connection refused, auth failed, ...: say so, no secrets
-            raise StoreError(f"cannot open PostgreSQL store {user}@{host}:{port}/{dbname}: "
-                             f"{_safe(exc)}") from None
+            message = f"cannot open PostgreSQL store {user}@{host}:{port}/{dbname}: {_safe(exc)}"
+            if isinstance(exc, PersistenceError) and self._is_unavailable(exc):
+                raise StoreUnavailable(message, self.retry_after) from None
+            raise StoreError(message) from None
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> PostgresStore:
@@ -73,10 +75,23 @@ class PostgresStore(RecorderStore):
             raise StoreError(f"invalid PostgreSQL URL option: {exc}") from None
         return cls(**kwargs)
 
-    def _is_transient(self, error: OperationalError) -> bool:
+    def _is_busy(self, error: OperationalError) -> bool:
         text = str(error).lower()
         return "lock timeout" in text or "could not obtain lock" in text or (
             "deadlock" in text)
+
+    def _is_unavailable(self, error: PersistenceError) -> bool:
+        """psycopg's OperationalError and InterfaceError (which the library re-raises as its
+        own) are connection-level: refused, lost, server shutting down or restarting, pool
+        timeout. Except what waiting cannot fix: a refused login or a missing database."""
+        if not isinstance(error, (OperationalError, InterfaceError)):
+            return False  # DataError, ProgrammingError, ...: the same call fails again
+        state = getattr(error.__cause__, "sqlstate", None) or ""
+        if state.startswith("28") or state == "3D000":
+            return False
+        text = str(error).lower()
+        return not ("authentication failed" in text or (
+            "database" in text and "does not exist" in text))
 
     def _table(self, name: str) -> Any:
         return SQL("{}.{}").format(Identifier(self.schema), Identifier(name))

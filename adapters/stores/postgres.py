@@ -1,4 +1,6 @@
-"""PostgreSQL store (`postgresql://user:pass@host:port/db?schema=...&lock_timeout=5`).
+"""PostgreSQL store (`postgresql://user:pass@host:port/db?schema=...&lock_timeout=5`; also
+`pool_size` and `connect_timeout`, the seconds to wait for a connection before a call fails
+with StoreUnavailable; the library's recorder tries each call up to ten times).
 
 The library's recorder serialises inserts with a table lock, so that notification ids are
 handed out in commit order; without a lock timeout a stuck writer would block every other
@@ -27,11 +29,12 @@ TRACKING = "rulebound_runs_position"
 
 class PostgresStore(RecorderStore):
     def __init__(self, *, dbname: str, host: str, port: int, user: str, password: str,
-                 schema: str = "public", lock_timeout: int = 5, pool_size: int = 4) -> None:
+                 schema: str = "public", lock_timeout: int = 5, pool_size: int = 4,
+                 connect_timeout: float = 10.0) -> None:
         try:
             self.datastore = PostgresDatastore(
                 dbname, host, port, user, password, schema=schema, lock_timeout=lock_timeout,
-                pool_size=pool_size, max_overflow=pool_size, connect_timeout=10.0,
+                pool_size=pool_size, max_overflow=pool_size, connect_timeout=connect_timeout,
                 idle_in_transaction_session_timeout=60.0)
             # No pool_open_timeout: with it the library calls pool.wait() on every
             # connection, and psycopg-pool's wait() fails when two threads call it at once.
@@ -53,7 +56,7 @@ class PostgresStore(RecorderStore):
     @classmethod
     def from_url(cls, url: str, **options: Any) -> PostgresStore:
         parts = urlsplit(url)
-        known = {"schema", "lock_timeout", "pool_size"}
+        known = {"schema", "lock_timeout", "pool_size", "connect_timeout"}
         unknown = set(options) - known
         if unknown:
             raise StoreError(f"unknown PostgreSQL URL options {sorted(unknown)} "
@@ -71,6 +74,8 @@ class PostgresStore(RecorderStore):
                 kwargs["lock_timeout"] = int(options["lock_timeout"])
             if "pool_size" in options:
                 kwargs["pool_size"] = int(options["pool_size"])
+            if "connect_timeout" in options:
+                kwargs["connect_timeout"] = float(options["connect_timeout"])
         except ValueError as exc:
             raise StoreError(f"invalid PostgreSQL URL option: {exc}") from None
         return cls(**kwargs)

@@ -188,11 +188,11 @@ async def test_an_engine_runs_on_a_store_that_loses_acknowledgements(store_url: 
     the runs still complete, each step once."""
     store = FaultyStore(open_store(store_url), seed=11, lost_ack_rate=0.3)
     async with Engine(store, [linear()], {"echo": echo}) as engine:
-        runs = [await engine.start("linear", {"i": i}) for i in range(5)]
+        runs = [await engine.start("linear", {"i": i}) for i in range(8)]
         for run_id in runs:
             view = await engine.wait(run_id, timeout=20)
             assert view.status == "completed", (store.seed, view.status)
         for run_id in runs:
             started = [r for r in store.inner.read(run_id) if r.topic == "AttemptStarted"]
             assert len(started) == 3, store.seed  # no step ran twice
-    assert store.injected["lost_ack"] >= 3
+    assert store.injected["lost_ack"] >= 1, "no acknowledgement was lost: the test proved nothing"

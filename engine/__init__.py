@@ -16,7 +16,13 @@ from .executor import (
 )
 from .ratelimit import RateLimit
 from .registry import AppLoadError, Registry, load_app
-from .store import ConcurrencyConflict, EventStore, StoreError
+from .store import (
+    ConcurrencyConflict,
+    EventStore,
+    StoreError,
+    StoreUnavailable,
+    WriteOutcomeUnknown,
+)
 from .views import RunView, StepView
 
 __all__ = [
@@ -41,9 +47,11 @@ __all__ = [
     "Spend",
     "StepView",
     "StoreError",
+    "StoreUnavailable",
     "SystemClock",
     "Task",
     "Usage",
     "WorkflowNotFound",
+    "WriteOutcomeUnknown",
     "load_app",
 ]

@@ -1,14 +1,26 @@
 """Keep the synchronous store off the event loop, and commit many runs' events together.
 
 One writer thread owns every append. Commits requested in the same moment (by many runs)
-are drained from its queue and written in ONE transaction (group commit); if that
-transaction conflicts, each run's write is retried alone so one conflict does not fail its
-neighbours. A write that fails for any other reason is ambiguous (it may have committed
-before the error): it is settled by reading the stream back and comparing the bytes,
-never by a blind retry. Reads go to a small pool of reader threads.
+are drained from its queue and written in ONE transaction (group commit).
+
+Every failed append is ambiguous until proven otherwise: a lost acknowledgement raises
+although the transaction committed, and a recorder that retries an insert after a lost
+connection (the eventsourcing PostgreSQL recorder does) then meets its own rows and reports
+an integrity error, i.e. a *false* ConcurrencyConflict. So whatever the error, each write of
+the failed transaction is settled by reading its stream back and comparing the stored bytes
+with the bytes sent (every event carries a unique id, so identical bytes mean it was ours):
+
+- identical: it committed; success.
+- different (or only part of it there): another writer took the place; ConcurrencyConflict.
+- absent: it did not commit. After a conflict that belongs to a neighbour in the batch, or a
+  non-transient error that may be one neighbour's bad data, the absent writes are written
+  again (together, or one by one to isolate the culprit). After a transient error they are
+  reported as StoreUnavailable: known not written, safe to retry after `retry_after`.
+- unreadable (the read-back failed too): WriteOutcomeUnknown; reload before writing again.
 
 A store that declares `blocking = False` (the in-memory one) is called inline: a dict
-insert does not stall the loop, and a thread hop would cost more than the work.
+insert does not stall the loop, and a thread hop would cost more than the work. Inline
+writes are settled by the same rules.
 """
 
 from __future__ import annotations
@@ -26,7 +38,16 @@ from uuid import UUID
 
 import orjson
 
-from .store import ConcurrencyConflict, EventStore, Notification, Record, RunChange, StoreError
+from .store import (
+    ConcurrencyConflict,
+    EventStore,
+    Notification,
+    Record,
+    RunChange,
+    StoreError,
+    StoreUnavailable,
+    WriteOutcomeUnknown,
+)
 
 log = logging.getLogger("rulebound.storage")
 T = TypeVar("T")
@@ -36,16 +57,22 @@ _TERMINAL_STATUS = {"RunCompleted": "completed", "RunFailed": "failed",
 STATUS_TOPICS = ("RunStarted", *_TERMINAL_STATUS)
 
 
+_OURS, _THEIRS, _ABSENT = "ours", "theirs", "absent"
+
+
 class _Write:
     """One append waiting for the writer: its records, the caller's loop and future, and the
-    outcome (None for success), which the writer hands back to the loop once per batch."""
+    outcome (None for success), which the writer hands back to the loop once per batch.
+    An inline write (non-blocking store) has no loop and no future."""
 
     __slots__ = ("future", "loop", "outcome", "records", "settled")
 
-    def __init__(self, records: Sequence[Record], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, records: Sequence[Record],
+                 loop: asyncio.AbstractEventLoop | None) -> None:
         self.records = records
         self.loop = loop
-        self.future: asyncio.Future[None] = loop.create_future()
+        self.future: asyncio.Future[None] | None = (
+            loop.create_future() if loop is not None else None)
         self.outcome: BaseException | None = None
         self.settled = False
 
@@ -83,19 +110,30 @@ class StoreWorker:
     # --- writes ---------------------------------------------------------------------
 
     async def append(self, records: Sequence[Record]) -> None:
-        """Durably append records of one run; raises ConcurrencyConflict or StoreError.
+        """Durably append records of one run.
 
-        If the caller is cancelled while the write is in flight, the write may still land;
-        the caller must treat the run's tail as unknown and reload it.
+        Raises ConcurrencyConflict (real: another writer's events are stored there),
+        StoreUnavailable (transient; these records are known not to be stored),
+        WriteOutcomeUnknown (transient; they may be stored: reload before writing again) or
+        StoreError (not transient). If the caller is cancelled while the write is in
+        flight, the write may still land; the caller must treat the run's tail as unknown.
         """
         if self._closed:
             raise StoreError("the store is closed")
         if not self.blocking:
-            self.store.append(records)
+            try:
+                self.store.append(records)
+            except Exception as exc:
+                write = _Write(records, None)
+                self._recover([write], exc)
+                if write.outcome is not None:
+                    raise write.outcome from None
+                return
             self.commits += 1
             return
         write = _Write(records, asyncio.get_running_loop())
         self._queue.put(write)
+        assert write.future is not None
         await write.future
 
     async def barrier(self) -> None:
@@ -106,6 +144,7 @@ class StoreWorker:
             return  # inline writes are settled when append returns
         write = _Write((), asyncio.get_running_loop())
         self._queue.put(write)
+        assert write.future is not None
         await write.future
 
     def _write_loop(self) -> None:
@@ -129,7 +168,9 @@ class StoreWorker:
             except Exception as exc:  # a bug here must not leave callers waiting forever
                 log.exception("storage writer failed on a batch")
                 for write in batch:
-                    _settle(write, StoreError(f"write outcome unknown: {type(exc).__name__}"))
+                    _settle(write, WriteOutcomeUnknown(
+                        f"write outcome unknown: the storage writer failed "
+                        f"({type(exc).__name__})"))
             _deliver(batch)
             if stop:
                 return
@@ -142,68 +183,98 @@ class StoreWorker:
             batch = [w for w in batch if w.records]
             if not batch:
                 return
-        records = [r for w in batch for r in w.records]
+        self._try(batch)
+
+    def _try(self, writes: list[_Write]) -> None:
+        """Append these writes in one transaction; settle any failure by reading back."""
+        records = writes[0].records if len(writes) == 1 else [
+            r for w in writes for r in w.records]
         try:
             self.store.append(records)
-        except ConcurrencyConflict as exc:
-            if len(batch) == 1:
-                _settle(batch[0], exc)
-                return
-            # Find the writes whose first position is taken; the others still go in together.
-            clean: list[_Write] = []
-            for write in batch:
-                first = write.records[0]
-                try:
-                    taken = bool(self.store.read(first.run_id, after=first.seq - 1))
-                except Exception:
-                    taken = False  # unknown: let it try again with the others
-                if taken:
-                    _settle(write, ConcurrencyConflict(
-                        f"run {first.run_id} already has an event at {first.seq}",
-                        [first.run_id]))
-                else:
-                    clean.append(write)
-            if len(clean) == len(batch):  # could not tell which: fall back to one by one
-                for write in batch:
-                    self._write_batch([write])
-            elif clean:
-                self._write_batch(clean)
-            return
         except Exception as exc:
-            for write in batch:
-                self._settle_ambiguous(write, exc)
+            self._recover(writes, exc)
             return
         self.commits += 1
-        self.batched_writes += len(batch) - 1 if len(batch) > 1 else 0
-        for write in batch:
+        self.batched_writes += len(writes) - 1
+        for write in writes:
             _settle(write, None)
 
-    def _settle_ambiguous(self, write: _Write, error: Exception) -> None:
-        """Did the failed transaction commit this write? Read back and compare the bytes."""
-        first = write.records[0]
-        try:
-            stored = self.store.read(first.run_id, after=first.seq - 1)
-        except Exception as read_error:
-            log.error("cannot read back run %s after a failed write: %s", first.run_id,
-                      type(read_error).__name__)
-            _settle(write, StoreError(f"write outcome unknown: {type(error).__name__}: "
-                                      f"{error}"))
+    def _recover(self, writes: list[_Write], error: Exception) -> None:
+        """A transaction holding these writes failed with `error`: find out, write by write,
+        whether it landed (see the module docstring for the rules)."""
+        absent: list[_Write] = []
+        unreadable: Exception | None = None
+        landed = 0
+        for write in writes:
+            if unreadable is not None:  # the store does not answer: do not ask it 500 times
+                _settle(write, _unknown(write, error, unreadable))
+                continue
+            try:
+                verdict = self._compare(write.records)
+            except Exception as read_error:
+                log.warning("cannot read back run %s after a failed write: %s",
+                            write.records[0].run_id, type(read_error).__name__)
+                unreadable = read_error
+                _settle(write, _unknown(write, error, read_error))
+                continue
+            if verdict is _OURS:
+                if not isinstance(error, ConcurrencyConflict):
+                    log.info("run %s: a write reported %s had committed (lost "
+                             "acknowledgement)", write.records[0].run_id,
+                             type(error).__name__)
+                landed += 1
+                _settle(write, None)
+            elif verdict is _THEIRS:
+                first = write.records[0]
+                _settle(write, ConcurrencyConflict(
+                    f"run {first.run_id} already has other events from position {first.seq}: "
+                    "another writer got there first", [first.run_id]))
+            else:
+                absent.append(write)
+        if landed:  # the transaction did commit, with these writes in it
+            self.commits += 1
+            self.batched_writes += landed - 1
+        if not absent:
             return
-        ours = {r.seq: r.data for r in write.records}
-        theirs = {r.seq: r.data for r in stored if r.seq in ours}
-        if theirs and all(theirs.get(seq) == data for seq, data in ours.items()):
-            _settle(write, None)  # it did commit: success
-        elif theirs:
-            _settle(write, ConcurrencyConflict(
-                f"run {first.run_id} was written by someone else", [first.run_id]))
-        else:
-            try:  # it did not commit: now it is safe to try again, once, alone
-                self.store.append(write.records)
-            except Exception as retry_error:
-                _settle(write, retry_error if isinstance(retry_error, StoreError) else
-                        StoreError(f"{type(retry_error).__name__}: {retry_error}"))
-                return
-            _settle(write, None)
+        if isinstance(error, ConcurrencyConflict):
+            if len(absent) < len(writes):
+                self._try(absent)  # the conflict was a neighbour's: the rest go in together
+            elif len(absent) > 1:
+                for write in absent:  # could not tell whose: one by one
+                    self._try([write])
+            else:  # a conflict, yet nothing of ours is there: the store changed under us
+                _settle(absent[0], ConcurrencyConflict(
+                    f"run {absent[0].records[0].run_id}: the store reported a conflict but "
+                    "holds none of these positions", [absent[0].records[0].run_id]))
+        elif _transient(error) or len(absent) == 1:
+            for write in absent:  # known not written: the caller may retry, later
+                _settle(write, _not_written(write, error))
+        else:  # perhaps one write's bad data failed them all: isolate it
+            for write in absent:
+                self._try([write])
+
+    def _compare(self, records: Sequence[Record]) -> str:
+        """Are these records stored exactly as sent (ours), stored differently or in part
+        (theirs), or not stored at all (absent)?"""
+        wanted: dict[UUID, dict[int, bytes]] = {}
+        for record in records:
+            wanted.setdefault(record.run_id, {})[record.seq] = record.data
+        same = different = missing = 0
+        for run_id, ours in wanted.items():
+            stored = {r.seq: r.data for r in self.store.read(run_id, after=min(ours) - 1)}
+            for seq, data in ours.items():
+                found = stored.get(seq)
+                if found is None:
+                    missing += 1
+                elif found == data:
+                    same += 1
+                else:
+                    different += 1
+        if different == 0 and missing == 0:
+            return _OURS
+        if different == 0 and same == 0:
+            return _ABSENT
+        return _THEIRS
 
     # --- reads ----------------------------------------------------------------------
 
@@ -260,6 +331,33 @@ def _parse_at(value: str) -> datetime:
     return datetime.fromisoformat(value)
 
 
+def _transient(error: BaseException) -> bool:
+    """May the same call succeed later? StoreUnavailable, and a foreign store's OSError."""
+    return bool(getattr(error, "transient", False)) or isinstance(error, OSError)
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def _not_written(write: _Write, error: Exception) -> StoreError:
+    """A failed write that reading back shows was not stored (one error per caller)."""
+    first = write.records[0]
+    message = f"run {first.run_id}: not written ({_describe(error)})"
+    if _transient(error):
+        return StoreUnavailable(message + "; safe to retry",
+                                getattr(error, "retry_after", 1.0))
+    return StoreError(message)
+
+
+def _unknown(write: _Write, error: Exception, read_error: Exception) -> WriteOutcomeUnknown:
+    first = write.records[0]
+    return WriteOutcomeUnknown(
+        f"run {first.run_id}: write outcome unknown ({_describe(error)}), and reading it back "
+        f"failed too ({_describe(read_error)}); reload the run before writing again",
+        getattr(read_error, "retry_after", 1.0))
+
+
 def _settle(write: _Write, error: BaseException | None) -> None:
     """Record a write's outcome on the writer thread (the first outcome wins)."""
     if write.settled:
@@ -273,7 +371,8 @@ def _deliver(batch: list[_Write]) -> None:
     and batch, not one per write (each costs a wake-up of the loop and a lock round trip)."""
     by_loop: dict[asyncio.AbstractEventLoop, list[_Write]] = {}
     for write in batch:
-        by_loop.setdefault(write.loop, []).append(write)
+        if write.loop is not None:
+            by_loop.setdefault(write.loop, []).append(write)
     for loop, writes in by_loop.items():
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
             loop.call_soon_threadsafe(_resolve, writes)
@@ -281,6 +380,7 @@ def _deliver(batch: list[_Write]) -> None:
 
 def _resolve(writes: list[_Write]) -> None:
     for write in writes:
+        assert write.future is not None
         if write.future.done():  # the waiting task was cancelled: the write may still land
             continue
         if write.outcome is None:

@@ -3,6 +3,25 @@
 Implementations (adapters/stores) are synchronous, like the eventsourcing recorders they wrap;
 the engine only calls them from its own store threads (see engine.storage), never on the
 event loop. A run is one stream keyed by its UUID; `seq` is the 1-based position in it.
+
+Errors a store raises, and what they mean to the caller:
+
+- `ConcurrencyConflict`: an append met an existing (run_id, seq). From a store adapter this
+  may be a *false* conflict: a recorder that retries an insert after a lost connection
+  meets its own rows if the first try had committed. `engine.storage.StoreWorker` settles
+  it by reading the stream back, so a conflict it reports is real.
+- `StoreUnavailable` (transient, `retry_after` seconds is a hint): the store cannot be
+  reached or stays busy: connection refused or lost, server restarting or shutting down,
+  pool exhausted, a lock not obtained within the adapter's patience. Calling again later may
+  succeed. An append that raised it may or may not have been written.
+- `WriteOutcomeUnknown` (a `StoreUnavailable`): only from `StoreWorker`: an append failed
+  and reading back to learn whether it landed failed too. Reload the run before deciding.
+- any other `StoreError`: not transient. A programming or data error (bad SQL, a value the
+  database refuses, a missing table), a closed store, a bad URL: the same call would fail
+  the same way, so retrying it is pointless.
+
+Messages never carry credentials: adapters report the first line of the driver's message
+and the store by its URL without password.
 """
 
 from __future__ import annotations
@@ -64,7 +83,26 @@ class RunChange:
 
 
 class StoreError(RuleboundError):
-    """The store failed for a reason other than a conflict."""
+    """The store failed. Not transient unless it is a `StoreUnavailable`: see the module
+    docstring for what each subclass means."""
+
+    transient: bool = False
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached right now, or stays busy; try again after `retry_after`
+    seconds (a hint, not a promise). Transient: connection errors and lock timeouts."""
+
+    transient = True
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class WriteOutcomeUnknown(StoreUnavailable):
+    """An append failed, and reading the stream back to settle it failed too: the records
+    may or may not be stored. Reload the run (its tail is unknown) before writing again."""
 
 
 class ConcurrencyConflict(StoreError):
@@ -81,8 +119,12 @@ class EventStore(Protocol):
     def append(self, records: Sequence[Record]) -> None:
         """Write records of one or many runs in ONE transaction, all or nothing.
 
-        Raises ConcurrencyConflict if any (run_id, seq) exists already; transient lock
-        timeouts are retried with backoff inside the adapter.
+        Raises ConcurrencyConflict if any (run_id, seq) exists already (possibly a false
+        one after a lost acknowledgement: see the module docstring); StoreUnavailable if the
+        store cannot be reached (the outcome is then unknown); StoreError for anything that
+        retrying would not fix. Lock timeouts are retried with backoff inside the adapter
+        first. A store with a `blocking = False` attribute is called on the event loop (it
+        must never wait); otherwise only from store threads.
         """
 
     def read(self, run_id: UUID, after: int = 0) -> list[Record]:

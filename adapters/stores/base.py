@@ -13,10 +13,18 @@ from uuid import UUID
 from eventsourcing.persistence import (
     ApplicationRecorder,
     IntegrityError,
+    InterfaceError,
     OperationalError,
+    PersistenceError,
     StoredEvent,
 )
-from rulebound.engine.store import ConcurrencyConflict, Notification, Record, StoreError
+from rulebound.engine.store import (
+    ConcurrencyConflict,
+    Notification,
+    Record,
+    StoreError,
+    StoreUnavailable,
+)
 
 log = logging.getLogger("rulebound.stores")
 T = TypeVar("T")
@@ -31,7 +39,8 @@ class RecorderStore:
     """
 
     blocking = True
-    retry_for = 60.0  # seconds a lock timeout is retried before it becomes an error
+    retry_for = 60.0  # seconds a lock timeout is retried before it becomes StoreUnavailable
+    retry_after = 1.0  # the hint StoreUnavailable carries
 
     def __init__(self, recorder: ApplicationRecorder) -> None:
         self.recorder = recorder
@@ -70,22 +79,45 @@ class RecorderStore:
 
     # --- plumbing -----------------------------------------------------------------------
 
-    def _is_transient(self, error: OperationalError) -> bool:
+    def _is_busy(self, error: OperationalError) -> bool:
+        """A lock timeout: retried here with backoff for up to `retry_for` seconds."""
         return False
 
+    def _is_unavailable(self, error: PersistenceError) -> bool:
+        """A connection-like error: the store may answer if asked again later."""
+        return isinstance(error, InterfaceError)
+
     def _retrying(self, call: Callable[[], T]) -> T:
-        """Retry what the backend reports as a transient lock timeout, with jittered backoff."""
+        """Call the recorder; retry lock timeouts with jittered backoff, and translate the
+        library's errors into the port's: StoreUnavailable for what may pass (connection
+        errors, a lock held too long), StoreError for the rest. IntegrityError passes
+        through for `append` to report as a conflict."""
+        if self._closed:
+            raise StoreError("the store is closed")
         deadline = time.monotonic() + self.retry_for
         delay = 0.01
         while True:
             try:
                 return call()
-            except OperationalError as exc:
-                if not self._is_transient(exc) or time.monotonic() > deadline:
-                    raise StoreError(f"store error: {_safe(exc)}") from None
-                log.debug("store busy (%s); retrying in %.3fs", _safe(exc), delay)
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 1.0)
+            except IntegrityError:
+                raise
+            except PersistenceError as exc:
+                busy = isinstance(exc, OperationalError) and self._is_busy(exc)
+                if busy and time.monotonic() <= deadline:
+                    log.debug("store busy (%s); retrying in %.3fs", _safe(exc), delay)
+                    time.sleep(delay * (0.5 + random.random()))
+                    delay = min(delay * 2, 1.0)
+                    continue
+                if self._closed:
+                    raise StoreError("the store is closed") from None
+                if busy:
+                    raise StoreUnavailable(
+                        f"store busy for more than {self.retry_for:g}s: {_safe(exc)}",
+                        self.retry_after) from None
+                if self._is_unavailable(exc):
+                    raise StoreUnavailable(f"store unavailable: {_safe(exc)}",
+                                           self.retry_after) from None
+                raise StoreError(f"store error ({type(exc).__name__}): {_safe(exc)}") from None
 
     def close(self) -> None:
         self._closed = True

@@ -1,4 +1,6 @@
-"""PostgreSQL store (`postgresql://user:pass@host:port/db?schema=...&lock_timeout=5`).
+"""PostgreSQL store (`postgresql://user:pass@host:port/db?schema=...&lock_timeout=5`; also
+`pool_size` and `connect_timeout`, the seconds to wait for a connection before a call fails
+with StoreUnavailable; the library's recorder tries each call up to ten times).
 
 The library's recorder serialises inserts with a table lock, so that notification ids are
 handed out in commit order; without a lock timeout a stuck writer would block every other
@@ -13,10 +15,10 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
-from eventsourcing.persistence import OperationalError
+from eventsourcing.persistence import InterfaceError, OperationalError, PersistenceError
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from psycopg.sql import SQL, Identifier
-from rulebound.engine.store import RunChange, RunRow, StoreError
+from rulebound.engine.store import RunChange, RunRow, StoreError, StoreUnavailable
 
 from .base import RecorderStore, _safe
 
@@ -27,11 +29,12 @@ TRACKING = "rulebound_runs_position"
 
 class PostgresStore(RecorderStore):
     def __init__(self, *, dbname: str, host: str, port: int, user: str, password: str,
-                 schema: str = "public", lock_timeout: int = 5, pool_size: int = 4) -> None:
+                 schema: str = "public", lock_timeout: int = 5, pool_size: int = 4,
+                 connect_timeout: float = 10.0) -> None:
         try:
             self.datastore = PostgresDatastore(
                 dbname, host, port, user, password, schema=schema, lock_timeout=lock_timeout,
-                pool_size=pool_size, max_overflow=pool_size, connect_timeout=10.0,
+                pool_size=pool_size, max_overflow=pool_size, connect_timeout=connect_timeout,
                 idle_in_transaction_session_timeout=60.0)
             # No pool_open_timeout: with it the library calls pool.wait() on every
             # connection, and psycopg-pool's wait() fails when two threads call it at once.
@@ -45,13 +48,15 @@ class PostgresStore(RecorderStore):
         except StoreError:
             raise
         except Exception as exc:  # connection refused, auth failed, ...: say so, no secrets
-            raise StoreError(f"cannot open PostgreSQL store {user}@{host}:{port}/{dbname}: "
-                             f"{_safe(exc)}") from None
+            message = f"cannot open PostgreSQL store {user}@{host}:{port}/{dbname}: {_safe(exc)}"
+            if isinstance(exc, PersistenceError) and self._is_unavailable(exc):
+                raise StoreUnavailable(message, self.retry_after) from None
+            raise StoreError(message) from None
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> PostgresStore:
         parts = urlsplit(url)
-        known = {"schema", "lock_timeout", "pool_size"}
+        known = {"schema", "lock_timeout", "pool_size", "connect_timeout"}
         unknown = set(options) - known
         if unknown:
             raise StoreError(f"unknown PostgreSQL URL options {sorted(unknown)} "
@@ -69,14 +74,29 @@ class PostgresStore(RecorderStore):
                 kwargs["lock_timeout"] = int(options["lock_timeout"])
             if "pool_size" in options:
                 kwargs["pool_size"] = int(options["pool_size"])
+            if "connect_timeout" in options:
+                kwargs["connect_timeout"] = float(options["connect_timeout"])
         except ValueError as exc:
             raise StoreError(f"invalid PostgreSQL URL option: {exc}") from None
         return cls(**kwargs)
 
-    def _is_transient(self, error: OperationalError) -> bool:
+    def _is_busy(self, error: OperationalError) -> bool:
         text = str(error).lower()
         return "lock timeout" in text or "could not obtain lock" in text or (
             "deadlock" in text)
+
+    def _is_unavailable(self, error: PersistenceError) -> bool:
+        """psycopg's OperationalError and InterfaceError (which the library re-raises as its
+        own) are connection-level: refused, lost, server shutting down or restarting, pool
+        timeout. Except what waiting cannot fix: a refused login or a missing database."""
+        if not isinstance(error, (OperationalError, InterfaceError)):
+            return False  # DataError, ProgrammingError, ...: the same call fails again
+        state = getattr(error.__cause__, "sqlstate", None) or ""
+        if state.startswith("28") or state == "3D000":
+            return False
+        text = str(error).lower()
+        return not ("authentication failed" in text or (
+            "database" in text and "does not exist" in text))
 
     def _table(self, name: str) -> Any:
         return SQL("{}.{}").format(Identifier(self.schema), Identifier(name))

@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from uuid import UUID
 
-from eventsourcing.persistence import OperationalError
+from eventsourcing.persistence import OperationalError, PersistenceError
 from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteDatastore
 from rulebound.engine.store import RunChange, RunRow, StoreError
 
@@ -44,9 +44,18 @@ class SQLiteStore(RecorderStore):
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open SQLite store {str(path)!r}: {exc}") from None
 
-    def _is_transient(self, error: OperationalError) -> bool:
+    def _is_busy(self, error: OperationalError) -> bool:
         text = str(error).lower()
         return "locked" in text or "busy" in text
+
+    def _is_unavailable(self, error: PersistenceError) -> bool:
+        """The file cannot be reached (I/O error, cannot open, no connection free in the
+        pool): may pass. A missing table, a malformed file or a bad value will not."""
+        if isinstance(error, TimeoutError):
+            return True  # the library's ConnectionUnavailableError (pool timeout)
+        text = str(error).lower()
+        return isinstance(error, OperationalError) and (
+            "disk i/o error" in text or "unable to open" in text)
 
     def _create_read_model(self) -> None:
         with self.datastore.transaction(commit=True) as c:

@@ -1,120 +1,193 @@
-"""The storage worker: group commit across runs, and ambiguous writes settled by reading back."""
+"""The storage worker: group commit across runs, and every failed write settled by reading the
+stream back, on every store (memory inline, memory on the writer thread, SQLite, PostgreSQL).
+
+Faults come from the shipped fault layer (rulebound.engine.faults) around a real store."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
 from rulebound.adapters.stores import open_store
+from rulebound.engine.faults import FaultyStore
 from rulebound.engine.storage import StoreWorker
-from rulebound.engine.store import ConcurrencyConflict, Record, StoreError
+from rulebound.engine.store import (
+    ConcurrencyConflict,
+    Record,
+    StoreError,
+    StoreUnavailable,
+    WriteOutcomeUnknown,
+)
 
 
-class Flaky:
-    """Wraps a real store; the next append fails in a chosen way."""
-
-    def __init__(self, inner: object) -> None:
-        self.inner = inner
-        self.mode: str | None = None
-        self.appends = 0
-        self.gate = threading.Event()
-        self.gate.set()
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
-
-    def append(self, records: Sequence[Record]) -> None:
-        self.gate.wait()
-        self.appends += 1
-        mode, self.mode = self.mode, None
-        if mode == "commit-then-fail":
-            self.inner.append(records)  # type: ignore[attr-defined]
-            raise OSError("connection reset after COMMIT")
-        if mode == "fail-before-commit":
-            raise OSError("connection reset before COMMIT")
-        if mode == "someone-else-wrote":
-            first = records[0]
-            self.inner.append([Record(first.run_id, first.seq, first.topic, b'{"other":1}')])  # type: ignore[attr-defined]
-            raise OSError("connection reset")
-        self.inner.append(records)  # type: ignore[attr-defined]
+@pytest.fixture(params=["memory-inline", "memory-threaded", "sqlite",
+                        pytest.param("postgres", marks=pytest.mark.postgres)])
+async def faulty(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[FaultyStore]:
+    """A real store in the fault layer; the in-memory one both inline (as the engine calls
+    it) and on the writer thread (where writes are grouped)."""
+    kind = str(request.param)
+    if kind.startswith("memory"):
+        url = "memory://"
+    elif kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'w.db'}"
+    else:
+        url = str(request.getfixturevalue("postgres_url"))
+    store = FaultyStore(open_store(url), seed=1,
+                        blocking=True if kind == "memory-threaded" else None)
+    assert store.blocking == (kind != "memory-inline")
+    yield store
+    store.close()
 
 
 @pytest.fixture
-def flaky(tmp_path: Path) -> Flaky:
-    return Flaky(open_store(f"sqlite:///{tmp_path / 'w.db'}"))
-
-
-def recs(run, start: int = 1, n: int = 2) -> list[Record]:
-    return [Record(run, s, "E", b'{"n":%d}' % s) for s in range(start, start + n)]
-
-
-async def test_a_write_that_committed_before_the_error_counts_as_done(flaky: Flaky) -> None:
-    worker = StoreWorker(flaky)  # type: ignore[arg-type]
+async def worker(faulty: FaultyStore) -> AsyncIterator[StoreWorker]:
+    worker = StoreWorker(faulty)
     worker.start()
-    run = uuid4()
-    flaky.mode = "commit-then-fail"
-    await worker.append(recs(run))  # settled by reading back: it is there, byte for byte
-    assert [r.seq for r in flaky.inner.read(run)] == [1, 2]  # type: ignore[attr-defined]
-    assert flaky.appends == 1  # and it was not written again
+    yield worker
     await worker.close()
 
 
-async def test_a_write_that_did_not_commit_is_written_once_more(flaky: Flaky) -> None:
-    worker = StoreWorker(flaky)  # type: ignore[arg-type]
-    worker.start()
-    run = uuid4()
-    flaky.mode = "fail-before-commit"
-    await worker.append(recs(run))
-    assert [r.seq for r in flaky.inner.read(run)] == [1, 2]  # type: ignore[attr-defined]
-    assert flaky.appends == 2
-    await worker.close()
+def recs(run: UUID, start: int = 1, n: int = 2, tag: str = "ours") -> list[Record]:
+    return [Record(run, s, "E", b'{"n":%d,"by":"%s"}' % (s, tag.encode()))
+            for s in range(start, start + n)]
 
 
-async def test_a_write_whose_place_was_taken_is_a_conflict(flaky: Flaky) -> None:
-    worker = StoreWorker(flaky)  # type: ignore[arg-type]
-    worker.start()
-    run = uuid4()
-    flaky.mode = "someone-else-wrote"
-    with pytest.raises(ConcurrencyConflict):
-        await worker.append(recs(run))
-    assert [r.data for r in flaky.inner.read(run)] == [b'{"other":1}']  # type: ignore[attr-defined]
-    await worker.close()
-
-
-async def test_concurrent_writes_share_a_transaction_and_a_conflict_hurts_only_its_run(
-    flaky: Flaky,
+@pytest.mark.parametrize("error", ["unavailable", "conflict"])
+async def test_an_append_whose_acknowledgement_is_lost_succeeds_and_is_stored_once(
+    faulty: FaultyStore, worker: StoreWorker, error: str,
 ) -> None:
-    worker = StoreWorker(flaky)  # type: ignore[arg-type]
-    worker.start()
-    taken = uuid4()
-    await worker.append(recs(taken, 1, 1))
-    flaky.gate.clear()  # hold the writer so the next writes queue up together
-    blocker = asyncio.ensure_future(worker.append(recs(uuid4())))
+    run = uuid4()
+    await worker.append(recs(run, 1, 1))
+    faulty.lose_acks(1, error=error)  # type: ignore[arg-type]
+    await worker.append(recs(run, 2, 2))  # it landed: success, whatever the store said
+    assert faulty.injected["lost_ack"] == 1
+    assert faulty.inner.read(run) == recs(run, 1, 3)  # once, byte for byte
+    assert faulty.calls["append"] == 2  # settled by reading back, not by writing again
+    await worker.append(recs(run, 4, 1))  # and the run goes on at the next position
+    assert [r.seq for r in faulty.inner.read(run)] == [1, 2, 3, 4]
+
+
+async def test_lost_acknowledgements_in_a_group_commit_are_all_successes(
+    faulty: FaultyStore, worker: StoreWorker,
+) -> None:
+    if not faulty.blocking:
+        pytest.skip("inline writes are never grouped")
+    faulty.hold()  # queue writes behind a held one so that they go in together
+    first = asyncio.ensure_future(worker.append(recs(uuid4())))
+    assert await asyncio.to_thread(faulty.wait_held)
+    runs = [uuid4() for _ in range(10)]
+    writes = [asyncio.ensure_future(worker.append(recs(r))) for r in runs]
     await asyncio.sleep(0.05)
+    faulty.lose_acks(2, error="conflict")  # the held write's and the group's
+    faulty.release()
+    await first
+    await asyncio.gather(*writes)
+    assert worker.batched_writes >= 9  # they did share one transaction
+    assert faulty.calls["append"] == 2
+    for run in runs:
+        assert faulty.inner.read(run) == recs(run)
+
+
+@pytest.mark.parametrize("error", ["unavailable", "conflict"])
+async def test_another_writers_different_bytes_are_a_real_conflict(
+    faulty: FaultyStore, worker: StoreWorker, error: str,
+) -> None:
+    run = uuid4()
+    faulty.inner.append(recs(run, 1, 1, tag="theirs"))  # another engine got there first
+    if error == "unavailable":
+        faulty.fail_next(1)  # our write fails ambiguously: reading back says "theirs"
+    with pytest.raises(ConcurrencyConflict) as caught:
+        await worker.append(recs(run, 1, 2))
+    assert caught.value.run_ids == [run]
+    assert faulty.inner.read(run) == recs(run, 1, 1, tag="theirs")
+
+
+async def test_a_conflict_in_a_group_commit_hurts_only_its_run(
+    faulty: FaultyStore, worker: StoreWorker,
+) -> None:
+    if not faulty.blocking:
+        pytest.skip("inline writes are never grouped")
+    taken = uuid4()
+    await worker.append(recs(taken, 1, 1, tag="theirs"))
+    faulty.hold()
+    blocker = asyncio.ensure_future(worker.append(recs(uuid4())))
+    assert await asyncio.to_thread(faulty.wait_held)
     runs = [uuid4() for _ in range(20)]
     writes = [asyncio.ensure_future(worker.append(recs(r))) for r in runs]
-    clash = asyncio.ensure_future(worker.append(recs(taken, 1, 1)))  # seq 1 exists
+    clash = asyncio.ensure_future(worker.append(recs(taken, 1, 1)))  # seq 1 is theirs
     await asyncio.sleep(0.05)
     commits_before = worker.commits
-    flaky.gate.set()
+    faulty.release()
     await blocker
     await asyncio.gather(*writes)
     with pytest.raises(ConcurrencyConflict):
         await clash
     for run in runs:
-        assert len(flaky.inner.read(run)) == 2  # type: ignore[attr-defined]
+        assert faulty.inner.read(run) == recs(run)
     assert worker.batched_writes >= 19  # the 20 queued writes went in together
     assert worker.commits - commits_before <= 3
-    await worker.close()
 
 
-async def test_a_closed_worker_refuses_writes(flaky: Flaky) -> None:
-    worker = StoreWorker(flaky)  # type: ignore[arg-type]
-    worker.start()
+async def test_an_outage_refuses_writes_and_the_next_append_after_it_succeeds(
+    faulty: FaultyStore, worker: StoreWorker,
+) -> None:
+    run = uuid4()
+    faulty.outage(0.3)
+    with pytest.raises(StoreUnavailable) as caught:
+        await worker.append(recs(run))
+    # Reading back fails as well during an outage: the outcome is unknown, and says so.
+    assert isinstance(caught.value, WriteOutcomeUnknown)
+    assert 0 < caught.value.retry_after <= 0.3
+    assert caught.value.transient
+    assert faulty.inner.read(run) == []
+    await asyncio.sleep(0.35)
+    assert not faulty.outage_active
+    await worker.append(recs(run))
+    assert faulty.inner.read(run) == recs(run)
+
+
+async def test_a_write_refused_before_commit_is_known_unwritten_and_safe_to_retry(
+    faulty: FaultyStore, worker: StoreWorker,
+) -> None:
+    run = uuid4()
+    faulty.fail_next(1)
+    with pytest.raises(StoreUnavailable) as caught:
+        await worker.append(recs(run))
+    assert not isinstance(caught.value, WriteOutcomeUnknown)
+    assert str(run) in str(caught.value)
+    assert faulty.inner.read(run) == []
+    await worker.append(recs(run))
+    assert faulty.inner.read(run) == recs(run)
+
+
+async def test_a_write_that_cannot_be_read_back_is_of_unknown_outcome(
+    faulty: FaultyStore, worker: StoreWorker,
+) -> None:
+    run = uuid4()
+    faulty.lose_acks(1)
+    faulty.fail_next(1, method="read")  # the store goes away before we can look
+    with pytest.raises(WriteOutcomeUnknown) as caught:
+        await worker.append(recs(run))
+    assert caught.value.transient and "reload" in str(caught.value)
+    assert faulty.inner.read(run) == recs(run)  # (it had landed)
+
+
+async def test_a_permanent_error_is_not_transient(
+    faulty: FaultyStore, worker: StoreWorker,
+) -> None:
+    run = uuid4()
+    faulty.fail_next(1, error=lambda: StoreError("value too long for type"))
+    with pytest.raises(StoreError) as caught:
+        await worker.append(recs(run))
+    assert not caught.value.transient
+    assert not isinstance(caught.value, StoreUnavailable)
+    assert faulty.inner.read(run) == []
+
+
+async def test_a_closed_worker_refuses_writes(worker: StoreWorker) -> None:
     await worker.close()
     with pytest.raises(StoreError):
         await worker.append(recs(uuid4()))

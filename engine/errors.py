@@ -27,3 +27,7 @@ class Overloaded(RuleboundError):
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class Conflict(RuleboundError):
+    """The request conflicts with what is stored (e.g. a key already used for another input)."""

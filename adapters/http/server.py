@@ -14,6 +14,7 @@ import ipaddress
 import json
 import logging
 import re
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
@@ -558,19 +559,62 @@ def check_bind(host: str, token: str | None, allow_insecure: bool = False) -> No
             "--insecure-no-auth if the network is trusted")
 
 
-async def serve(engine: Engine, host: str, port: int, *, token: str | None,
-                allow_insecure: bool = False, ready: asyncio.Event | None = None) -> None:
-    """Serve until cancelled. Refuses a non-loopback address without a token."""
-    check_bind(host, token, allow_insecure)
+def listen(host: str, port: int) -> socket.socket:
+    """Bind and listen at once (call it before recovering runs or printing anything): a busy
+    port fails here, in one clear line, and connections that arrive during recovery wait in
+    the backlog instead of being refused."""
+    where = f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise RuleboundError(f"cannot listen on {where}: {exc.strerror}") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # not a busy port's
+        sock.bind(addr)
+        sock.listen(512)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise RuleboundError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    return sock
+
+
+def address(sock: socket.socket) -> str:
+    """The URL a listening socket answers at (with the real port when 0 was asked for)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def serve_socket(engine: Engine, sock: socket.socket, *, token: str | None,
+                       stop: asyncio.Event | None = None,
+                       ready: asyncio.Event | None = None) -> None:
+    """Serve on a listening socket until `stop` is set (or until cancelled). On the way out
+    the socket stops accepting, open event streams end and requests in flight finish (up to
+    SHUTDOWN_TIMEOUT); the caller then closes the engine, which drains running attempts."""
     runner = web.AppRunner(create_app(engine, token=token), access_log=None,
                            shutdown_timeout=SHUTDOWN_TIMEOUT)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    log.info("serving on http://%s:%s", host, port)
-    if ready is not None:
-        ready.set()
     try:
-        await asyncio.Event().wait()
+        await web.SockSite(runner, sock).start()
+        log.info("serving on %s", address(sock))
+        if ready is not None:
+            ready.set()
+        await (stop or asyncio.Event()).wait()
     finally:
         await runner.cleanup()
+
+
+async def serve(engine: Engine, host: str, port: int, *, token: str | None,
+                allow_insecure: bool = False, ready: asyncio.Event | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    """Serve until `stop` is set or cancelled. Refuses a non-loopback address without a
+    token."""
+    check_bind(host, token, allow_insecure)
+    sock = listen(host, port)
+    try:
+        await serve_socket(engine, sock, token=token, stop=stop, ready=ready)
+    finally:
+        sock.close()

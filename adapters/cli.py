@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -138,18 +139,42 @@ async def cmd_explain(args: argparse.Namespace) -> int:
 
 
 async def cmd_serve(args: argparse.Namespace) -> int:
-    from rulebound.adapters.http.server import check_bind, serve
+    """Bind first (a busy port fails before any run is touched), recover, serve; SIGTERM and
+    Ctrl-C both stop the same way: stop accepting, finish requests in flight, let running
+    attempts finish (up to --drain-timeout; those cut off are recorded as abandoned and
+    re-run by the next start), then exit 0."""
+    from rulebound.adapters.http.server import address, check_bind, listen, serve_socket
 
     token = os.environ.get("RULEBOUND_TOKEN") or None
     check_bind(args.host, token, args.insecure_no_auth)  # before the engine opens (recovery)
     registry = _registry(args)
-    async with Engine(_store(args), registry=registry,
-                      max_active_runs=args.max_active_runs) as engine:
-        print(f"rulebound: serving {', '.join(registry.names())} on "
-              f"http://{args.host}:{args.port} (store {_redact(_store(args))}, "
-              f"auth {'on' if token else 'off'})", file=sys.stderr)
-        await serve(engine, args.host, args.port, token=token,
-                    allow_insecure=args.insecure_no_auth)
+    sock = listen(args.host, args.port)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    caught: list[str] = []
+
+    def on_signal(name: str) -> None:
+        caught.append(name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    try:
+        async with Engine(_store(args), registry=registry,
+                          max_active_runs=args.max_active_runs,
+                          drain_timeout=args.drain_timeout) as engine:
+            print(f"rulebound: serving {', '.join(registry.names())} on {address(sock)} "
+                  f"(store {_redact(_store(args))}, auth {'on' if token else 'off'})",
+                  file=sys.stderr, flush=True)
+            await serve_socket(engine, sock, token=token, stop=stop)
+            print(f"rulebound: {caught[0] if caught else 'stop'}: stopped accepting; letting "
+                  f"running attempts finish (up to {args.drain_timeout:g} s)", file=sys.stderr,
+                  flush=True)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        sock.close()
+    print("rulebound: stopped", file=sys.stderr, flush=True)
     return 0
 
 
@@ -380,8 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("serve", cmd_serve, "serve the HTTP API", app=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--max-active-runs", type=int, default=10_000,
-                   help="runs in flight before POST /v1/runs answers 503")
+    p.add_argument("--max-active-runs", type=int, default=1_000,
+                   help="runs in flight before POST /v1/runs answers 503 (default 1000)")
+    p.add_argument("--drain-timeout", type=float, default=10.0,
+                   help="on SIGTERM or Ctrl-C, seconds running attempts may take to finish "
+                        "(default 10)")
     p.add_argument("--insecure-no-auth", action="store_true",
                    help="allow a non-loopback address without RULEBOUND_TOKEN")
     p = command("export", cmd_export, "write a run's events as JSON lines")

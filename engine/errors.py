@@ -29,7 +29,11 @@ class Overloaded(RuleboundError):
         self.retry_after = retry_after
 
 
-class IdempotencyConflict(RuleboundError):
+class Conflict(RuleboundError):
+    """The request conflicts with what is stored (HTTP 409)."""
+
+
+class IdempotencyConflict(Conflict):
     """An idempotency key or signal id already stands for a different request.
 
     The same key with the same request returns the first request's outcome; with a different

@@ -1,6 +1,7 @@
 """What every HTTP executor shares: failure classification, Retry-After, bounded reads.
 
-Messages are built from the status and a short reason only: never the URL's query or
+Messages are built from the status and its standard phrase only (never the server's own
+reason phrase, which a server may fill with the request's headers): never the URL's query or
 credentials, never request headers, never repr() of aiohttp's errors (their request_info
 carries the Authorization header).
 """
@@ -11,6 +12,7 @@ import asyncio
 import email.utils
 import time
 from collections.abc import Callable, Hashable, Mapping
+from http import HTTPStatus
 from typing import Any, Self
 
 import aiohttp
@@ -108,14 +110,26 @@ def retry_after(headers: Mapping[str, str], cap: float = DEFAULT_MAX_RETRY_AFTER
     return min(cap, max(0.0, when.timestamp() - (now if now is not None else time.time())))
 
 
-def status_error(service: str, status: int, reason: str, headers: Mapping[str, str],
+def status_phrase(status: int) -> str:
+    """The standard reason phrase for `status` ("" for a code HTTP does not define).
+
+    The phrase a server sent is never used: it is free text under the server's control, and
+    a server (or a proxy) that echoes the request's Authorization header there would put the
+    caller's API key into our messages, events and logs."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+def status_error(service: str, status: int, headers: Mapping[str, str],
                  *, cap: float = DEFAULT_MAX_RETRY_AFTER) -> ExecutorError:
     """Classify a non-2xx answer: 408, 409, 429 and 5xx retry; other 4xx do not."""
     retryable = status in (408, 409, 429) or status >= 500
     kind = _KINDS.get(status, "server_error" if status >= 500 else "client_error")
     hint = retry_after(headers, cap) if retryable else None
-    return ExecutorError(f"{service} answered {status} {reason}".strip()[:200], kind=kind,
-                         retryable=retryable, retry_after=hint)
+    return ExecutorError(f"{service} answered {status} {status_phrase(status)}".strip()[:200],
+                         kind=kind, retryable=retryable, retry_after=hint)
 
 
 def transport_error(service: str, exc: BaseException) -> ExecutorError:

@@ -147,7 +147,7 @@ class HttpTool(SessionUser):
                             continue
                         if response.status >= 300:
                             raise status_error(self.service, response.status,
-                                               response.reason or "", response.headers)
+                                               response.headers)
                         raw = await read_capped(response, self.max_bytes, self.service)
                         break
                 else:

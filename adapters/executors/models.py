@@ -331,7 +331,7 @@ class _ModelExecutor(SessionUser):
                                         "base_url)", kind="client_error", retryable=False)
                 if response.status >= 300:
                     raise status_error(self.service, response.status,
-                                       response.reason or "", response.headers)
+                                       response.headers)
                 raw = await read_capped(response, self.max_bytes, self.service)
         except ExecutorError:
             raise

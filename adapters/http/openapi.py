@@ -1,139 +1,163 @@
-"""The OpenAPI 3 document of the HTTP API (served at /openapi.json, fuzzed by the tests)."""
+"""The OpenAPI 3.1 document of the HTTP API (served at /openapi.json, fuzzed by the tests).
+
+Generated from the pydantic models in models.py, the ones the server validates requests and
+builds answers with: a constraint declared here is a constraint enforced there.
+"""
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
-_ERROR = {"$ref": "#/components/schemas/Error"}
-_RUN_ID = {"name": "run_id", "in": "path", "required": True,
-           "schema": {"type": "string", "format": "uuid"}}
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from . import models as m
+
+_REF = "#/components/schemas/{model}"
+_SCHEMAS: tuple[type[BaseModel], ...] = (
+    m.StartRun, m.Cancel, m.Started, m.Accepted, m.RunList, m.Run, m.StoredEvent,
+    m.WorkflowList, m.WorkflowGraph, m.Health, m.Error)
+_REASONS = {400: "Malformed request", 401: "Missing or wrong bearer token",
+            404: "No such run or workflow",
+            409: "The run takes no more signals or cancellations: it has ended (error type "
+                 "run_ended) or it is held, its workflow version not being registered "
+                 "(error type run_held); or the request conflicts with what is stored "
+                 "(conflict)",
+            413: "Body too large", 415: "Not JSON", 422: "Input does not match the schema",
+            503: "Engine saturated (overloaded) or the store unavailable "
+                 "(store_unavailable); retry after Retry-After"}
 
 
-_ERROR_TYPES = (
-    "What went wrong, for programs: bad_request, malformed_json, unauthorized, not_found, "
-    "method_not_allowed, too_large, unsupported_media_type, invalid_input, run_ended "
-    "(409: the run has ended), run_held (409: the run waits for its workflow version to be "
-    "registered), overloaded (503), unavailable (503), corrupt_run, internal (500).")
+@cache
+def _components() -> dict[str, Any]:
+    _, defs = models_json_schema([(model, "serialization" if model.__name__ not in (
+        "StartRun", "Cancel") else "validation") for model in _SCHEMAS], ref_template=_REF)
+    return dict(defs.get("$defs", {}))
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": _REF.format(model=model.__name__)}
+
+
+def _without_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """An optional parameter's schema without its `null` branch: absent means the default."""
+    options = schema.get("anyOf")
+    if options is None:
+        return schema
+    rest = [s for s in options if s.get("type") != "null"]
+    out = {k: v for k, v in schema.items() if k not in ("anyOf", "default")}
+    if len(rest) == 1:
+        out.update(rest[0])
+    else:
+        out["anyOf"] = rest
+    return out
+
+
+def parameters(model: type[BaseModel], where: str) -> list[dict[str, Any]]:
+    """OpenAPI parameters (query, header or path) from the model that validates them."""
+    schema = model.model_json_schema(ref_template=_REF)
+    required = set(schema.get("required", ()))
+    out = []
+    for name, prop in schema.get("properties", {}).items():
+        prop = _without_null(dict(prop))
+        prop.pop("title", None)
+        param: dict[str, Any] = {"name": name, "in": where,
+                                 "required": where == "path" or name in required,
+                                 "schema": prop}
+        if "description" in prop:
+            param["description"] = prop.pop("description")
+        out.append(param)
+    return out
 
 
 def _errors(*codes: int) -> dict[str, Any]:
-    reasons = {400: "Malformed request", 401: "Missing or wrong bearer token",
-               404: "No such run or workflow",
-               409: "The run takes no more signals or cancellations: it has ended (error type "
-                    "run_ended) or it is held, its workflow version not being registered "
-                    "(error type run_held)",
-               413: "Body too large", 415: "Not JSON", 422: "Input does not match the schema",
-               429: "Too many requests", 503: "Engine saturated; retry after Retry-After"}
-    return {str(c): {"description": reasons[c],
-                     "content": {"application/json": {"schema": _ERROR}}} for c in codes}
+    return {str(c): {"description": _REASONS[c],
+                     "content": {"application/json": {"schema": _ref(m.Error)}}}
+            for c in codes}
 
 
 def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+def _body(model: type[BaseModel] | None, required: bool) -> dict[str, Any]:
+    schema = _ref(model) if model is not None else {}
+    return {"required": required, "content": {"application/json": {"schema": schema}}}
+
+
 def document(security: bool) -> dict[str, Any]:
-    auth_errors = (401,) if security else ()
-    run_ref = {"$ref": "#/components/schemas/Run"}
+    auth = (401,) if security else ()
+    run_path = parameters(m.RunPath, "path")
     doc: dict[str, Any] = {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {"title": "rulebound", "version": "1",
                  "description": "Start, follow, signal and explain workflow runs."},
         "paths": {
             "/v1/runs": {
                 "post": {
                     "operationId": "startRun",
-                    "summary": "Start a run (the same Idempotency-Key gives the same run)",
-                    "parameters": [{"name": "Idempotency-Key", "in": "header",
-                                    "required": False,
-                                    "schema": {"type": "string", "maxLength": 200}}],
-                    "requestBody": {"required": True, "content": {"application/json": {
-                        "schema": {"$ref": "#/components/schemas/StartRun"}}}},
+                    "summary": "Start a run (the same idempotency key gives the same run)",
+                    "parameters": parameters(m.StartRunHeaders, "header"),
+                    "requestBody": _body(m.StartRun, True),
                     "responses": {
-                        "201": _json({"$ref": "#/components/schemas/Started"}, "Started"),
-                        "200": _json({"$ref": "#/components/schemas/Started"},
+                        "201": _json(_ref(m.Started), "Started"),
+                        "200": _json(_ref(m.Started),
                                      "Already started with that idempotency key"),
-                        **_errors(400, *auth_errors, 404, 413, 415, 422, 503)},
+                        **_errors(400, *auth, 404, 409, 413, 415, 422, 503)},
                 },
                 "get": {
                     "operationId": "listRuns",
                     "summary": "List runs, newest first",
-                    "parameters": [
-                        {"name": "status", "in": "query", "required": False, "schema": {
-                            "type": "string",
-                            "enum": ["running", "completed", "failed", "cancelled"]}},
-                        {"name": "workflow", "in": "query", "required": False,
-                         "schema": {"type": "string", "maxLength": 128}},
-                        {"name": "limit", "in": "query", "required": False,
-                         "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
-                        {"name": "offset", "in": "query", "required": False,
-                         "schema": {"type": "integer", "minimum": 0}},
-                    ],
-                    "responses": {"200": _json({"$ref": "#/components/schemas/RunList"}),
-                                  **_errors(400, *auth_errors)},
+                    "parameters": parameters(m.ListRunsQuery, "query"),
+                    "responses": {"200": _json(_ref(m.RunList)), **_errors(400, *auth, 503)},
                 },
             },
             "/v1/runs/{run_id}": {"get": {
-                "operationId": "getRun", "parameters": [_RUN_ID],
-                "responses": {"200": _json(run_ref), **_errors(*auth_errors, 404)}}},
+                "operationId": "getRun", "parameters": run_path,
+                "responses": {"200": _json(_ref(m.Run)), **_errors(*auth, 404, 503)}}},
             "/v1/runs/{run_id}/events": {"get": {
                 "operationId": "runEvents",
                 "summary": "The run's events (JSON), or a server-sent event stream with "
                            "follow=1 (resume with Last-Event-ID)",
-                "description": "Events after sequence number `after` (or Last-Event-ID). "
-                               "An unknown run is a 404 whatever the position. A followed "
-                               "stream ends after the run's last event; while it is idle "
-                               "the server sends a `: keepalive` comment line every 15 s.",
-                "parameters": [
-                    _RUN_ID,
-                    {"name": "follow", "in": "query", "required": False,
-                     "schema": {"type": "integer", "enum": [0, 1]}},
-                    {"name": "after", "in": "query", "required": False,
-                     "schema": {"type": "integer", "minimum": 0}},
-                    {"name": "Last-Event-ID", "in": "header", "required": False,
-                     "schema": {"type": "string"}},
-                ],
+                "description": "Events after position `after` (or Last-Event-ID). An unknown "
+                               "run is a 404 whatever the position. A followed stream ends "
+                               "after the run's last event; while it is idle the server "
+                               "sends a `: keepalive` comment line every 15 s.",
+                "parameters": [*run_path, *parameters(m.EventsQuery, "query"),
+                               *parameters(m.EventsHeaders, "header")],
                 "responses": {
                     "200": {"description": "Events",
                             "content": {"application/json": {"schema": {
-                                "type": "array", "items": {"type": "object"}}},
+                                "type": "array", "items": _ref(m.StoredEvent)}},
                                 "text/event-stream": {"schema": {"type": "string"}}}},
-                    **_errors(400, *auth_errors, 404)}}},
+                    **_errors(400, *auth, 404, 503)}}},
             "/v1/runs/{run_id}/explain": {"get": {
-                "operationId": "explainRun", "parameters": [_RUN_ID],
+                "operationId": "explainRun", "parameters": run_path,
                 "responses": {"200": {"description": "Explanation", "content": {
                     "text/plain": {"schema": {"type": "string"}}}},
-                    **_errors(*auth_errors, 404)}}},
+                    **_errors(*auth, 404, 503)}}},
             "/v1/runs/{run_id}/signals/{name}": {"post": {
                 "operationId": "signalRun",
-                "parameters": [_RUN_ID, {"name": "name", "in": "path", "required": True,
-                                         "schema": {"type": "string", "minLength": 1,
-                                                    "maxLength": 128}}],
-                "requestBody": {"required": False, "content": {"application/json": {
-                    "schema": {}}}},
-                "responses": {"202": _json({"$ref": "#/components/schemas/Accepted"},
-                                           "Signal recorded"),
-                              **_errors(400, *auth_errors, 404, 409, 413, 415, 422)}}},
+                "parameters": parameters(m.SignalPath, "path"),
+                "requestBody": _body(None, False),
+                "responses": {"202": _json(_ref(m.Accepted), "Signal recorded"),
+                              **_errors(400, *auth, 404, 409, 413, 415, 422, 503)}}},
             "/v1/runs/{run_id}/cancel": {"post": {
-                "operationId": "cancelRun", "parameters": [_RUN_ID],
-                "requestBody": {"required": False, "content": {"application/json": {
-                    "schema": {"$ref": "#/components/schemas/Cancel"}}}},
-                "responses": {"202": _json({"$ref": "#/components/schemas/Accepted"},
-                                           "Cancellation recorded"),
-                              **_errors(400, *auth_errors, 404, 409, 413, 415)}}},
+                "operationId": "cancelRun", "parameters": run_path,
+                "requestBody": _body(m.Cancel, False),
+                "responses": {"202": _json(_ref(m.Accepted), "Cancellation recorded"),
+                              **_errors(400, *auth, 404, 409, 413, 415, 503)}}},
             "/v1/workflows": {"get": {
                 "operationId": "listWorkflows",
-                "responses": {"200": _json({"type": "object", "properties": {
-                    "workflows": {"type": "array", "items": {"type": "object"}}}}),
-                    **_errors(*auth_errors)}}},
+                "responses": {"200": _json(_ref(m.WorkflowList)), **_errors(*auth)}}},
             "/v1/workflows/{name}": {"get": {
                 "operationId": "getWorkflow",
-                "parameters": [{"name": "name", "in": "path", "required": True,
-                                "schema": {"type": "string", "minLength": 1}}],
-                "responses": {"200": _json({"type": "object"}, "The workflow's graph"),
-                              **_errors(*auth_errors, 404)}}},
+                "parameters": parameters(m.WorkflowPath, "path"),
+                "responses": {"200": _json(_ref(m.WorkflowGraph), "The workflow's graph"),
+                              **_errors(400, *auth, 404)}}},
             "/healthz": {"get": {"operationId": "health", "security": [],
-                                 "responses": {"200": _json({"type": "object"})}}},
+                                 "responses": {"200": _json(_ref(m.Health))}}},
             "/metrics": {"get": {"operationId": "metrics", "security": [],
                                  "responses": {"200": {"description": "Prometheus text",
                                                        "content": {"text/plain": {
@@ -141,32 +165,7 @@ def document(security: bool) -> dict[str, Any]:
             "/openapi.json": {"get": {"operationId": "openapi", "security": [],
                                       "responses": {"200": _json({"type": "object"})}}},
         },
-        "components": {"schemas": {
-            "StartRun": {"type": "object", "required": ["workflow"],
-                         "additionalProperties": False, "properties": {
-                             "workflow": {"type": "string", "minLength": 1, "maxLength": 128},
-                             "input": {},
-                             "idempotency_key": {"type": "string", "maxLength": 200}}},
-            "Started": {"type": "object", "required": ["run_id"], "properties": {
-                "run_id": {"type": "string", "format": "uuid"},
-                "status": {"type": "string"}}},
-            "Cancel": {"type": "object", "additionalProperties": False, "properties": {
-                "reason": {"type": "string", "maxLength": 1000}}},
-            "Accepted": {"type": "object", "properties": {"run_id": {"type": "string"},
-                                                          "status": {"type": "string"}}},
-            "Run": {"type": "object", "required": ["run_id", "workflow", "status"],
-                    "properties": {"run_id": {"type": "string"},
-                                   "workflow": {"type": "string"},
-                                   "status": {"type": "string"}, "output": {},
-                                   "steps": {"type": "object"}, "usage": {"type": "object"}}},
-            "RunList": {"type": "object", "properties": {
-                "runs": {"type": "array", "items": {"type": "object"}},
-                "next_offset": {"type": "integer", "nullable": True}}},
-            "Error": {"type": "object", "required": ["error"], "properties": {
-                "error": {"type": "object", "required": ["type", "message"], "properties": {
-                    "type": {"type": "string", "description": _ERROR_TYPES},
-                    "message": {"type": "string"}}}}},
-        }},
+        "components": {"schemas": _components()},
     }
     if security:
         doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}

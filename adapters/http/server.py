@@ -8,35 +8,56 @@ appended for a rejected request (validation happens before the engine is asked);
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import ipaddress
+import json
 import logging
+import re
+import socket
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 from uuid import UUID
 
 import orjson
 from aiohttp import web
-from rulebound.domain.errors import CorruptRun, RuleboundError, RunNotFound
+from aiohttp.http_exceptions import HttpProcessingError
+from pydantic import BaseModel, ValidationError
+from rulebound.domain.errors import (
+    CorruptRun,
+    DefinitionError,
+    InvalidEvent,
+    RuleboundError,
+    RunNotFound,
+)
 from rulebound.engine import Engine
 from rulebound.engine.errors import (
+    Conflict,
     EngineClosed,
     InvalidInput,
     Overloaded,
     RunTerminal,
     WorkflowNotFound,
 )
+from rulebound.engine.executor import ExecutorError, PermanentError, RetryableError
+from rulebound.engine.registry import AppLoadError
+from rulebound.engine.store import ConcurrencyConflict, StoreError
+from rulebound.engine.testing import InvariantViolated
 
+from . import models
 from .openapi import document
 
 log = logging.getLogger("rulebound.http")
 MAX_BODY = 1024 * 1024
 KEEPALIVE = 15.0  # seconds between `: keepalive` comments on an idle event stream
 SHUTDOWN_TIMEOUT = 5.0  # seconds a stopping server waits for requests still in flight
+MAX_PENDING_STARTS = 256  # starts handed to the engine and not yet answered, before 503
+STORE_RETRY_AFTER = 2  # seconds a client is told to wait when the store does not answer
 ENGINE: web.AppKey[Engine] = web.AppKey("engine", Engine)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_STATUSES = ("running", "completed", "failed", "cancelled")
+_STATUSES = models.RUN_STATUSES
+M = TypeVar("M", bound=BaseModel)
 
 
 class ApiError(Exception):
@@ -54,29 +75,77 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 def _error(status: int, kind: str, message: str,
            headers: dict[str, str] | None = None) -> web.Response:
+    # text from a request (a header, a path) may hold lone surrogates: never let them fail
+    # the answer
+    message = message.encode("utf-8", "replace").decode("utf-8")
     return _json({"error": {"type": kind, "message": message}}, status, headers)
 
 
-def _map(exc: Exception) -> ApiError:
+class Status:
+    """How one error class is answered: status, error type, whether its message is shown
+    (False: a generic one is, and the error is logged with its traceback), extra headers."""
+
+    def __init__(self, status: int, kind: str, *, show: bool = True,
+                 headers: Mapping[str, str] | None = None) -> None:
+        self.status, self.kind, self.show = status, kind, show
+        self.headers = dict(headers or {})
+
+
+# Every public error class, answered deliberately (tests/http pins that none is missing). A
+# subclass not listed here is answered as its nearest listed base class.
+ERROR_STATUS: dict[type[Exception], Status] = {
+    RuleboundError: Status(400, "bad_request"),
+    WorkflowNotFound: Status(404, "not_found"),
+    RunNotFound: Status(404, "not_found"),
+    InvalidInput: Status(422, "invalid_input"),
+    RunTerminal: Status(409, "run_ended"),
+    Conflict: Status(409, "conflict"),
+    ConcurrencyConflict: Status(409, "conflict"),
+    Overloaded: Status(503, "overloaded"),  # Retry-After from the error
+    EngineClosed: Status(503, "unavailable", headers={"Retry-After": "5"}),
+    StoreError: Status(503, "store_unavailable", show=False,
+                       headers={"Retry-After": str(STORE_RETRY_AFTER)}),
+    CorruptRun: Status(500, "corrupt_run"),
+    # not a client's doing: a bug or the server's own configuration
+    DefinitionError: Status(500, "internal", show=False),
+    InvalidEvent: Status(500, "internal", show=False),
+    AppLoadError: Status(500, "internal", show=False),
+    InvariantViolated: Status(500, "internal", show=False),
+    ExecutorError: Status(500, "internal", show=False),
+    RetryableError: Status(500, "internal", show=False),
+    PermanentError: Status(500, "internal", show=False),
+}
+_GENERIC = {500: "internal error; see the server log",
+            503: "the event store is not answering; try again shortly"}
+
+
+def status_of(exc: BaseException) -> Status | None:
+    """The answer for an error: the entry of its class or nearest listed base (None: a bug)."""
+    for cls in type(exc).__mro__:
+        found = ERROR_STATUS.get(cls)
+        if found is not None:
+            return found
+    return None
+
+
+def _map(exc: Exception, where: str) -> ApiError:
     """Our typed errors to status codes; messages are ours, never a traceback."""
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, WorkflowNotFound | RunNotFound):
-        return ApiError(404, "not_found", str(exc))
-    if isinstance(exc, InvalidInput):
-        return ApiError(422, "invalid_input", str(exc))
-    if isinstance(exc, RunTerminal):
-        return ApiError(409, "run_ended", str(exc))
+    found = status_of(exc)
+    if found is None:
+        raise exc
+    headers = dict(found.headers)
     if isinstance(exc, Overloaded):
-        return ApiError(503, "overloaded", str(exc),
-                        {"Retry-After": str(max(1, round(exc.retry_after)))})
-    if isinstance(exc, CorruptRun):
-        return ApiError(500, "corrupt_run", str(exc))
-    if isinstance(exc, EngineClosed):
-        return ApiError(503, "unavailable", "the engine is shutting down", {"Retry-After": "5"})
-    if isinstance(exc, RuleboundError):
-        return ApiError(400, "bad_request", str(exc))
-    raise exc
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    if found.show:
+        return ApiError(found.status, found.kind, str(exc), headers)
+    if isinstance(exc, StoreError):  # an outage, not a bug: one line, no traceback
+        log.warning("%s: the store failed: %s: %s", where, type(exc).__name__, exc)
+    else:
+        log.error("%s: %s", where, type(exc).__name__, exc_info=exc)
+    return ApiError(found.status, found.kind, _GENERIC.get(found.status, "internal error"),
+                    headers)
 
 
 @web.middleware
@@ -90,11 +159,14 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             return _error(413, "too_large", f"the body is larger than {MAX_BODY} bytes")
         return _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason,
                       {k: v for k, v in exc.headers.items() if k in ("Allow",)})
+    except HttpProcessingError as exc:  # aiohttp's parser, on a body it cannot read
+        return _error(exc.code if 400 <= exc.code < 500 else 400, "bad_request",
+                      f"the request cannot be parsed: {exc.message}")
     except asyncio.CancelledError:
         raise
     except Exception as exc:
         try:
-            api = _map(exc)
+            api = _map(exc, f"{request.method} {request.path}")
         except Exception:
             log.exception("unhandled error on %s %s", request.method, request.path)
             return _error(500, "internal", "internal error; see the server log")
@@ -107,13 +179,45 @@ def _auth_middleware(token: str | None) -> Any:
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if expected is not None and request.path.startswith("/v1"):
-            given = request.headers.get("Authorization", "").encode()
+            # surrogateescape gives back the bytes that came (a header that is not UTF-8
+            # is simply not the token)
+            try:
+                given = request.headers.get("Authorization", "").encode("utf-8",
+                                                                        "surrogateescape")
+            except UnicodeEncodeError:
+                given = b""
             if not hmac.compare_digest(given, expected):
                 raise ApiError(401, "unauthorized", "a valid bearer token is required",
                                {"WWW-Authenticate": "Bearer"})
         return await handler(request)
 
     return auth
+
+
+_LONG_NUMBER = re.compile(rb"\d{19,}")  # may not fit 64 bits (a cheap screen, then exact)
+_INT_RANGE = (-(2**63), 2**64 - 1)  # what orjson keeps exact; beyond it parses as a float
+
+
+def _exact_int(text: str) -> int:
+    value = int(text)
+    if not _INT_RANGE[0] <= value <= _INT_RANGE[1]:
+        shown = text if len(text) <= 24 else text[:21] + "..."
+        raise ApiError(400, "bad_request", f"the body holds the integer {shown}, beyond 64 "
+                       "bits: it cannot be kept exactly; send it as a string")
+    return value
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body as JSON. Integers beyond 64 bits are refused (orjson would turn them
+    into floats, silently changing the number), never stored approximately."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
+    if _LONG_NUMBER.search(raw):  # rare: read the numbers again, exactly, to check them
+        with contextlib.suppress(RecursionError):  # deeper than the check goes: keep it
+            json.loads(raw, parse_int=_exact_int)
+    return value
 
 
 async def _body(request: web.Request, *, required: bool) -> Any:
@@ -127,10 +231,53 @@ async def _body(request: web.Request, *, required: bool) -> Any:
         ctype.endswith("+json")
     ):
         raise ApiError(415, "unsupported_media_type", f"expected application/json, got {ctype}")
+    return parse_json(raw)
+
+
+def _problem(exc: ValidationError, where: str) -> str:
+    """The first problems of a validation, named by where they are (one line)."""
+    parts = []
+    for err in exc.errors(include_url=False)[:3]:
+        loc = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown field {loc!r}")
+        else:
+            parts.append(f"{where} {loc!r}: {err['msg']}" if loc else f"{where}: {err['msg']}")
+    more = f" (+{exc.error_count() - 3} more)" if exc.error_count() > 3 else ""
+    return "; ".join(parts) + more
+
+
+def check(model: type[M], data: Any, where: str) -> M:
+    """Validate request data with its model; a failure is a 400 naming the field."""
     try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(400, "bad_request", _problem(exc, where)) from None
+
+
+def _headers(request: web.Request, model: type[M]) -> M:
+    fields = [f.alias or name for name, f in model.model_fields.items()]
+    return check(model, {k: request.headers[k] for k in fields if k in request.headers},
+                 "header")
+
+
+def _query(request: web.Request, model: type[M]) -> M:
+    return check(model, {k: request.query[k] for k in request.query}, "query parameter")
+
+
+def _path(request: web.Request, model: type[M]) -> M:
+    """Path parameters; a run id that is not a UUID names no run (404)."""
+    data = dict(request.match_info)
+    if "run_id" in data:
+        _run_id(request)
+    return check(model, data, "path parameter")
+
+
+def _answer(model: type[BaseModel], data: Any, status: int = 200,
+            headers: dict[str, str] | None = None) -> web.Response:
+    """An answer, built through its model (the one /openapi.json documents)."""
+    return web.Response(body=model.model_validate(data).model_dump_json().encode(),
+                        status=status, content_type="application/json", headers=headers)
 
 
 def _run_id(request: web.Request) -> UUID:
@@ -138,27 +285,18 @@ def _run_id(request: web.Request) -> UUID:
     try:
         return UUID(raw)
     except ValueError:
-        raise ApiError(404, "not_found", f"{raw!r} is not a run id") from None
-
-
-def _int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(400, "bad_request", f"{name} must be an integer") from None
-    if not low <= value <= high:
-        raise ApiError(400, "bad_request", f"{name} must be between {low} and {high}")
-    return value
+        shown = raw.encode("utf-8", "replace").decode("utf-8")
+        raise ApiError(404, "not_found", f"{shown!r} is not a run id") from None
 
 
 class Api:
-    def __init__(self, engine: Engine, token: str | None, keepalive: float = KEEPALIVE) -> None:
+    def __init__(self, engine: Engine, token: str | None, keepalive: float = KEEPALIVE,
+                 max_pending_starts: int = MAX_PENDING_STARTS) -> None:
         self.engine = engine
         self.token = token
         self.keepalive = keepalive
+        self.max_pending_starts = max_pending_starts
+        self.pending_starts = 0  # POST /v1/runs handed to the engine and not yet answered
         self.started = time.time()
         self.closing = asyncio.Event()  # set on shutdown: open event streams end
 
@@ -178,61 +316,52 @@ class Api:
                                "or cancellations until that version is registered") from None
             raise
 
+    def overloaded(self) -> bool:
+        """Decided before anything is read or queued, so a refusal costs next to nothing."""
+        return self.engine.saturation >= 1.0 or self.pending_starts >= self.max_pending_starts
+
     async def start_run(self, request: web.Request) -> web.Response:
+        if self.overloaded():
+            raise ApiError(503, "overloaded", "too many runs in flight; try again later",
+                           {"Retry-After": "1"})
+        header = _headers(request, models.StartRunHeaders).idempotency_key
         body = await _body(request, required=True)
         if not isinstance(body, dict):
             raise ApiError(400, "bad_request", "the body must be a JSON object")
-        unknown = set(body) - {"workflow", "input", "idempotency_key"}
-        if unknown:
-            raise ApiError(400, "bad_request", f"unknown fields: {sorted(unknown)}")
-        workflow = body.get("workflow")
-        if not isinstance(workflow, str) or not workflow:
-            raise ApiError(400, "bad_request", "'workflow' must be a non-empty string")
-        key = request.headers.get("Idempotency-Key") or body.get("idempotency_key")
-        if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 200):
-            raise ApiError(400, "bad_request", "an idempotency key is 1 to 200 characters")
-        if self.engine.saturation >= 1.0:
-            raise ApiError(503, "overloaded", "too many runs in flight; try again later",
-                           {"Retry-After": "1"})
-        run_id, created = await self.engine.start_run(workflow, body.get("input"), key)
-        return _json({"run_id": str(run_id), "status": "running"}, 201 if created else 200,
-                     {"Location": f"/v1/runs/{run_id}"})
+        start = check(models.StartRun, body, "field")
+        if header is not None and start.idempotency_key not in (None, header):
+            raise ApiError(400, "bad_request", "the Idempotency-Key header and the body's "
+                           "idempotency_key differ; send one, or the same key in both")
+        self.pending_starts += 1
+        try:
+            run_id, created = await self.engine.start_run(
+                start.workflow, start.input, header or start.idempotency_key)
+        finally:
+            self.pending_starts -= 1
+        return _answer(models.Started, {"run_id": run_id}, 201 if created else 200,
+                       {"Location": f"/v1/runs/{run_id}"})
 
     async def list_runs(self, request: web.Request) -> web.Response:
-        status = request.query.get("status")
-        if status is not None and status not in _STATUSES:
-            raise ApiError(400, "bad_request", f"status must be one of {list(_STATUSES)}")
-        limit = _int(request, "limit", 50, 1, 1000)
-        offset = _int(request, "offset", 0, 0, 10**9)
-        rows = await self.engine.runs(status=status, workflow=request.query.get("workflow"),
-                                      limit=limit + 1, offset=offset)
-        more = len(rows) > limit
-        return _json({"runs": [{"run_id": str(r.run_id), "workflow": r.workflow,
-                                "status": r.status, "version": r.version,
-                                "created_at": r.created_at.isoformat(),
-                                "updated_at": r.updated_at.isoformat()} for r in rows[:limit]],
-                      "next_offset": offset + limit if more else None})
+        query = _query(request, models.ListRunsQuery)
+        rows = await self.engine.runs(status=query.status, workflow=query.workflow,
+                                      limit=query.limit + 1, offset=query.offset)
+        more = len(rows) > query.limit
+        return _answer(models.RunList, {
+            "runs": [{"run_id": r.run_id, "workflow": r.workflow, "status": r.status,
+                      "version": r.version, "created_at": r.created_at,
+                      "updated_at": r.updated_at} for r in rows[:query.limit]],
+            "next_offset": query.offset + query.limit if more else None})
 
     async def get_run(self, request: web.Request) -> web.Response:
-        return _json((await self.engine.get(_run_id(request))).to_dict())
+        run_id = _path(request, models.RunPath).run_id
+        return _answer(models.Run, (await self.engine.get(run_id)).to_dict())
 
     async def events(self, request: web.Request) -> web.StreamResponse:
-        run_id = _run_id(request)
-        after = _int(request, "after", 0, 0, 10**12)
-        last = request.headers.get("Last-Event-ID")
-        if last is not None:
-            try:
-                seen = int(last)
-            except ValueError:
-                raise ApiError(400, "bad_request", "Last-Event-ID must be a number") from None
-            if not 0 <= seen <= 10**12:
-                raise ApiError(400, "bad_request", "Last-Event-ID must be between 0 and "
-                               f"{10**12}")
-            after = max(after, seen)
-        follow = request.query.get("follow", "0")
-        if follow not in ("0", "1"):
-            raise ApiError(400, "bad_request", "follow must be 0 or 1")
-        if follow == "0":
+        run_id = _path(request, models.RunPath).run_id
+        query = _query(request, models.EventsQuery)
+        last = _headers(request, models.EventsHeaders).last_event_id
+        after = max(query.after, last or 0)
+        if query.follow == "0":
             events = await self.engine.events(run_id, after=after) if after else (
                 await self.engine.events(run_id))
             if not events:
@@ -285,44 +414,41 @@ class Api:
             await events.aclose()
 
     async def explain(self, request: web.Request) -> web.Response:
-        text = await self.engine.explain(_run_id(request))
+        text = await self.engine.explain(_path(request, models.RunPath).run_id)
         return web.Response(text=text, content_type="text/plain")
 
     async def signal(self, request: web.Request) -> web.Response:
-        run_id = _run_id(request)
-        name = request.match_info["name"]
+        path = _path(request, models.SignalPath)
         payload = await _body(request, required=False)
-        await self._live(run_id, self.engine.signal(run_id, name, payload))
-        return _json({"run_id": str(run_id), "status": "accepted"}, 202)
+        await self._live(path.run_id, self.engine.signal(path.run_id, path.name, payload))
+        return _answer(models.Accepted, {"run_id": path.run_id}, 202)
 
     async def cancel(self, request: web.Request) -> web.Response:
-        run_id = _run_id(request)
+        run_id = _path(request, models.RunPath).run_id
         body = await _body(request, required=False)
         reason = "cancelled over HTTP"
         if body is not None:
-            if not isinstance(body, dict) or set(body) - {"reason"} or not isinstance(
-                body.get("reason", ""), str
-            ):
-                raise ApiError(400, "bad_request", "the body may only hold a string 'reason'")
-            reason = body.get("reason") or reason
-        await self._live(run_id, self.engine.cancel(run_id, reason[:1000]))
-        return _json({"run_id": str(run_id), "status": "accepted"}, 202)
+            if not isinstance(body, dict):
+                raise ApiError(400, "bad_request", "the body must be a JSON object")
+            reason = check(models.Cancel, body, "field").reason or reason
+        await self._live(run_id, self.engine.cancel(run_id, reason))
+        return _answer(models.Accepted, {"run_id": run_id}, 202)
 
     async def workflows(self, request: web.Request) -> web.Response:
         registry = self.engine.registry
-        return _json({"workflows": [
+        return _answer(models.WorkflowList, {"workflows": [
             {"name": name, "latest": registry.latest(name).hash,
              "versions": [w.hash for w in registry.versions(name)],
              "description": registry.latest(name).description}
             for name in registry.names()]})
 
     async def workflow(self, request: web.Request) -> web.Response:
-        wf = self.engine.registry.latest(request.match_info["name"])
-        return _json({**wf.graph(), "mermaid": wf.mermaid()})
+        wf = self.engine.registry.latest(_path(request, models.WorkflowPath).name)
+        return _answer(models.WorkflowGraph, {**wf.graph(), "mermaid": wf.mermaid()})
 
     async def health(self, request: web.Request) -> web.Response:
-        return _json({"status": "ok", "active_runs": self.engine.active_runs,
-                      "uptime_s": round(time.time() - self.started, 3)})
+        return _answer(models.Health, {"active_runs": self.engine.active_runs,
+                                       "uptime_s": round(time.time() - self.started, 3)})
 
     async def openapi(self, request: web.Request) -> web.Response:
         return _json(document(security=self.token is not None))
@@ -380,15 +506,19 @@ async def _lag_probe(engine: Engine) -> None:
 
 
 def create_app(engine: Engine, *, token: str | None = None, max_body: int = MAX_BODY,
-               keepalive: float = KEEPALIVE) -> web.Application:
+               keepalive: float = KEEPALIVE,
+               max_pending_starts: int = MAX_PENDING_STARTS) -> web.Application:
     """The aiohttp application for an engine the caller opens and closes.
 
     `keepalive`: seconds between `: keepalive` comments on an idle event stream.
+    `max_pending_starts`: starts handed to the engine and not yet answered; beyond it (or
+    at the engine's max_active_runs) POST /v1/runs answers 503 at once, before reading the
+    body, so that refusing stays cheap when the engine cannot keep up.
     """
     app = web.Application(client_max_size=max_body,
                           middlewares=[errors_middleware, _auth_middleware(token)])
     app[ENGINE] = engine
-    api = Api(engine, token, keepalive)
+    api = Api(engine, token, keepalive, max_pending_starts)
     app.router.add_post("/v1/runs", api.start_run)
     app.router.add_get("/v1/runs", api.list_runs)
     app.router.add_get("/v1/runs/{run_id}", api.get_run)
@@ -429,19 +559,62 @@ def check_bind(host: str, token: str | None, allow_insecure: bool = False) -> No
             "--insecure-no-auth if the network is trusted")
 
 
-async def serve(engine: Engine, host: str, port: int, *, token: str | None,
-                allow_insecure: bool = False, ready: asyncio.Event | None = None) -> None:
-    """Serve until cancelled. Refuses a non-loopback address without a token."""
-    check_bind(host, token, allow_insecure)
+def listen(host: str, port: int) -> socket.socket:
+    """Bind and listen at once (call it before recovering runs or printing anything): a busy
+    port fails here, in one clear line, and connections that arrive during recovery wait in
+    the backlog instead of being refused."""
+    where = f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise RuleboundError(f"cannot listen on {where}: {exc.strerror}") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # not a busy port's
+        sock.bind(addr)
+        sock.listen(512)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise RuleboundError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    return sock
+
+
+def address(sock: socket.socket) -> str:
+    """The URL a listening socket answers at (with the real port when 0 was asked for)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def serve_socket(engine: Engine, sock: socket.socket, *, token: str | None,
+                       stop: asyncio.Event | None = None,
+                       ready: asyncio.Event | None = None) -> None:
+    """Serve on a listening socket until `stop` is set (or until cancelled). On the way out
+    the socket stops accepting, open event streams end and requests in flight finish (up to
+    SHUTDOWN_TIMEOUT); the caller then closes the engine, which drains running attempts."""
     runner = web.AppRunner(create_app(engine, token=token), access_log=None,
                            shutdown_timeout=SHUTDOWN_TIMEOUT)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    log.info("serving on http://%s:%s", host, port)
-    if ready is not None:
-        ready.set()
     try:
-        await asyncio.Event().wait()
+        await web.SockSite(runner, sock).start()
+        log.info("serving on %s", address(sock))
+        if ready is not None:
+            ready.set()
+        await (stop or asyncio.Event()).wait()
     finally:
         await runner.cleanup()
+
+
+async def serve(engine: Engine, host: str, port: int, *, token: str | None,
+                allow_insecure: bool = False, ready: asyncio.Event | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    """Serve until `stop` is set or cancelled. Refuses a non-loopback address without a
+    token."""
+    check_bind(host, token, allow_insecure)
+    sock = listen(host, port)
+    try:
+        await serve_socket(engine, sock, token=token, stop=stop, ready=ready)
+    finally:
+        sock.close()

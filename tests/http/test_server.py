@@ -416,5 +416,5 @@ async def test_signals_and_cancels_to_a_held_run_say_it_is_held(tmp_path: Path) 
             _, doc, _ = await client.call("GET", "/openapi.json")
             assert "run_held" in doc["paths"]["/v1/runs/{run_id}/cancel"]["post"][
                 "responses"]["409"]["description"]
-            assert "run_held" in json.dumps(doc["components"]["schemas"]["Error"])
+            assert "run_held" in json.dumps(doc["components"]["schemas"]["ErrorDetail"])
         await runner.cleanup()

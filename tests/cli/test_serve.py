@@ -1,0 +1,111 @@
+"""`rulebound serve` as a deployment meets it: bind first, print the real address, drain on
+SIGTERM as on Ctrl-C, fail at once on a busy port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from rulebound.engine import Engine
+
+ROOT = Path(__file__).resolve().parents[2]
+APP = f"{Path(__file__).with_name('slow_app.py')}:registry"
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SLOW_SECONDS": "1.5"}
+    env.pop("RULEBOUND_STORE", None)
+    env.pop("RULEBOUND_TOKEN", None)
+    return env
+
+
+def _http(method: str, url: str, body: Any = None) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        return resp.status, json.loads(resp.read())
+
+
+def _serve(store: str, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "rulebound", "serve", "--app", APP, "--store", store,
+         "--port", "0", *extra], stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+
+
+def _address(proc: subprocess.Popen[str]) -> str:
+    assert proc.stderr is not None
+    line = proc.stderr.readline()
+    found = re.search(r"on (http://127\.0\.0\.1:(\d+)) ", line)
+    assert found, line
+    assert found.group(2) != "0"  # the real port, not the one asked for
+    return found.group(1)
+
+
+def test_sigterm_drains_an_attempt_in_flight_and_exits_0(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'serve.db'}"
+    proc = _serve(store)
+    try:
+        base = _address(proc)
+        status, started = _http("POST", f"{base}/v1/runs", {"workflow": "slow", "input": 7})
+        assert status == 201
+        run_id = started["run_id"]
+        for _ in range(200):  # until the attempt is in flight
+            _, events = _http("GET", f"{base}/v1/runs/{run_id}/events")
+            if any(e["type"] == "AttemptStarted" for e in events):
+                break
+            time.sleep(0.02)
+        else:
+            raise AssertionError("the attempt never started")
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        took = time.monotonic() - sent
+        err = proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in err, err
+    assert "SIGTERM" in err
+    assert took < 10, took  # the attempt (1.5 s) finished; no waiting out the drain timeout
+
+    async def stored() -> Any:
+        async with Engine(store, read_only=True) as engine:
+            return await engine.events(run_id)
+
+    events = asyncio.run(stored())
+    kinds = [e.type for e in events]
+    assert "AttemptSucceeded" in kinds, kinds  # finished during the drain, not lost
+    assert "AttemptAbandoned" not in kinds
+
+
+def test_a_busy_port_fails_at_once_before_touching_the_store(tmp_path: Path) -> None:
+    db = tmp_path / "busy.db"
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "rulebound", "serve", "--app", APP, "--store",
+             f"sqlite:///{db}", "--port", str(port)],
+            capture_output=True, text=True, timeout=60, env=_env(), cwd=ROOT)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in lines[0]
+    assert "in use" in lines[0]
+    assert "serving" not in done.stderr
+    assert not db.exists()  # nothing recovered, no store opened
+    assert time.monotonic() - started < 30

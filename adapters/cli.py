@@ -21,6 +21,16 @@ from rulebound.domain.errors import RuleboundError, RunNotFound
 from rulebound.engine import Engine, Registry, load_app
 
 DEFAULT_STORE = "sqlite:///rulebound.db"
+# The exit codes of `verify` and `replay` (see rulebound.engine.audit).
+EXIT_CODES = """exit codes:
+  0  OK: every check passed, against the definition the run started on
+  1  a user error: no such file or run, a broken --app
+  2  FAILED: a divergence: the log was edited, cut or does not fold, or the
+     definition no longer derives a recorded decision or the run's limits
+     (or the run's workflow is not in the registry)
+  3  NOTICE only: the definition is another version than the run started on,
+     but every recorded decision and limit re-derives from it
+(a malformed command line gets argparse's usage line and 2, before any check)"""
 
 
 def _store(args: argparse.Namespace) -> str:
@@ -232,10 +242,12 @@ def _print_report(report: Any, what: str, *, source: str = "file") -> int:
     from rulebound.engine.audit import printable
 
     what = printable(what)
-    if not report.ok:
+    for notice in report.notices:
+        print(f"NOTICE: {what}: {notice}")
+    if report.failed:
         for finding in report.findings:
             print(f"FAILED: {what}: {finding}")
-        return 2
+        return report.exit_code
     if source == "store":
         complete = "as stored"
     elif report.manifest is not None:
@@ -258,7 +270,10 @@ def _print_report(report: Any, what: str, *, source: str = "file") -> int:
     else:
         print(f"unanchored: head {report.head_hash}; a rewritten and re-chained file would "
               "also pass: compare with `rulebound show RUN` in the store, or pass --head HASH")
-    return 0
+    if report.notices:
+        print(f"NOTICE: {what}: checked against another version of the definition; every "
+              "recorded decision and limit re-derives from it")
+    return report.exit_code
 
 
 def _read_lines(name: str) -> list[dict[str, Any]]:
@@ -379,8 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, handler: Callable[[argparse.Namespace],
                                              Coroutine[Any, Any, int]],
-                help: str, *, store: bool = True, app: bool = False) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+                help: str, *, store: bool = True, app: bool = False,
+                epilog: str | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(handler=handler)
         if store:
             p.add_argument("--store", help="store URL (default: $RULEBOUND_STORE or "
@@ -416,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("-o", "--output", help="file to write (default: standard output)")
     p = command("verify", cmd_verify, "check an exported log offline: completeness, chain, "
-                "fold, decisions", store=False, app=True)
+                "fold, decisions", store=False, app=True, epilog=EXIT_CODES)
     p.add_argument("file")
     p.add_argument("--head", metavar="HASH",
                    help="the run's head hash from the store (`rulebound show RUN`): the log "
@@ -424,10 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partial", action="store_true",
                    help="accept a log without its closing manifest (checked as a prefix: "
                         "events cut from its end cannot be noticed)")
-    p = command("replay", cmd_replay, "replay a run from the store", app=True)
+    p = command("replay", cmd_replay, "replay a run from the store", app=True,
+                epilog=EXIT_CODES)
     p.add_argument("run")
     p.add_argument("--verify", action="store_true",
-                   help="also re-derive every decision; names the first divergence")
+                   help="also re-derive every decision and the run's limits from the "
+                        "definition; names the first divergence")
     p = command("graph", cmd_graph, "print a workflow's graph", app=True)
     p.add_argument("workflow")
     p.add_argument("--format", choices=["mermaid", "json"], default="mermaid")

@@ -23,6 +23,12 @@ from .events import trusted
 from .state import RunState, StepState, evolve
 
 _MAX_DECISIONS = 100_000  # a safety net; real batches are a handful of events
+# How a re-run of an abandoned attempt's StepScheduled reason begins (explain reads it).
+RERUN = "re-run"
+# Error kinds that are never retried, whatever the executor said and whatever `Retry.on`
+# lists: the same attempt would fail the same way. "unstorable_output": the executor returned
+# something the log cannot hold (a set, an integer beyond 64 bits).
+PERMANENT_ERRORS = frozenset({"unstorable_output"})
 _EPS = 1e-9
 
 
@@ -80,6 +86,8 @@ def _next(wf: Workflow, s: RunState, now: datetime) -> list[ev.Event]:
                             output=st.output)]
         if status == "attempt_failed":
             return _after_failed_attempt(wf, s, st, now)
+        if status == "abandoned":
+            return _after_abandoned_attempt(wf, s, st, now)
         if status == "waiting":
             decided = _signal_wait(wf, s, st, now)
             if decided:
@@ -162,8 +170,12 @@ def _after_failed_attempt(
     error = st.error or {}
     kind = str(error.get("type", "error"))
     policy = task.retry
-    retryable = bool(error.get("retryable")) and (policy.on is None or kind in policy.on)
-    if retryable and st.attempt < policy.attempts:
+    retryable = bool(error.get("retryable")) and (policy.on is None or kind in policy.on) and (
+        kind not in PERMANENT_ERRORS)
+    # Attempts the executor reported on; re-runs of abandoned attempts used no retry. (Runs
+    # started before the abandoned rule have st.abandoned == 0: the old arithmetic exactly.)
+    reported = st.attempt - st.abandoned
+    if retryable and reported < policy.attempts:
         blocked = _over_budget(s, task)
         if blocked is not None:
             limit, limit_value, used = blocked
@@ -173,14 +185,14 @@ def _after_failed_attempt(
                 ev.StepFailed(at=now, step=st.key, visit=st.visit, error_type=f"{limit}_limit",
                               message=f"retry after {kind} would exceed the {limit} limit"),
             ]
-        wait = policy.delay(st.attempt, s.seed, f"{st.key}:{st.visit}")
+        wait = policy.delay(reported, s.seed, f"{st.key}:{st.visit}")
         not_before = now + timedelta(seconds=wait)
         hint = error.get("retry_after")
         if hint:
             asked = min(datetime.fromisoformat(hint),
                         now + timedelta(seconds=policy.max_retry_after))
             not_before = max(not_before, asked)
-        reason = (f"retry {st.attempt + 1}/{policy.attempts} after {kind}"
+        reason = (f"retry {reported + 1}/{policy.attempts} after {kind}"
                   + (" (server asked to wait)" if hint else ""))
         return [ev.StepScheduled(
             at=now, step=st.key, kind="task", visit=st.visit, attempt=st.attempt + 1,
@@ -189,6 +201,39 @@ def _after_failed_attempt(
     why = "not retryable" if not retryable else f"{policy.attempts} attempts used"
     return [ev.StepFailed(at=now, step=st.key, visit=st.visit, error_type=kind,
                           message=f"{error.get('message')} ({why})")]
+
+
+def _after_abandoned_attempt(
+    wf: Workflow, s: RunState, st: StepState, now: datetime
+) -> list[ev.Event]:
+    """An attempt cut off by an engine stop: not the step's failure. Re-run it at once,
+    outside the retry budget and whatever `Retry.on` says, up to the step's cap."""
+    task = wf.task(st.name)
+    cap = task.retry.max_abandoned
+    if cap is None:
+        cap = int(s.limits["max_abandoned"])
+    why = (st.error or {}).get("message")
+    if st.abandoned > cap:
+        return [ev.StepFailed(
+            at=now, step=st.key, visit=st.visit, error_type="abandoned",
+            message=f"attempt {st.attempt} abandoned ({why}); {st.abandoned} attempts of this "
+                    f"visit were abandoned, more than max_abandoned={cap}")]
+    blocked = _over_budget(s, task)
+    if blocked is not None:
+        limit, limit_value, used = blocked
+        return [
+            ev.LimitReached(at=now, limit=limit, limit_value=limit_value, used=used,
+                            step=st.key),
+            ev.StepFailed(at=now, step=st.key, visit=st.visit, error_type=f"{limit}_limit",
+                          message=f"re-running abandoned attempt {st.attempt} would exceed "
+                                  f"the {limit} limit"),
+        ]
+    return [ev.StepScheduled(
+        at=now, step=st.key, kind="task", visit=st.visit, attempt=st.attempt + 1,
+        parent=st.parent, item=st.item, not_before=now,
+        reason=f"{RERUN} {st.abandoned}/{cap} of abandoned attempt {st.attempt} ({why}); "
+               "no retry used",
+        max_cost=task.cost, max_tokens=task.max_tokens)]
 
 
 def _signal_wait(wf: Workflow, s: RunState, st: StepState, now: datetime) -> list[ev.Event]:

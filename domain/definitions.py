@@ -23,7 +23,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Iterator
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -58,6 +58,18 @@ def _pydantic_message(exc: ValidationError) -> str:
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+    # Fields added after definitions were first hashed, with the value that leaves them out
+    # of `Workflow.canonical()`: at that value a definition keeps the hash it always had (runs
+    # in a store find their version by hash), set to anything else the hash changes.
+    _hash_neutral: ClassVar[dict[str, Any]] = {}
+
+    def hashed(self) -> dict[str, Any]:
+        """The fields that make up the definition hash, as JSON-compatible values."""
+        dumped = self.model_dump(mode="json")
+        for name, neutral in self._hash_neutral.items():
+            if dumped.get(name) == neutral:
+                del dumped[name]
+        return dumped
 
     def __init__(self, *args: Any, **data: Any) -> None:
         # Positional name (Step("classify", ...)) reads like prose; pydantic wants keywords.
@@ -89,7 +101,16 @@ class Retry(_Frozen):
       recorded seed so replays agree.
     on: error kinds that retry (None: every error the executor marks retryable).
     max_retry_after: the cap on a server's Retry-After hint, in seconds.
+    max_abandoned: this step's own cap on abandoned attempts re-run per visit (None: the run's
+      `Limits.max_abandoned`; 0: never re-run an abandoned attempt, for a side effect that
+      must not happen twice). See `Limits.max_abandoned`.
+
+    Only failures an executor reports count against `attempts`. An attempt cut off by an
+    engine stop (crash, deploy, lost lease: `AttemptAbandoned`) is not the step's failure: it
+    is re-run at once, without using a retry and whatever `on` says, up to `max_abandoned`.
     """
+
+    _hash_neutral: ClassVar[dict[str, Any]] = {"max_abandoned": None}
 
     attempts: int = Field(default=3, ge=1, le=_MAX_ATTEMPTS)
     backoff: float = Field(default=1.0, ge=0)
@@ -98,6 +119,7 @@ class Retry(_Frozen):
     jitter: float = Field(default=0.1, ge=0, le=1)
     on: tuple[str, ...] | None = None
     max_retry_after: float = Field(default=300.0, ge=0)
+    max_abandoned: int | None = Field(default=None, ge=0, le=_MAX_ATTEMPTS)
 
     @field_validator("backoff", "max_backoff", "max_retry_after", "multiplier")
     @classmethod
@@ -122,12 +144,26 @@ class Limits(_Frozen):
 
     max_cost in USD, max_tokens in and out together, max_steps counts step visits (map items
     and parallel branches included), deadline in seconds from the start of the run.
+    max_abandoned: per step visit, how many abandoned attempts (cut off by an engine crash,
+      stop or lost lease) are re-run; the next abandonment fails the step with error type
+      "abandoned" through its failure path, so an attempt that itself kills the process
+      cannot loop for ever. Re-runs use none of the step's `Retry.attempts`, ignore
+      `Retry.on`, start at once, get the next attempt number and keep the visit's
+      idempotency key; each is reserved against the budget like any attempt (and the
+      abandoned one is charged its worst case). A step's `Retry.max_abandoned` overrides it.
+
+    Runs record their limits in RunStarted. A run whose RunStarted has no `max_abandoned`
+    (started before this limit existed) keeps the rule it ran under: an abandoned attempt is
+    an ordinary retryable failure of kind "abandoned", counted against `Retry.attempts`.
     """
+
+    _hash_neutral: ClassVar[dict[str, Any]] = {"max_abandoned": 3}
 
     max_cost: float = Field(default=1.0, ge=0)
     max_tokens: int = Field(default=200_000, ge=0)
     max_steps: int = Field(default=100, ge=1)
     deadline: float = Field(default=3600.0, gt=0)
+    max_abandoned: int = Field(default=3, ge=0, le=_MAX_ATTEMPTS)
 
     @field_validator("max_cost", "deadline")
     @classmethod
@@ -407,7 +443,7 @@ class Workflow(_Frozen):
             "version": self.version,
             "start": self.first,
             "input_schema": _schema(self.input_schema),
-            "limits": self.limits.model_dump(),
+            "limits": self.limits.hashed(),
             "on_failure": self.on_failure,
             "on_limit": self.on_limit,
             # Top-level order is not behaviour (the start is explicit, steps are found by
@@ -474,6 +510,8 @@ class Workflow(_Frozen):
 
 
 def _dump(value: Any) -> Any:
+    if isinstance(value, _Frozen):
+        return value.hashed()
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
     if isinstance(value, tuple):

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from . import events as ev
+from .decider import RERUN
 from .definitions import Workflow
 
 
@@ -102,8 +103,8 @@ def _line(event: ev.Event, scheduled_at: dict[str, datetime], started_at: dict[s
             st = stats.setdefault(event.step, _StepStats())
             scheduled_at[event.step] = event.at
             st.grant = event.max_cost
-            if event.attempt > 1:
-                st.retries += 1
+            if event.attempt > 1 and not event.reason.startswith(RERUN):
+                st.retries += 1  # a re-run of an abandoned attempt uses no retry
             if event.kind == "signal":
                 return f"{event.step}: waiting for a signal ({event.reason})"
             if event.kind in ("parallel", "map"):

@@ -36,8 +36,12 @@ def replace(obj: _T, **changes: Any) -> _T:
 class StepState:
     """One step key's latest visit. Keys are step names, or `name[i]` for map items.
 
-    status: scheduled -> running -> succeeded | attempt_failed (awaiting a decision)
-            -> completed | failed; signal steps wait in "waiting"; parents run in "running".
+    status: scheduled -> running -> succeeded | attempt_failed | abandoned (awaiting a
+            decision) -> completed | failed; signal steps wait in "waiting"; parents run in
+            "running". "abandoned": the attempt was cut off by an engine stop (runs whose
+            limits carry `max_abandoned`; older runs record it as an attempt_failed).
+    abandoned: how many attempts of this visit were abandoned so far (under the
+      `max_abandoned` rule; they use none of the step's retries).
     """
 
     key: str
@@ -59,6 +63,7 @@ class StepState:
     output: Any = None
     error: Mapping[str, Any] | None = None
     waiting_since: datetime | None = None
+    abandoned: int = 0
 
 
 @dataclass(frozen=True)
@@ -103,9 +108,23 @@ class RunState:
     def tokens(self) -> int:
         return self.tokens_in + self.tokens_out
 
+    @property
+    def reruns_abandoned(self) -> bool:
+        """Whether abandoned attempts are re-run outside the retry budget (`max_abandoned`
+        recorded in RunStarted); runs started before that rule retry them as failures."""
+        return "max_abandoned" in self.limits
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain data for canonical JSON (datetimes as ISO strings)."""
-        return _plain(asdict(self))
+        """Plain data for canonical JSON (datetimes as ISO strings).
+
+        A step's `abandoned` count is left out while it is 0, so the state of every run that
+        never had an attempt re-run serialises exactly as before that count existed.
+        """
+        data = _plain(asdict(self))
+        for step in data["steps"].values():
+            if not step["abandoned"]:
+                del step["abandoned"]
+        return data
 
 
 # Every field in declaration order (required ones as None, always given by the caller).
@@ -233,7 +252,11 @@ def _attempt_abandoned(state: RunState, event: ev.AttemptAbandoned, values: dict
     reserved_cost, reserved_tokens = _release(state, step)
     error = {"step": step.key, "type": "abandoned", "message": event.why,
              "retryable": True, "retry_after": None}
-    _put(state, values, replace(step, status="attempt_failed", error=error))
+    if state.reruns_abandoned:
+        _put(state, values, replace(step, status="abandoned", error=error,
+                                    abandoned=step.abandoned + 1))
+    else:  # the rule such runs started under: an ordinary retryable failure
+        _put(state, values, replace(step, status="attempt_failed", error=error))
     values.update(
         cost=state.cost + step.max_cost,
         tokens_out=state.tokens_out + (step.max_tokens or 0),
@@ -242,7 +265,7 @@ def _attempt_abandoned(state: RunState, event: ev.AttemptAbandoned, values: dict
 
 def _step_failed(state: RunState, event: ev.StepFailed, values: dict[str, Any]) -> None:
     step = _expect(state, event.step, None,
-                   ("attempt_failed", "waiting", "running", "scheduled"), event)
+                   ("attempt_failed", "abandoned", "waiting", "running", "scheduled"), event)
     error = {"step": step.key, "type": event.error_type, "message": event.message}
     _put(state, values, replace(step, status="failed", error=error))
     if step.parent is None:
@@ -277,7 +300,9 @@ def _scheduled(state: RunState, event: ev.StepScheduled, values: dict[str, Any])
     old = state.steps.get(event.step)
     attempt = event.attempt
     if attempt > 1:
-        if old is None or old.status != "attempt_failed" or old.attempt != attempt - 1:
+        if old is None or old.status not in ("attempt_failed", "abandoned") or (
+            old.attempt != attempt - 1
+        ):
             raise InvalidEvent(f"retry of {event.step!r} attempt {attempt} does not apply")
     elif old is not None and old.status not in ("completed", "failed"):
         raise InvalidEvent(f"{event.step!r} scheduled while {old.status}")
@@ -289,6 +314,7 @@ def _scheduled(state: RunState, event: ev.StepScheduled, values: dict[str, Any])
         item=event.item, items=event.items, not_before=event.not_before,
         max_cost=event.max_cost, max_tokens=event.max_tokens,
         waiting_since=event.at if kind == "signal" else None,
+        abandoned=old.abandoned if attempt > 1 and old is not None else 0,
     )
     steps = _put(state, values, step)
     values["reserved_cost"] = state.reserved_cost + event.max_cost
@@ -306,8 +332,8 @@ def _scheduled(state: RunState, event: ev.StepScheduled, values: dict[str, Any])
             if parent is None or parent.status != "running":
                 raise InvalidEvent(f"{event.step!r} scheduled outside its parent")
             steps[event.parent] = replace(parent, scheduled_items=parent.scheduled_items + 1)
-    else:
-        values["retries"] = state.retries + 1
+    elif old is not None and old.status == "attempt_failed":
+        values["retries"] = state.retries + 1  # a re-run of an abandoned attempt is no retry
 
 
 def _completed(state: RunState, event: ev.StepCompleted, values: dict[str, Any]) -> None:

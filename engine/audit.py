@@ -20,6 +20,20 @@ What a verification proves, and what it does not:
   event's content): no check can tell a relabelled copy from the original. Verification
   requires them to be well-formed and the ids unique, no more.
 
+Exit codes of `verify` and `replay --verify` (`Report.exit_code`):
+
+- `EXIT_OK` (0): every check passed, against the definition the run started on.
+- 1: a user error before any check (no such file or run, a broken --app), from the CLI.
+- `EXIT_FAILED` (2): a check failed, a divergence: the log was edited, cut or is
+  incomplete, it does not fold, or the definition given no longer derives it: a recorded
+  decision comes out differently, or the limits it gives differ from those recorded in
+  RunStarted (a changed limit is a changed rule, even when no recorded decision came near
+  it: the finding names event 1, then the first decision the new limit changes, if any).
+  Also when the run's workflow is not in the registry at all (nothing could be re-derived).
+- `EXIT_DEFINITION_CHANGED` (3): a notice only. The definition given is not the version the
+  run started on (its hash differs), yet every recorded decision and every limit re-derives
+  from it: a change that would not have changed this run (a step it never reached, say).
+
 Every message is built from checked values or shows file content through `shown()` (a
 bounded repr), and `Finding.__str__` escapes control characters whatever the message holds:
 a crafted file cannot write terminal escapes through `verify`.
@@ -36,12 +50,15 @@ import orjson
 from rulebound.domain.decider import decide
 from rulebound.domain.definitions import Workflow
 from rulebound.domain.events import DECIDER_EVENTS, TERMINAL_EVENTS, Event, RunStarted, parse_event
-from rulebound.domain.state import RunState, evolve
+from rulebound.domain.state import RunState, evolve, replace
 
 from . import codec
 from .store import Record
 
 MANIFEST_FORMAT = "rulebound-export/1"
+EXIT_OK = 0
+EXIT_FAILED = 2
+EXIT_DEFINITION_CHANGED = 3
 _HASH = re.compile(r"[0-9a-f]{64}")
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _STATUS = {"RunCompleted": "completed", "RunFailed": "failed", "RunCancelled": "cancelled"}
@@ -89,6 +106,8 @@ class Report:
     workflow: str | None = None
     definition_hash: str | None = None
     findings: list[Finding] = field(default_factory=list)
+    # What does not fail the log but must be said: the definition is another version.
+    notices: list[Finding] = field(default_factory=list)
     decisions_checked: int = 0
     state: RunState | None = None
     head_hash: str | None = None  # the hash of the last event of the log
@@ -100,7 +119,20 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return not self.findings
+        """Nothing to report: no finding and no notice."""
+        return not self.findings and not self.notices
+
+    @property
+    def failed(self) -> bool:
+        """A check failed (a divergence); notices alone do not fail a log."""
+        return bool(self.findings)
+
+    @property
+    def exit_code(self) -> int:
+        """EXIT_FAILED for a finding, else EXIT_DEFINITION_CHANGED for a notice, else EXIT_OK."""
+        if self.findings:
+            return EXIT_FAILED
+        return EXIT_DEFINITION_CHANGED if self.notices else EXIT_OK
 
     @property
     def first(self) -> Finding | None:
@@ -346,15 +378,23 @@ def check_decisions(events: list[Event], definition: Workflow | None, report: Re
             f"definition {definition.hash[:12]} is {definition.name!r}"))
         return
     if definition.hash != head.definition_hash:
-        report.findings.append(Finding(
+        report.notices.append(Finding(
             1, "definition", f"the run started on definition {head.definition_hash[:12]}, "
             f"the registry has {definition.hash[:12]}; checking its decisions against it"))
+    limits = rederived_limits(head, definition)
+    changed = _limit_changes(head.limits, limits)
+    if changed:
+        report.findings.append(Finding(
+            1, "limits", f"RunStarted does not re-derive: {changed} (a changed limit is a "
+            "changed rule; checking the decisions under the new limits)"))
     state = RunState()
     i = 0
     while i < len(events):
         event = events[i]
         if event.type not in DECIDER_EVENTS:
             state = evolve(state, event)
+            if i == 0 and changed:
+                state = replace(state, limits=limits)
             i += 1
             continue
         j = i
@@ -393,9 +433,30 @@ def check_decisions(events: list[Event], definition: Workflow | None, report: Re
                                        "the last event; the recorded run did not"))
 
 
+def rederived_limits(head: RunStarted, definition: Workflow) -> dict[str, Any]:
+    """The limits `definition` gives a run that recorded `head`.
+
+    Only the limits the run recorded are re-derived: a limit it did not record (one added to
+    rulebound after the run started, such as `max_abandoned`) was not in force for it, and
+    its absence keeps the rule the run ran under.
+    """
+    given = definition.limits.model_dump()
+    return {name: given.get(name, value) for name, value in head.limits.items()}
+
+
+def _limit_changes(recorded: dict[str, Any], derived: dict[str, Any]) -> str:
+    """What differs between recorded and re-derived limits, as `name: recorded a, the
+    definition gives b; ...` (empty when nothing does)."""
+    return "; ".join(f"{name}: recorded {shown(recorded[name])}, the definition gives "
+                     f"{shown(derived[name])}"
+                     for name in sorted(derived) if derived[name] != recorded[name])
+
+
 def _diff(got: Event, want: Event) -> str:
     a, b = got.body(), want.body()
     keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if got.type != want.type:
+        return f"{got.type} does not re-derive: the definition now decides {want.type} here"
     parts = [f"{k}: recorded {a.get(k)!r}, re-decided {b.get(k)!r}" for k in keys[:3]]
     return f"{got.type} does not re-derive ({'; '.join(parts)})"
 

@@ -14,6 +14,10 @@ recovery — and after every step checks the invariants rulebound promises:
 - a finished run never changes again;
 - no step is visited more often than its visit limit allows;
 - no attempt is scheduled whose worst case would break the budget;
+- an abandoned attempt (cut off by a crash) never uses one of the step's retries: a step
+  fails of a retried error kind only after `Retry.attempts` reported attempts;
+- abandoned attempts are re-run whatever `Retry.on` says, and at most `max_abandoned` times
+  per visit: the step fails with "abandoned" exactly when one more is abandoned;
 - the run ends within its limits;
 - re-deciding the recorded history reproduces every recorded decision.
 
@@ -29,7 +33,7 @@ from uuid import UUID
 
 import orjson
 from rulebound.domain import events as ev
-from rulebound.domain.decider import decide
+from rulebound.domain.decider import PERMANENT_ERRORS, decide
 from rulebound.domain.definitions import Map, Parallel, Step, WaitForSignal, Workflow
 from rulebound.domain.errors import RuleboundError
 from rulebound.domain.simulator import Simulator
@@ -64,6 +68,11 @@ class HistoryChecker:
         self._batch_state: RunState | None = None
         self._history: list[ev.Event] = []
         self._prev_hash = codec.GENESIS_HASH
+        # Per step key, in its current visit: attempts the executor reported on, attempts
+        # abandoned (and re-run outside the retry budget), and how the last attempt ended.
+        self._reported: dict[str, int] = {}
+        self._abandoned: dict[str, int] = {}
+        self._last_end: dict[str, ev.Event] = {}
 
     def feed(self, history: Sequence[ev.Event], live: RunState | None = None) -> None:
         limits = self.definition.limits
@@ -78,6 +87,7 @@ class HistoryChecker:
                 self._check_batch(index)
             if isinstance(event, ev.StepScheduled):
                 self._check_schedule(index, event)
+            self._check_attempts(index, event)
             # Replay what a store would return, not the live objects: the live state was
             # folded from events built in memory (some without validation, for speed), the
             # replayed one from their stored bytes, decoded and validated.
@@ -117,6 +127,62 @@ class HistoryChecker:
                 raise InvariantViolated(
                     f"event {index + 1}: {event.step} visited {visits} times, more than its "
                     f"limit {self.definition.max_visits(event.step)}")
+
+    def _cap(self, name: str) -> int:
+        """The number of abandoned attempts a visit of task `name` re-runs."""
+        own = self.definition.task(name).retry.max_abandoned
+        return own if own is not None else int(self.state.limits["max_abandoned"])
+
+    def _check_attempts(self, index: int, event: ev.Event) -> None:
+        """Retries are used by reported failures only; abandoned attempts are capped."""
+        step = getattr(event, "step", None)
+        if step is None:
+            return
+        name = step.partition("[")[0]
+        rerun = self.state.reruns_abandoned  # runs started before the rule: a failure
+        if isinstance(event, ev.StepScheduled):
+            if event.kind != "task":
+                return
+            if event.attempt == 1:
+                self._reported[step] = self._abandoned[step] = 0
+                self._last_end.pop(step, None)
+                return
+            last = self._last_end.get(step)
+            if rerun and isinstance(last, ev.AttemptAbandoned):
+                if self._abandoned[step] > self._cap(name):
+                    raise InvariantViolated(
+                        f"event {index + 1}: {step} re-run after {self._abandoned[step]} "
+                        f"abandoned attempts, more than max_abandoned={self._cap(name)}")
+            elif self._reported[step] >= self.definition.task(name).retry.attempts:
+                raise InvariantViolated(
+                    f"event {index + 1}: {step} retried after {self._reported[step]} "
+                    f"reported attempts, its retry policy allows "
+                    f"{self.definition.task(name).retry.attempts}")
+        elif isinstance(event, ev.AttemptSucceeded | ev.AttemptFailed | ev.AttemptAbandoned):
+            self._last_end[step] = event
+            if rerun and isinstance(event, ev.AttemptAbandoned):
+                self._abandoned[step] = self._abandoned.get(step, 0) + 1
+            else:
+                self._reported[step] = self._reported.get(step, 0) + 1
+        elif isinstance(event, ev.StepFailed) and self.state.steps[step].kind == "task":
+            policy = self.definition.task(name).retry
+            last = self._last_end.get(step)
+            if rerun and isinstance(last, ev.AttemptAbandoned) and event.error_type == (
+                "abandoned"
+            ) and self._abandoned[step] != self._cap(name) + 1:
+                raise InvariantViolated(
+                    f"event {index + 1}: {step} failed as abandoned after "
+                    f"{self._abandoned[step]} abandoned attempts; max_abandoned="
+                    f"{self._cap(name)} re-runs {self._cap(name)} of them")
+            if (isinstance(last, ev.AttemptFailed) and last.retryable
+                    and event.error_type == last.error_type
+                    and last.error_type not in PERMANENT_ERRORS
+                    and (policy.on is None or last.error_type in policy.on)
+                    and self._reported[step] < policy.attempts):
+                raise InvariantViolated(
+                    f"event {index + 1}: {step} failed with {last.error_type} after "
+                    f"{self._reported[step]} reported attempts of {policy.attempts} "
+                    f"({self._abandoned.get(step, 0)} abandoned ones used up retries?)")
 
     def _check_batch(self, end: int) -> None:
         """The decisions recorded in [start, end) must come out of the decider again.

@@ -15,7 +15,7 @@ from rulebound.engine import Engine, load_app
 
 APP = '''
 from pydantic import BaseModel
-from rulebound.domain import FAIL, Retry, Route, Step, WaitForSignal, Workflow, field
+from rulebound.domain import FAIL, Limits, Retry, Route, Step, WaitForSignal, Workflow, field
 from rulebound.engine import Registry, RetryableError
 
 
@@ -33,19 +33,21 @@ async def echo(task):
     return {{"done": task.step}}
 
 
-wf = Workflow("audited", description={description!r}, on_failure=FAIL, steps=[
+wf = Workflow("audited", description={description!r}, on_failure=FAIL, limits={limits}, steps=[
     Step("classify", executor="llm", output=Label, retry=Retry(attempts={attempts}, backoff=0),
          routes=[Route("approve", when=field("classify.category") == {value!r})],
          next="other"),
     WaitForSignal("approve", signal="ok", timeout=60, next="send"),
-    Step("send", executor="fn"), Step("other", executor="fn")])
+    Step("send", executor="fn"), Step("other", executor="fn", timeout={other_timeout})])
 registry = Registry(workflows=[wf], executors={{"llm": classify, "fn": echo}})
 '''
 
 
 def write_app(path: Path, *, description: str = "v1", attempts: int = 3,
-              value: str = "billing") -> str:
-    path.write_text(APP.format(description=description, attempts=attempts, value=value))
+              value: str = "billing", limits: str = "Limits()",
+              other_timeout: float = 60.0) -> str:
+    path.write_text(APP.format(description=description, attempts=attempts, value=value,
+                               limits=limits, other_timeout=other_timeout))
     return f"{path}:registry"
 
 
@@ -641,3 +643,96 @@ def test_the_golden_histories_pass_the_chain_checks() -> None:
         events = check_chain(rows, report)
         assert report.ok, (history.name, str(report.first))
         assert len(events) == len(stored)
+
+
+def replay_verify(recorded: dict[str, Any], app: str,
+                  capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main(["replay", recorded["run"], "--verify", "--store", recorded["store"],
+                 "--app", app])
+    return code, capsys.readouterr().out
+
+
+def test_a_changed_limit_names_event_1_and_the_first_decision_it_changes(
+    recorded: dict[str, Any], capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The run took three steps (classify, approve, send) under max_steps=100.
+    fewer = write_app(recorded["tmp"] / "steps.py", limits="Limits(max_steps=2)")
+    code, out = replay_verify(recorded, fewer, capsys)
+    assert code == 2, out
+    failed = [line for line in out.splitlines() if line.startswith("FAILED")]
+    assert "event 1: limits: RunStarted does not re-derive: max_steps: recorded 100, the " \
+           "definition gives 2" in failed[0]
+    # ... and where the run would have gone otherwise: "send" is no longer scheduled.
+    events = lines(recorded["export"])
+    send = next(i for i, r in enumerate(events, start=1)
+                if r["event"]["type"] == "StepScheduled" and r["event"]["step"] == "send")
+    assert f"event {send}: decisions: StepScheduled does not re-derive: the definition now " \
+           "decides LimitReached here" in failed[1]
+
+    code, out = verify(recorded["export"], fewer, capsys)  # the same for an exported file
+    assert code == 2 and "event 1: limits" in out
+
+
+def test_a_changed_limit_no_decision_reached_is_still_a_divergence(
+    recorded: dict[str, Any], capsys: pytest.CaptureFixture[str],
+) -> None:
+    roomy = write_app(recorded["tmp"] / "roomy.py", limits="Limits(max_steps=50)")
+    code, out = replay_verify(recorded, roomy, capsys)
+    assert code == 2, out
+    failed = [line for line in out.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 1 and "event 1: limits" in failed[0] and "max_steps" in failed[0]
+
+
+def test_a_definition_notice_alone_has_its_own_exit_code(
+    recorded: dict[str, Any], capsys: pytest.CaptureFixture[str],
+) -> None:
+    from rulebound.engine.audit import EXIT_DEFINITION_CHANGED, EXIT_FAILED, EXIT_OK
+
+    assert (EXIT_OK, EXIT_FAILED, EXIT_DEFINITION_CHANGED) == (0, 2, 3)
+    # A step the run never reached changed: a new version, yet every decision re-derives.
+    unreached = write_app(recorded["tmp"] / "unreached.py", other_timeout=5.0)
+    code, out = replay_verify(recorded, unreached, capsys)
+    assert code == EXIT_DEFINITION_CHANGED, out
+    assert out.startswith("NOTICE: ") and "event 1: definition" in out
+    assert "\nOK: " in out and "FAILED" not in out
+    code, out = verify(recorded["export"], unreached, capsys)
+    assert code == EXIT_DEFINITION_CHANGED and "NOTICE" in out
+
+    changed = write_app(recorded["tmp"] / "changed.py", value="refunds")
+    code, out = replay_verify(recorded, changed, capsys)
+    assert code == EXIT_FAILED and "NOTICE: " in out and "FAILED: " in out
+
+
+def test_the_help_documents_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("replay", "verify"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        assert "exit codes:" in out
+        assert "  2  FAILED: a divergence" in out and "  3  NOTICE only" in out
+
+
+def test_an_old_log_keeps_the_abandoned_rule_it_ran_under() -> None:
+    """The golden retry-storm run predates `max_abandoned`: its abandoned attempt was retried
+    by the step's policy. Checked against a definition that caps re-runs at 0, the limit is
+    not re-derived (the run never had it) and every recorded decision still re-derives."""
+    from rulebound.engine.audit import EXIT_DEFINITION_CHANGED, verify_lines
+
+    from tests.histories.golden_workflows import retry_storm
+
+    history = Path(__file__).parents[1] / "histories" / "retry_storm.jsonl"
+    stored = [json.loads(raw) for raw in history.read_text().splitlines() if raw.strip()]
+    assert "max_abandoned" not in stored[0]["event"]["limits"]
+    rows = [{"run_id": "56378a19-ba9e-547f-9509-3d6a157ca4f0", "seq": seq, **line}
+            for seq, line in enumerate(stored, start=1)]
+    from rulebound.domain import Limits, Workflow
+
+    capped = Workflow(retry_storm.name, on_failure=retry_storm.on_failure,
+                      limits=Limits(max_cost=0.05, max_abandoned=0), steps=retry_storm.steps)
+    assert capped.hash != retry_storm.hash
+
+    same = verify_lines(rows, lambda *_: retry_storm, require_manifest=False)
+    assert same.ok, [str(f) for f in same.findings]
+    report = verify_lines(rows, lambda *_: capped, require_manifest=False)
+    assert report.exit_code == EXIT_DEFINITION_CHANGED, [str(f) for f in report.findings]
+    assert report.decisions_checked == same.decisions_checked > 0

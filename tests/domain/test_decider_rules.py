@@ -98,6 +98,22 @@ def test_kinds_outside_the_policy_and_permanent_errors_do_not_retry() -> None:
     assert sim.state.error_type == "timeout"
 
 
+def test_output_the_log_cannot_hold_is_never_retried() -> None:
+    """The same executor answer would fail the same way: "unstorable_output" goes straight to
+    the failure path, even marked retryable and under a policy that retries every kind."""
+    wf = Workflow("u", on_failure="fallback", steps=[
+        Step("s", executor="x", retry=Retry(attempts=5, on=None)),
+        Step("fallback", executor="x", on_failure=FAIL)])
+    sim = Simulator(wf)
+    sim.start()
+    sim.start_attempt("s")
+    sim.fail("s", "unstorable_output", retryable=True, message="output cannot be stored")
+    failed = last(sim, ev.StepFailed)
+    assert (failed.error_type, sim.state.steps["s"].attempt) == ("unstorable_output", 1)
+    assert "not retryable" in failed.message
+    assert last(sim, ev.TransitionTaken).to_step == "fallback"
+
+
 def test_a_retry_the_budget_cannot_afford_fails_the_step() -> None:
     wf = Workflow("b", on_failure=FAIL, limits=Limits(max_cost=0.15), steps=[
         Step("s", executor="x", cost=0.1, retry=Retry(attempts=5, backoff=0))])

@@ -32,7 +32,7 @@ from dataclasses import field as dataclass_field
 from datetime import timedelta
 from typing import Any
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import event as hypothesis_event
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -112,7 +112,8 @@ def workflows(draw: st.DrawFn) -> Workflow:
                 retry=Retry(attempts=draw(st.integers(1, 4)),
                             backoff=draw(st.sampled_from([0.0, 0.5, 2.0])),
                             jitter=draw(st.sampled_from([0.0, 0.2])),
-                            on=draw(st.sampled_from([None, ("server_error", "timeout")]))),
+                            on=draw(st.sampled_from([None, ("server_error", "timeout")])),
+                            max_abandoned=draw(st.sampled_from([None, None, 0, 1]))),
                 cost=draw(st.sampled_from([0.0, 0.001, 0.01, 0.05])),
                 max_tokens=draw(st.sampled_from([None, 50, 400])),
                 delay=draw(st.sampled_from([None, None, 3.0])), **common))
@@ -147,7 +148,8 @@ def workflows(draw: st.DrawFn) -> Workflow:
         limits=Limits(max_cost=draw(st.sampled_from([0.02, 0.1, 1.0])),
                       max_tokens=draw(st.sampled_from([300, 2000, 100_000])),
                       max_steps=draw(st.integers(3, 25)),
-                      deadline=draw(st.sampled_from([60.0, 600.0, 600.0]))))
+                      deadline=draw(st.sampled_from([60.0, 600.0, 600.0])),
+                      max_abandoned=draw(st.sampled_from([0, 1, 3]))))
 
 
 # What the world does in one step. sampled_from shrinks towards the first entry, so the
@@ -423,3 +425,58 @@ def test_random_runs_keep_every_invariant() -> None:
 
 # Let hypothesis' pytest plugin report its statistics for this test, as for a @given test.
 test_random_runs_keep_every_invariant.is_hypothesis_test = True  # type: ignore[attr-defined]
+
+
+# --- abandoned attempts --------------------------------------------------------------------
+
+CRASHY = ("crash",) * 3 + ("fail",) * 2 + ("permanent", "succeed", "wait")
+
+
+@settings(max_examples=max(50, EXAMPLES // 2), deadline=None)
+@given(attempts=st.integers(1, 4), on=st.sampled_from([None, ("server_error",)]),
+       limit=st.integers(0, 3), own=st.none() | st.integers(0, 3),
+       world=st.lists(st.sampled_from(CRASHY), max_size=40), seed=st.integers(0, 2**31))
+def test_crashes_never_use_retries_are_capped_and_every_run_ends(
+    attempts: int, on: tuple[str, ...] | None, limit: int, own: int | None,
+    world: list[str], seed: int,
+) -> None:
+    """A world that crashes the engine at random around the executor's failures: whatever
+    `Retry.on` says, no crash uses a retry, the visit fails as "abandoned" exactly on the
+    crash after its cap, and the run ends (every attempt reported, plus the capped re-runs)."""
+    wf = Workflow("crashy", on_failure=FAIL, limits=Limits(max_abandoned=limit), steps=[
+        Step("s", executor="x", retry=Retry(attempts=attempts, on=on, max_abandoned=own))])
+    cap = own if own is not None else limit
+    sim = Simulator(wf, seed=seed)
+    checker = HistoryChecker(wf)  # its invariants: retries and the cap, per event
+    sim.start()
+    crashes = failures = 0
+    for action in world:
+        if sim.state.terminal:
+            break
+        for key in sim.ready():
+            sim.start_attempt(key)
+        if not sim.running():
+            sim.advance_time(120)  # past any backoff
+            continue
+        if action == "crash":
+            crashes += 1
+            sim.crash()
+        elif action in ("fail", "permanent"):
+            failures += 1
+            sim.fail("s", "server_error", retryable=action == "fail")
+        elif action == "succeed":
+            sim.succeed("s", {})
+        else:
+            sim.advance_time(1)
+        checker.feed(sim.history, sim.state)
+    step = sim.state.steps["s"]
+    assert step.abandoned == crashes and step.attempt <= attempts + cap + 1
+    if crashes > cap:
+        assert sim.state.status == "failed" and sim.state.error_type == "abandoned"
+    elif sim.state.status == "failed":  # only what the executor reported failed the run
+        assert sim.state.error_type == "server_error"
+        last = next(e for e in reversed(sim.history) if isinstance(e, ev.AttemptFailed))
+        assert failures == attempts or not last.retryable
+    sim.run_to_end()
+    assert sim.state.terminal
+    checker.feed(sim.history, sim.state)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 import rulebound
 
 FACE = {
@@ -55,12 +57,8 @@ def test_every_error_in_the_face_is_a_rulebound_error() -> None:
 
 
 def test_an_unknown_name_is_an_attribute_error_naming_it() -> None:
-    try:
+    with pytest.raises(AttributeError, match="Nope"):
         rulebound.Nope  # type: ignore[attr-defined]  # noqa: B018
-    except AttributeError as exc:
-        assert "Nope" in str(exc)
-    else:
-        raise AssertionError("rulebound.Nope resolved")
 
 
 def test_importing_the_face_loads_no_engine_or_adapter_until_a_name_is_used() -> None:

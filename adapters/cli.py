@@ -8,18 +8,35 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import sys
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
 from rulebound.domain.errors import RuleboundError, RunNotFound
 from rulebound.engine import Engine, Registry, load_app
 
 DEFAULT_STORE = "sqlite:///rulebound.db"
+
+# Exit codes. Every command: 0 done, 1 a mistake or an error (one line on stderr). `verify`
+# (and `replay --verify`) also: 2 the log failed a check, 3 it could not be checked.
+EXIT_FAILED_CHECK = 2
+EXIT_UNCHECKED = 3
+
+VERIFY_EXIT_CODES = """\
+exit codes:
+  0  every check passed
+  1  the command could not run: no such file, not an export, a bad --head or --app
+  2  the log failed a check: tampered, incomplete, or decisions that do not re-derive
+  3  the log could not be fully checked: its workflow version is not in the registry
+     (pass --app module:attr naming the Registry that defines it)
+"""
 
 
 def _store(args: argparse.Namespace) -> str:
@@ -59,9 +76,24 @@ def _head_of(records: list[Any]) -> str | None:
     return head if isinstance(head, str) else None
 
 
+def _existing_store(url: str) -> str:
+    """`url`, unless it names a SQLite file that does not exist: a command that only reads
+    must not create an empty database for a mistyped path and then report 'no run'."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() == "sqlite" and not parts.netloc:
+        path = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+        if path and not Path(path).exists():
+            raise RuleboundError(
+                f"no store at {path!r}: the SQLite file does not exist (check --store or "
+                "RULEBOUND_STORE; `rulebound demo` and `rulebound serve` create one)")
+    return url
+
+
 def _reader(args: argparse.Namespace) -> Engine:
-    """An engine that only reads: it does not take charge of unfinished runs."""
-    return Engine(_store(args), registry=_registry(args), read_only=True)
+    """An engine that only reads: it does not take charge of unfinished runs, and it opens
+    only a store that exists."""
+    registry = _registry(args)
+    return Engine(_existing_store(_store(args)), registry=registry, read_only=True)
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
@@ -83,6 +115,8 @@ async def cmd_runs(args: argparse.Namespace) -> int:
         await engine.storage.project(progress=_index_progress)
         rows = await engine.runs(status=args.status, workflow=args.workflow, limit=args.limit)
         counts = await engine.count_runs()
+        rows = [await _live(engine, row) if row.status == "running" else row for row in rows]
+    now = datetime.now(UTC)
     if args.json:
         for row in rows:
             print(json.dumps({"run_id": str(row.run_id), "workflow": row.workflow,
@@ -92,7 +126,9 @@ async def cmd_runs(args: argparse.Namespace) -> int:
         return 0
     table = [("RUN", "WORKFLOW", "STATUS", "EVENTS", "STARTED", "SECONDS")]
     for row in rows:
-        seconds = (row.updated_at - row.created_at).total_seconds()
+        # a running run has run until now; a finished one from its start to its end
+        until = now if row.status == "running" else row.updated_at
+        seconds = max(0.0, (until - row.created_at).total_seconds())
         table.append((str(row.run_id), row.workflow, row.status, str(row.version),
                       row.created_at.strftime("%Y-%m-%d %H:%M:%S"), f"{seconds:.3f}"))
     _print_table(table, right={3, 5})
@@ -100,6 +136,21 @@ async def cmd_runs(args: argparse.Namespace) -> int:
     print(f"\n{len(rows)} shown of {total} runs: "
           + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return 0
+
+
+async def _live(engine: Engine, row: Any) -> Any:
+    """A running run's row with its event count and last change read from its log.
+
+    The read model records a run's start and end only (so that listing stays cheap); for the
+    few running runs a listing shows, the log says how far each has come.
+    """
+    try:
+        view = await engine.get(row.run_id)
+    except RuleboundError:  # a quarantined run: the read model's row is all there is
+        return row
+    updated = view.updated_at or row.updated_at
+    return dataclasses.replace(row, version=max(view.version, row.version),
+                               updated_at=max(updated, row.updated_at))
 
 
 async def cmd_show(args: argparse.Namespace) -> int:
@@ -210,7 +261,7 @@ def _print_report(report: Any, what: str, *, source: str = "file") -> int:
     if not report.ok:
         for finding in report.findings:
             print(f"FAILED: {what}: {finding}")
-        return 2
+        return EXIT_FAILED_CHECK
     if source == "store":
         complete = "as stored"
     elif report.manifest is not None:
@@ -280,7 +331,24 @@ async def cmd_verify(args: argparse.Namespace) -> int:
     lines = await asyncio.to_thread(_read_lines, args.file)
     report = verify_lines(lines, _definition_finder(registry),
                           require_manifest=not args.partial, head=head)
+    if report.definition_missing and len(report.findings) == 1:
+        return _print_unchecked(report, args.file, args.app)
     return _print_report(report, args.file)
+
+
+def _print_unchecked(report: Any, what: str, app: str | None) -> int:
+    """Every check passed up to the decisions, which need the run's definition: not a
+    finding against the log, so not the exit code of a tampered one."""
+    from rulebound.engine.audit import printable
+
+    where = (f"the registry from --app {app}" if app
+             else "the demo's registry (no --app given)")
+    fix = ("pass the --app holding that version" if app else
+           "pass --app module:attr (or path/file.py:attr) naming the Registry that defines it")
+    print(f"UNCHECKED: {printable(what)}: {report.events} events, chain intact, fold clean; "
+          f"decisions not re-derived: workflow {printable(repr(report.workflow))} version "
+          f"{printable(str(report.definition_hash)[:12])} is not in {where}: {fix}")
+    return EXIT_UNCHECKED
 
 
 async def cmd_replay(args: argparse.Namespace) -> int:
@@ -346,16 +414,27 @@ def _print_table(rows: list[tuple[str, ...]], right: set[int] = frozenset()) -> 
         print("  ".join(cells).rstrip())
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a malformed command line exits 1 like every other user mistake, so that
+    `verify`'s 2 and 3 keep their meanings."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rulebound", description="Event-sourced workflows: the system orchestrates, "
                                       "the model executes.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler: Callable[[argparse.Namespace],
                                              Coroutine[Any, Any, int]],
-                help: str, *, store: bool = True, app: bool = False) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+                help: str, *, store: bool = True, app: bool = False,
+                epilog: str | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(handler=handler)
         if store:
             p.add_argument("--store", help="store URL (default: $RULEBOUND_STORE or "
@@ -388,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("-o", "--output", help="file to write (default: standard output)")
     p = command("verify", cmd_verify, "check an exported log offline: completeness, chain, "
-                "fold, decisions", store=False, app=True)
+                "fold, decisions", store=False, app=True, epilog=VERIFY_EXIT_CODES)
     p.add_argument("file")
     p.add_argument("--head", metavar="HASH",
                    help="the run's head hash from the store (`rulebound show RUN`): the log "

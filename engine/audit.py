@@ -97,6 +97,7 @@ class Report:
     anchored: bool = False  # the head hash matched an anchor given by the caller
     terminal: bool = False  # the log ends with the run's end
     status: str | None = None  # derived from the last event: completed/failed/.../running
+    definition_missing: bool = False  # decisions unchecked: no definition for the run's version
 
     @property
     def ok(self) -> bool:
@@ -336,6 +337,7 @@ def check_decisions(events: list[Event], definition: Workflow | None, report: Re
     head = events[0]
     report.workflow, report.definition_hash = head.workflow, head.definition_hash
     if definition is None:
+        report.definition_missing = True
         report.findings.append(Finding(1, "definition", f"workflow {shown(head.workflow)} "
                                        f"version {head.definition_hash[:12]} is not in "
                                        "the registry"))

@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
 from rulebound.domain.errors import RuleboundError, RunNotFound
+from rulebound.domain.explain import counted
 from rulebound.engine import Engine, Registry, load_app
 
 DEFAULT_STORE = "sqlite:///rulebound.db"
@@ -133,7 +134,7 @@ async def cmd_runs(args: argparse.Namespace) -> int:
                       row.created_at.strftime("%Y-%m-%d %H:%M:%S"), f"{seconds:.3f}"))
     _print_table(table, right={3, 5})
     total = sum(counts.values())
-    print(f"\n{len(rows)} shown of {total} runs: "
+    print(f"\n{len(rows)} shown of {counted(total, 'run')}: "
           + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return 0
 
@@ -168,7 +169,8 @@ async def cmd_show(args: argparse.Namespace) -> int:
     print(f"workflow  {view.workflow} (definition {view.definition_hash[:12]})")
     print(f"status    {view.status}" + (f" — {view.reason}" if view.reason else ""))
     print(f"usage     ${view.usage.cost:.4f}, {view.usage.tokens_in} tokens in, "
-          f"{view.usage.tokens_out} out; {view.attempts} attempts, {view.retries} retries")
+          f"{view.usage.tokens_out} out; {counted(view.attempts, 'attempt')}, "
+          f"{counted(view.retries, 'retry')}")
     if view.output is not None:
         print(f"output    {json.dumps(view.output, default=str)[:300]}")
     print(f"head      {head} (event {head_seq}; `verify FILE --head` anchors an export)")
@@ -236,7 +238,7 @@ async def cmd_export(args: argparse.Namespace) -> int:
     lines = export_records(str(_run_uuid(args.run)), records)
     await asyncio.to_thread(_write_lines, args.output, lines)
     if args.output:
-        print(f"exported {len(records)} events and a manifest to {args.output}",
+        print(f"exported {counted(len(records), 'event')} and a manifest to {args.output}",
               file=sys.stderr)
     return 0
 
@@ -272,9 +274,10 @@ def _print_report(report: Any, what: str, *, source: str = "file") -> int:
         complete = "complete up to the --head anchor"
     else:
         complete = "PARTIAL (no manifest: events cut from the end would go unnoticed)"
-    print(f"OK: {what}: {report.events} events, chain intact (event content; ids and run id "
-          f"are not covered), {complete}, fold clean, {report.decisions_checked} decisions "
-          f"re-derived (workflow {printable(repr(report.workflow))}, definition "
+    print(f"OK: {what}: {counted(report.events, 'event')}, chain intact (event content; ids "
+          f"and run id are not covered), {complete}, fold clean, "
+          f"{counted(report.decisions_checked, 'decision')} re-derived (workflow "
+          f"{printable(repr(report.workflow))}, definition "
           f"{printable(str(report.definition_hash)[:12])})")
     if report.anchored:
         print(f"anchored: the head hash {report.head_hash} is the --head anchor (every "
@@ -345,8 +348,9 @@ def _print_unchecked(report: Any, what: str, app: str | None) -> int:
              else "the demo's registry (no --app given)")
     fix = ("pass the --app holding that version" if app else
            "pass --app module:attr (or path/file.py:attr) naming the Registry that defines it")
-    print(f"UNCHECKED: {printable(what)}: {report.events} events, chain intact, fold clean; "
-          f"decisions not re-derived: workflow {printable(repr(report.workflow))} version "
+    print(f"UNCHECKED: {printable(what)}: {counted(report.events, 'event')}, chain intact, "
+          f"fold clean; decisions not re-derived: workflow "
+          f"{printable(repr(report.workflow))} version "
           f"{printable(str(report.definition_hash)[:12])} is not in {where}: {fix}")
     return EXIT_UNCHECKED
 
@@ -363,8 +367,9 @@ async def cmd_replay(args: argparse.Namespace) -> int:
         if report.state is None:
             return _print_report(report, f"run {args.run}", source="store")
         state = report.state
-        print(f"run {args.run}: replayed {len(records)} events -> {state.status}; "
-              f"cost ${state.cost:.4f}, {state.steps_taken} steps, {state.retries} retries")
+        print(f"run {args.run}: replayed {counted(len(records), 'event')} -> {state.status}; "
+              f"cost ${state.cost:.4f}, {counted(state.steps_taken, 'step')}, "
+              f"{counted(state.retries, 'retry')}")
         return 0
     return _print_report(report, f"run {args.run}", source="store")
 

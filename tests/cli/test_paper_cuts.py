@@ -88,7 +88,18 @@ def exported(tmp_path: Path) -> dict[str, Any]:
     run_id = asyncio.run(run())
     export = tmp_path / "run.jsonl"
     assert main(["export", run_id, "--store", store, "-o", str(export)]) == 0
-    return {"app": app, "export": export}
+    return {"app": app, "export": export, "store": store, "run": run_id}
+
+
+def test_show_and_replay_count_in_words_that_agree(exported: dict[str, Any],
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()  # the run's classify step failed once and was retried once
+    assert main(["show", exported["run"], "--store", exported["store"],
+                 "--app", exported["app"]]) == 0
+    assert "; 3 attempts, 1 retry\n" in capsys.readouterr().out
+    assert main(["replay", exported["run"], "--store", exported["store"],
+                 "--app", exported["app"]]) == 0
+    assert ", 1 retry\n" in capsys.readouterr().out
 
 
 def test_verify_without_the_definitions_is_not_reported_as_tampering(

@@ -27,7 +27,10 @@ TRACKING = "rulebound_runs_position"
 
 class PostgresStore(RecorderStore):
     def __init__(self, *, dbname: str, host: str, port: int, user: str, password: str,
-                 schema: str = "public", lock_timeout: int = 5, pool_size: int = 4) -> None:
+                 schema: str = "public", lock_timeout: int = 5, pool_size: int = 4,
+                 connect_timeout: int = 3) -> None:
+        _probe(host=host, port=port, dbname=dbname, user=user, password=password,
+               timeout=connect_timeout)
         try:
             self.datastore = PostgresDatastore(
                 dbname, host, port, user, password, schema=schema, lock_timeout=lock_timeout,
@@ -51,7 +54,7 @@ class PostgresStore(RecorderStore):
     @classmethod
     def from_url(cls, url: str, **options: Any) -> PostgresStore:
         parts = urlsplit(url)
-        known = {"schema", "lock_timeout", "pool_size"}
+        known = {"schema", "lock_timeout", "pool_size", "connect_timeout"}
         unknown = set(options) - known
         if unknown:
             raise StoreError(f"unknown PostgreSQL URL options {sorted(unknown)} "
@@ -69,6 +72,8 @@ class PostgresStore(RecorderStore):
                 kwargs["lock_timeout"] = int(options["lock_timeout"])
             if "pool_size" in options:
                 kwargs["pool_size"] = int(options["pool_size"])
+            if "connect_timeout" in options:
+                kwargs["connect_timeout"] = int(options["connect_timeout"])
         except ValueError as exc:
             raise StoreError(f"invalid PostgreSQL URL option: {exc}") from None
         return cls(**kwargs)
@@ -166,3 +171,28 @@ class PostgresStore(RecorderStore):
         if not self._closed:
             self.datastore.close()
         super().close()
+
+
+def _probe(*, host: str, port: int, dbname: str, user: str, password: str,
+           timeout: int) -> None:
+    """One direct connection before the pool is built, so that an unreachable or refusing
+    server is a StoreError within `timeout` seconds that names host:port and the cause (the
+    pool would retry for its whole connect timeout and then report only that it gave up)."""
+    import psycopg
+
+    try:
+        psycopg.connect(host=host, port=port, dbname=dbname, user=user, password=password,
+                        connect_timeout=max(2, timeout)).close()  # libpq's floor is 2 s
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot reach PostgreSQL at {host}:{port} (database {dbname!r}, "
+                         f"user {user!r}): {_cause(exc)}") from None
+
+
+def _cause(exc: BaseException) -> str:
+    """libpq's reason, without its 'connection to server at ... failed:' preamble (which
+    repeats the address) and without its hint lines."""
+    text = " ".join(str(exc).split("\n")[0].split()) or type(exc).__name__
+    for marker in ("failed: ", "connection failed: "):
+        if marker in text:
+            text = text.rsplit(marker, 1)[1]
+    return text[:300]

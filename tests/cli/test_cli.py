@@ -60,7 +60,7 @@ def test_runs_show_and_explain_work_on_the_demo_store(demo_store: str) -> None:
     (["explain", "12345"], "not a run id"),
     (["runs", "--store", "nosuch://x"], "no store for nosuch:// URLs"),
     (["runs", "--store", "sqlite:////no/such/folder/x.db"], "does not exist"),
-    (["runs", "--store", "postgresql://me:hunter2@127.0.0.1:1/db"], "cannot open PostgreSQL"),
+    (["runs", "--store", "postgresql://me:hunter2@127.0.0.1:1/db"], "cannot reach PostgreSQL"),
     (["show", "x", "--app", "missing_file.py:registry"], "no file"),
     (["show", "x", "--app", "rulebound.adapters.cli:nothing_here"], "has no attribute"),
     (["show", "x", "--app", "no_such_module:registry"], "not found"),

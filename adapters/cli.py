@@ -12,7 +12,8 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -20,6 +21,7 @@ from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
 from rulebound.domain.errors import RuleboundError, RunNotFound
+from rulebound.domain.events import RunStarted, TransitionTaken
 from rulebound.domain.explain import counted
 from rulebound.engine import Engine, Registry, load_app
 
@@ -381,9 +383,10 @@ async def cmd_graph(args: argparse.Namespace) -> int:
     if args.run:
         async with _reader(args) as engine:
             events = await engine.events(args.run)
-        definition_hash = getattr(events[0], "definition_hash", None)
-        workflow = registry.by_hash(definition_hash) or workflow
-        taken = [(e.from_step, e.to_step) for e in events if e.type == "TransitionTaken"]
+        first = events[0] if events else None
+        if isinstance(first, RunStarted):
+            workflow = registry.by_hash(first.definition_hash) or workflow
+        taken = [(e.from_step, e.to_step) for e in events if isinstance(e, TransitionTaken)]
     if args.format == "json":
         graph = workflow.graph()
         if args.run:
@@ -411,7 +414,7 @@ def _redact(url: str) -> str:
     return url
 
 
-def _print_table(rows: list[tuple[str, ...]], right: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+def _print_table(rows: Sequence[tuple[str, ...]], right: AbstractSet[int] = frozenset()) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         cells = [c.rjust(w) if i in right else c.ljust(w)

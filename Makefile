@@ -16,8 +16,16 @@ $(STAMP): pyproject.toml requirements/dev.lock
 demo: $(STAMP)
 	$(VENV)/bin/rulebound demo
 
+# mypy cannot follow setuptools' editable import hook, so it reads the package through a tree
+# of links laid out as it installs: rulebound/{domain,engine,adapters} and the face's files.
+TYPECHECK := $(VENV)/typecheck
+
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/rulebound
+	for d in domain engine adapters; do ln -s $(CURDIR)/$$d $(TYPECHECK)/rulebound/$$d; done
+	for f in rulebound/*.py rulebound/py.typed; do ln -s $(CURDIR)/$$f $(TYPECHECK)/rulebound/; done
+	MYPYPATH=$(TYPECHECK) $(PY) -m mypy -p rulebound
 
 test: $(STAMP)
 	$(PY) -m ruff check .

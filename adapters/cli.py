@@ -8,29 +8,37 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Set as AbstractSet
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
 from rulebound.domain.errors import RuleboundError, RunNotFound
+from rulebound.domain.events import RunStarted, TransitionTaken
+from rulebound.domain.explain import counted
 from rulebound.engine import Engine, Registry, load_app
 
 DEFAULT_STORE = "sqlite:///rulebound.db"
-# The exit codes of `verify` and `replay` (see rulebound.engine.audit).
+# The exit codes of `verify` and `replay --verify` (their one home: rulebound.engine.audit).
 EXIT_CODES = """exit codes:
   0  OK: every check passed, against the definition the run started on
-  1  a user error: no such file or run, a broken --app
+  1  the command could not run: no such file or run, not an export, a bad --head
+     or --app, a malformed command line
   2  FAILED: a divergence: the log was edited, cut or does not fold, or the
      definition no longer derives a recorded decision or the run's limits
-     (or the run's workflow is not in the registry)
   3  NOTICE only: the definition is another version than the run started on,
      but every recorded decision and limit re-derives from it
-(a malformed command line gets argparse's usage line and 2, before any check)"""
+  4  UNCHECKED: chain and fold intact, but the run's workflow version is not in
+     the registry, so its decisions could not be re-derived (pass --app
+     module:attr naming the Registry that defines it)"""
 
 
 def _store(args: argparse.Namespace) -> str:
@@ -70,9 +78,24 @@ def _head_of(records: list[Any]) -> str | None:
     return head if isinstance(head, str) else None
 
 
+def _existing_store(url: str) -> str:
+    """`url`, unless it names a SQLite file that does not exist: a command that only reads
+    must not create an empty database for a mistyped path and then report 'no run'."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() == "sqlite" and not parts.netloc:
+        path = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+        if path and not Path(path).exists():
+            raise RuleboundError(
+                f"no store at {path!r}: the SQLite file does not exist (check --store or "
+                "RULEBOUND_STORE; `rulebound demo` and `rulebound serve` create one)")
+    return url
+
+
 def _reader(args: argparse.Namespace) -> Engine:
-    """An engine that only reads: it does not take charge of unfinished runs."""
-    return Engine(_store(args), registry=_registry(args), read_only=True)
+    """An engine that only reads: it does not take charge of unfinished runs, and it opens
+    only a store that exists."""
+    registry = _registry(args)
+    return Engine(_existing_store(_store(args)), registry=registry, read_only=True)
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
@@ -94,6 +117,8 @@ async def cmd_runs(args: argparse.Namespace) -> int:
         await engine.storage.project(progress=_index_progress)
         rows = await engine.runs(status=args.status, workflow=args.workflow, limit=args.limit)
         counts = await engine.count_runs()
+        rows = [await _live(engine, row) if row.status == "running" else row for row in rows]
+    now = datetime.now(UTC)
     if args.json:
         for row in rows:
             print(json.dumps({"run_id": str(row.run_id), "workflow": row.workflow,
@@ -103,14 +128,31 @@ async def cmd_runs(args: argparse.Namespace) -> int:
         return 0
     table = [("RUN", "WORKFLOW", "STATUS", "EVENTS", "STARTED", "SECONDS")]
     for row in rows:
-        seconds = (row.updated_at - row.created_at).total_seconds()
+        # a running run has run until now; a finished one from its start to its end
+        until = now if row.status == "running" else row.updated_at
+        seconds = max(0.0, (until - row.created_at).total_seconds())
         table.append((str(row.run_id), row.workflow, row.status, str(row.version),
                       row.created_at.strftime("%Y-%m-%d %H:%M:%S"), f"{seconds:.3f}"))
     _print_table(table, right={3, 5})
     total = sum(counts.values())
-    print(f"\n{len(rows)} shown of {total} runs: "
+    print(f"\n{len(rows)} shown of {counted(total, 'run')}: "
           + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return 0
+
+
+async def _live(engine: Engine, row: Any) -> Any:
+    """A running run's row with its event count and last change read from its log.
+
+    The read model records a run's start and end only (so that listing stays cheap); for the
+    few running runs a listing shows, the log says how far each has come.
+    """
+    try:
+        view = await engine.get(row.run_id)
+    except RuleboundError:  # a quarantined run: the read model's row is all there is
+        return row
+    updated = view.updated_at or row.updated_at
+    return dataclasses.replace(row, version=max(view.version, row.version),
+                               updated_at=max(updated, row.updated_at))
 
 
 async def cmd_show(args: argparse.Namespace) -> int:
@@ -128,7 +170,8 @@ async def cmd_show(args: argparse.Namespace) -> int:
     print(f"workflow  {view.workflow} (definition {view.definition_hash[:12]})")
     print(f"status    {view.status}" + (f" — {view.reason}" if view.reason else ""))
     print(f"usage     ${view.usage.cost:.4f}, {view.usage.tokens_in} tokens in, "
-          f"{view.usage.tokens_out} out; {view.attempts} attempts, {view.retries} retries")
+          f"{view.usage.tokens_out} out; {counted(view.attempts, 'attempt')}, "
+          f"{counted(view.retries, 'retry')}")
     if view.output is not None:
         print(f"output    {json.dumps(view.output, default=str)[:300]}")
     print(f"head      {head} (event {head_seq}; `verify FILE --head` anchors an export)")
@@ -220,7 +263,7 @@ async def cmd_export(args: argparse.Namespace) -> int:
     lines = export_records(str(_run_uuid(args.run)), records)
     await asyncio.to_thread(_write_lines, args.output, lines)
     if args.output:
-        print(f"exported {len(records)} events and a manifest to {args.output}",
+        print(f"exported {counted(len(records), 'event')} and a manifest to {args.output}",
               file=sys.stderr)
     return 0
 
@@ -258,9 +301,10 @@ def _print_report(report: Any, what: str, *, source: str = "file") -> int:
         complete = "complete up to the --head anchor"
     else:
         complete = "PARTIAL (no manifest: events cut from the end would go unnoticed)"
-    print(f"OK: {what}: {report.events} events, chain intact (event content; ids and run id "
-          f"are not covered), {complete}, fold clean, {report.decisions_checked} decisions "
-          f"re-derived (workflow {printable(repr(report.workflow))}, definition "
+    print(f"OK: {what}: {counted(report.events, 'event')}, chain intact (event content; ids "
+          f"and run id are not covered), {complete}, fold clean, "
+          f"{counted(report.decisions_checked, 'decision')} re-derived (workflow "
+          f"{printable(repr(report.workflow))}, definition "
           f"{printable(str(report.definition_hash)[:12])})")
     if report.anchored:
         print(f"anchored: the head hash {report.head_hash} is the --head anchor (every "
@@ -313,14 +357,32 @@ def _anchor(raw: str | None) -> str | None:
 
 
 async def cmd_verify(args: argparse.Namespace) -> int:
-    from rulebound.engine.audit import verify_lines
+    from rulebound.engine.audit import EXIT_UNCHECKED, verify_lines
 
     head = _anchor(args.head)
     registry = _registry(args)
     lines = await asyncio.to_thread(_read_lines, args.file)
     report = verify_lines(lines, _definition_finder(registry),
                           require_manifest=not args.partial, head=head)
+    if report.exit_code == EXIT_UNCHECKED:
+        return _print_unchecked(report, args.file, args.app)
     return _print_report(report, args.file)
+
+
+def _print_unchecked(report: Any, what: str, app: str | None) -> int:
+    """Every check passed up to the decisions, which need the run's definition: not a
+    finding against the log, so not the exit code of a tampered one."""
+    from rulebound.engine.audit import EXIT_UNCHECKED, printable
+
+    where = (f"the registry from --app {app}" if app
+             else "the demo's registry (no --app given)")
+    fix = ("pass the --app holding that version" if app else
+           "pass --app module:attr (or path/file.py:attr) naming the Registry that defines it")
+    print(f"UNCHECKED: {printable(what)}: {counted(report.events, 'event')}, chain intact, "
+          f"fold clean; decisions not re-derived: workflow "
+          f"{printable(repr(report.workflow))} version "
+          f"{printable(str(report.definition_hash)[:12])} is not in {where}: {fix}")
+    return EXIT_UNCHECKED
 
 
 async def cmd_replay(args: argparse.Namespace) -> int:
@@ -335,8 +397,9 @@ async def cmd_replay(args: argparse.Namespace) -> int:
         if report.state is None:
             return _print_report(report, f"run {args.run}", source="store")
         state = report.state
-        print(f"run {args.run}: replayed {len(records)} events -> {state.status}; "
-              f"cost ${state.cost:.4f}, {state.steps_taken} steps, {state.retries} retries")
+        print(f"run {args.run}: replayed {counted(len(records), 'event')} -> {state.status}; "
+              f"cost ${state.cost:.4f}, {counted(state.steps_taken, 'step')}, "
+              f"{counted(state.retries, 'retry')}")
         return 0
     return _print_report(report, f"run {args.run}", source="store")
 
@@ -348,9 +411,10 @@ async def cmd_graph(args: argparse.Namespace) -> int:
     if args.run:
         async with _reader(args) as engine:
             events = await engine.events(args.run)
-        definition_hash = getattr(events[0], "definition_hash", None)
-        workflow = registry.by_hash(definition_hash) or workflow
-        taken = [(e.from_step, e.to_step) for e in events if e.type == "TransitionTaken"]
+        first = events[0] if events else None
+        if isinstance(first, RunStarted):
+            workflow = registry.by_hash(first.definition_hash) or workflow
+        taken = [(e.from_step, e.to_step) for e in events if isinstance(e, TransitionTaken)]
     if args.format == "json":
         graph = workflow.graph()
         if args.run:
@@ -378,7 +442,7 @@ def _redact(url: str) -> str:
     return url
 
 
-def _print_table(rows: list[tuple[str, ...]], right: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+def _print_table(rows: Sequence[tuple[str, ...]], right: AbstractSet[int] = frozenset()) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         cells = [c.rjust(w) if i in right else c.ljust(w)
@@ -386,8 +450,17 @@ def _print_table(rows: list[tuple[str, ...]], right: set[int] = frozenset()) -> 
         print("  ".join(cells).rstrip())
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a malformed command line exits 1 like every other user mistake, so that
+    `verify`'s 2 and 3 keep their meanings."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rulebound", description="Event-sourced workflows: the system orchestrates, "
                                       "the model executes.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

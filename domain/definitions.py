@@ -491,6 +491,13 @@ class Workflow(_Frozen):
         shapes = {"task": ("[", "]"), "parallel": ("[[", "]]"), "map": ("[/", "/]"),
                   "signal": ("{{", "}}")}
         for s in self.steps:
+            if isinstance(s, Parallel):  # a box holding its branches, run at once
+                lines.append(f'    subgraph {node_id(s.name)}["{s.name} (parallel)"]')
+                lines.append("        direction LR")
+                for b in s.branches:
+                    lines.append(f'        {node_id(b.name)}["{b.name}"]')
+                lines.append("    end")
+                continue
             left, right = shapes[s.kind]
             lines.append(f'    {node_id(s.name)}{left}"{s.name}"{right}')
         lines += ['    END(("end"))', '    FAIL(("fail"))']
@@ -541,7 +548,11 @@ def _check(wf: Workflow) -> None:
 
     def claim(name: str, where: str) -> None:
         if name in names:
-            raise DefinitionError(f"duplicate step name {name!r} ({names[name]} and {where})")
+            first = names[name]
+            both = f"{first} and {where}"
+            if first == where:  # "a step" twice: "two steps"; "a branch of 'p'" twice likewise
+                both = where.replace("a step", "two steps").replace("a branch", "two branches")
+            raise DefinitionError(f"duplicate step name {name!r}: used by {both}")
         names[name] = where
 
     top: dict[str, AnyStep] = {}

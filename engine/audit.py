@@ -29,10 +29,12 @@ Exit codes of `verify` and `replay --verify` (`Report.exit_code`):
   decision comes out differently, or the limits it gives differ from those recorded in
   RunStarted (a changed limit is a changed rule, even when no recorded decision came near
   it: the finding names event 1, then the first decision the new limit changes, if any).
-  Also when the run's workflow is not in the registry at all (nothing could be re-derived).
 - `EXIT_DEFINITION_CHANGED` (3): a notice only. The definition given is not the version the
   run started on (its hash differs), yet every recorded decision and every limit re-derives
   from it: a change that would not have changed this run (a step it never reached, say).
+- `EXIT_UNCHECKED` (4): the chain and the fold passed, but the decisions could not be
+  re-derived: the run's workflow version is not in the registry given (pass `--app`). Not
+  a finding against the log, so never the exit code of a tampered one.
 
 Every message is built from checked values or shows file content through `shown()` (a
 bounded repr), and `Finding.__str__` escapes control characters whatever the message holds:
@@ -59,6 +61,7 @@ MANIFEST_FORMAT = "rulebound-export/1"
 EXIT_OK = 0
 EXIT_FAILED = 2
 EXIT_DEFINITION_CHANGED = 3
+EXIT_UNCHECKED = 4
 _HASH = re.compile(r"[0-9a-f]{64}")
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _STATUS = {"RunCompleted": "completed", "RunFailed": "failed", "RunCancelled": "cancelled"}
@@ -116,6 +119,7 @@ class Report:
     anchored: bool = False  # the head hash matched an anchor given by the caller
     terminal: bool = False  # the log ends with the run's end
     status: str | None = None  # derived from the last event: completed/failed/.../running
+    definition_missing: bool = False  # decisions unchecked: no definition for the run's version
 
     @property
     def ok(self) -> bool:
@@ -129,7 +133,10 @@ class Report:
 
     @property
     def exit_code(self) -> int:
-        """EXIT_FAILED for a finding, else EXIT_DEFINITION_CHANGED for a notice, else EXIT_OK."""
+        """EXIT_FAILED for a finding, EXIT_UNCHECKED when the only finding is a missing
+        definition, else EXIT_DEFINITION_CHANGED for a notice, else EXIT_OK."""
+        if self.definition_missing and len(self.findings) == 1:
+            return EXIT_UNCHECKED
         if self.findings:
             return EXIT_FAILED
         return EXIT_DEFINITION_CHANGED if self.notices else EXIT_OK
@@ -368,6 +375,7 @@ def check_decisions(events: list[Event], definition: Workflow | None, report: Re
     head = events[0]
     report.workflow, report.definition_hash = head.workflow, head.definition_hash
     if definition is None:
+        report.definition_missing = True
         report.findings.append(Finding(1, "definition", f"workflow {shown(head.workflow)} "
                                        f"version {head.definition_hash[:12]} is not in "
                                        "the registry"))

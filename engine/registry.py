@@ -13,7 +13,35 @@ from rulebound.domain.definitions import Step, Workflow
 from rulebound.domain.errors import DefinitionError, RuleboundError
 
 from .errors import WorkflowNotFound
+from .functions import as_executor, check_executors
 from .ratelimit import RateLimit
+
+
+class Executors(dict[str, Any]):
+    """Executors by name. Whatever comes in is checked and adapted (see functions.as_executor):
+    a plain async function of the step's input is wrapped, a set or a non-callable is a
+    DefinitionError naming the problem, at registration rather than at run time."""
+
+    def __init__(self, executors: object = None) -> None:
+        super().__init__(check_executors(executors))
+
+    def __setitem__(self, name: str, executor: Any) -> None:
+        super().__setitem__(name, as_executor(name, executor))
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        if len(args) > 1:
+            raise TypeError(f"update expected at most 1 argument, got {len(args)}")
+        for source in (*args, kwargs):
+            super().update(check_executors(source))
+
+    def setdefault(self, name: str, executor: Any = None) -> Any:
+        if name not in self:
+            self[name] = executor
+        return self[name]
+
+    def __ior__(self, other: Any) -> Executors:  # type: ignore[override, misc]
+        self.update(other)
+        return self
 
 
 class Registry:
@@ -29,9 +57,15 @@ class Registry:
         executors: Mapping[str, Any] | None = None,
         rate_limits: Mapping[str, RateLimit] | None = None,
     ) -> None:
+        """workflows: the definitions (each name may come in several versions).
+        executors: name -> executor; an executor is an object with `async __call__(task)`,
+          an `async def f(task: Task)`, or a plain `async def f(input)` / `f(input, task)`
+          that is called with the step's input (wrapped as a FunctionExecutor).
+        rate_limits: name -> RateLimit for the executor of that name.
+        """
         self._versions: dict[str, list[Workflow]] = {}
         self._by_hash: dict[str, Workflow] = {}
-        self.executors: dict[str, Any] = dict(executors or {})
+        self.executors: Executors = Executors(executors)
         self.rate_limits: dict[str, RateLimit] = dict(rate_limits or {})
         for workflow in workflows:
             self.add(workflow)

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.pgserver import PgServer, start_postgres
+from tests.pgserver import PgServer, PostgresUnavailable, binaries, start_postgres
+
+
+def pytest_report_header() -> str:
+    """Which PostgreSQL binaries the postgres tests will start (RULEBOUND_PG_BINARIES)."""
+    try:
+        return f"postgresql binaries: {binaries()}"
+    except PostgresUnavailable as exc:
+        return f"postgresql binaries: none ({exc})"
 
 
 @pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from uuid import UUID
 
+from rulebound.domain.explain import counted
 from rulebound.engine import Engine, RateLimit, Registry
 
 from .model import Outbox, crm, orders, policy, triage_model
@@ -164,7 +165,7 @@ def _summary(out: TextIO, views: list[Any], decisions: Counter[str], elapsed: fl
         ("runs", f"{len(views)} in {elapsed:.2f}s"),
         ("by status", ", ".join(f"{k} {n}" for k, n in sorted(statuses.items()))),
         ("by outcome", ", ".join(f"{k} {n}" for k, n in sorted(outcomes.items()))),
-        ("steps", f"{steps} ({attempts} attempts, {retries} retries)"),
+        ("steps", f"{steps} ({counted(attempts, 'attempt')}, {counted(retries, 'retry')})"),
         ("approvals", ", ".join(f"{k} {n}" for k, n in sorted(decisions.items())) or "none"),
         ("cost", f"${cost:.4f} ({tokens} tokens)"),
         ("run latency", f"p50 {_percentile(durations, 50) * 1000:.0f} ms, "

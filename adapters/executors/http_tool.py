@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
 import aiohttp
 import orjson
 from pydantic import BaseModel, ValidationError
+from rulebound.domain.errors import DefinitionError
 from rulebound.engine.executor import ExecutorError, Result, Task
 
 from .http_common import (
@@ -26,6 +27,9 @@ from .ssrf import Guard, Refused, session_factory
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _WHOLE = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_.]*)\}$")
+# One pass over a template: ${ENV_VAR} (from the environment) or {field} (from the input),
+# so that neither kind of value is ever read again as a placeholder.
+_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\{([A-Za-z_][A-Za-z0-9_.]*)\}")
 # The only headers a redirect carries to another origin: what describes the body and the
 # answer wanted, and the key that lets the far side deduplicate. Every other header stays
 # with the origin it was configured for: credentials, cookies, and any custom header, since a
@@ -48,14 +52,31 @@ def _origin(url: str) -> tuple[str, str, int]:
         443 if parts.scheme.lower() == "https" else 80)
 
 
+def _secret(name: str) -> str:
+    value = os.environ.get(name)
+    if value is None:
+        raise ExecutorError(f"the secret {name} is not set", kind="client_error")
+    return value
+
+
+def _fill_text(template: str, values: Any, field: Callable[[str], str] = str) -> str:
+    """${ENV_VAR} from the environment, as it is; {field} from the input, through `field`."""
+    def fill(m: re.Match[str]) -> str:
+        if m.group(1) is not None:
+            return _secret(m.group(1))
+        return field(str(_lookup(values, m.group(2)) or ""))
+
+    return _PLACEHOLDER.sub(fill, template)
+
+
 def _fill_json(template: Any, values: Any) -> Any:
-    """Fill a JSON body template: "{x}" alone keeps x's type; inside text it is formatted."""
+    """Fill a JSON body template: "{x}" alone keeps x's type; inside text it is formatted;
+    "${ENV_VAR}" is the environment variable's text, alone or inside text."""
     if isinstance(template, str):
         whole = _WHOLE.match(template)
         if whole:
             return _lookup(values, whole.group(1))
-        return re.sub(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}",
-                      lambda m: str(_lookup(values, m.group(1)) or ""), template)
+        return _fill_text(template, values)
     if isinstance(template, Mapping):
         return {k: _fill_json(v, values) for k, v in template.items()}
     if isinstance(template, list):
@@ -63,13 +84,38 @@ def _fill_json(template: Any, values: Any) -> Any:
     return template
 
 
+def _check_template(text: str, where: str) -> None:
+    """A `$` before a `{` must start a well-formed ${ENV_VAR}: anything else would be sent
+    as a stray `$` once its braces were read as an input field."""
+    for m in re.finditer(r"\$\{[^}]*\}?", text):
+        if not _ENV.fullmatch(m.group(0)):
+            raise DefinitionError(f"HttpTool {where}: {m.group(0)!r} is not a ${{ENV_VAR}} "
+                                  "placeholder (letters, digits and _, not starting with a "
+                                  "digit)")
+
+
+def _check_body(template: Any, where: str = "body") -> None:
+    if isinstance(template, str):
+        _check_template(template, where)
+    elif isinstance(template, Mapping):
+        for key, value in template.items():
+            _check_body(value, f"{where}.{key}")
+    elif isinstance(template, list):
+        for i, value in enumerate(template):
+            _check_body(value, f"{where}[{i}]")
+
+
 class HttpTool(SessionUser):
     """An HTTP call as a step.
 
-    url: a template; {field} placeholders are filled from the step input, URL-quoted.
+    url: a template; {field} placeholders are filled from the step input, URL-quoted, and
+      ${ENV_VAR} placeholders from the environment at call time, as they are.
     headers: values may name secrets as ${ENV_VAR}, read from the environment at call time
       (never from the definition, never logged).
-    body: a JSON template for POST/PUT/PATCH ("{field}" alone keeps the value's type).
+    body: a JSON template for POST/PUT/PATCH ("{field}" alone keeps the value's type;
+      ${ENV_VAR} in a string is filled from the environment at call time).
+    A `${` that does not start a well-formed ${ENV_VAR} is a DefinitionError, and an unset
+    variable fails the attempt (not retryable) naming the variable, never its value.
     response: a pydantic model the JSON answer must match.
     max_bytes: the response size cap. follow_redirects: off by default; when on, each hop
       is checked again (at most max_redirects hops), and a hop to another origin carries
@@ -84,6 +130,10 @@ class HttpTool(SessionUser):
                  body: Any = None, response: type[BaseModel] | None = None,
                  max_bytes: int = 1024 * 1024, follow_redirects: bool = False,
                  max_redirects: int = 3, allow: Iterable[str] = ()) -> None:
+        _check_template(url, "url")
+        for name, value in (headers or {}).items():
+            _check_template(value, f"header {name}")
+        _check_body(body)
         self.method = method.upper()
         self.url = url
         self.headers = dict(headers or {})
@@ -102,19 +152,12 @@ class HttpTool(SessionUser):
         return session_factory(self.guard)  # one guarded session per engine and allow-list
 
     def _headers(self) -> dict[str, str]:
-        def secret(match: re.Match[str]) -> str:
-            value = os.environ.get(match.group(1))
-            if value is None:
-                raise ExecutorError(f"the secret {match.group(1)} is not set",
-                                    kind="client_error")
-            return value
-
-        return {name: _ENV.sub(secret, value) for name, value in self.headers.items()}
+        return {name: _ENV.sub(lambda m: _secret(m.group(1)), value)
+                for name, value in self.headers.items()}
 
     async def __call__(self, task: Task) -> Result:
         values = task.input if isinstance(task.input, Mapping) else {"input": task.input}
-        url = re.sub(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}",
-                     lambda m: quote(str(_lookup(values, m.group(1)) or ""), safe=""), self.url)
+        url = _fill_text(self.url, values, lambda text: quote(text, safe=""))
         body = orjson.dumps(_fill_json(self.body, values)) if self.body is not None else None
         headers = {"Content-Type": "application/json", **self._headers()}
         headers.setdefault("Idempotency-Key", task.idempotency_key)

@@ -30,7 +30,9 @@ TRACKING = "rulebound_runs_position"
 class PostgresStore(RecorderStore):
     def __init__(self, *, dbname: str, host: str, port: int, user: str, password: str,
                  schema: str = "public", lock_timeout: int = 5, pool_size: int = 4,
-                 connect_timeout: float = 10.0) -> None:
+                 connect_timeout: float = 3.0) -> None:
+        _probe(host=host, port=port, dbname=dbname, user=user, password=password,
+               timeout=connect_timeout)
         try:
             self.datastore = PostgresDatastore(
                 dbname, host, port, user, password, schema=schema, lock_timeout=lock_timeout,
@@ -186,3 +188,36 @@ class PostgresStore(RecorderStore):
         if not self._closed:
             self.datastore.close()
         super().close()
+
+
+def _probe(*, host: str, port: int, dbname: str, user: str, password: str,
+           timeout: float) -> None:
+    """One direct connection before the pool is built, so that an unreachable or refusing
+    server is a StoreError within `timeout` seconds that names host:port and the cause (the
+    pool would retry for its whole connect timeout and then report only that it gave up)."""
+    import math
+
+    import psycopg
+
+    try:
+        psycopg.connect(host=host, port=port, dbname=dbname, user=user, password=password,
+                        connect_timeout=max(2, math.ceil(timeout))).close()  # libpq's floor: 2 s
+    except psycopg.Error as exc:
+        cause = _cause(exc)
+        message = (f"cannot reach PostgreSQL at {host}:{port} (database {dbname!r}, "
+                   f"user {user!r}): {cause}")
+        refused_for_good = ("authentication failed" in cause or "does not exist" in cause
+                            or "no password supplied" in cause)
+        if isinstance(exc, psycopg.OperationalError) and not refused_for_good:
+            raise StoreUnavailable(message) from None  # the server may come back: transient
+        raise StoreError(message) from None
+
+
+def _cause(exc: BaseException) -> str:
+    """libpq's reason, without its 'connection to server at ... failed:' preamble (which
+    repeats the address) and without its hint lines."""
+    text = " ".join(str(exc).split("\n")[0].split()) or type(exc).__name__
+    for marker in ("failed: ", "connection failed: "):
+        if marker in text:
+            text = text.rsplit(marker, 1)[1]
+    return text[:300]

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from rulebound.adapters.stores import open_store
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,7 +60,7 @@ def test_runs_show_and_explain_work_on_the_demo_store(demo_store: str) -> None:
     (["explain", "12345"], "not a run id"),
     (["runs", "--store", "nosuch://x"], "no store for nosuch:// URLs"),
     (["runs", "--store", "sqlite:////no/such/folder/x.db"], "does not exist"),
-    (["runs", "--store", "postgresql://me:hunter2@127.0.0.1:1/db"], "cannot open PostgreSQL"),
+    (["runs", "--store", "postgresql://me:hunter2@127.0.0.1:1/db"], "cannot reach PostgreSQL"),
     (["show", "x", "--app", "missing_file.py:registry"], "no file"),
     (["show", "x", "--app", "rulebound.adapters.cli:nothing_here"], "has no attribute"),
     (["show", "x", "--app", "no_such_module:registry"], "not found"),
@@ -67,9 +68,8 @@ def test_runs_show_and_explain_work_on_the_demo_store(demo_store: str) -> None:
 ])
 def test_user_mistakes_are_one_line_and_a_non_zero_exit(tmp_path: Path, args: list[str],
                                                         needle: str) -> None:
-    if "--store" not in args:
-        args = [*args, "--store", f"sqlite:///{tmp_path / 'empty.db'}"] if args[0] != "graph" \
-            else args
+    if "--store" not in args and args[0] != "graph":
+        args = [*args, "--store", empty_store(tmp_path)]
     done = rulebound(*args, cwd=tmp_path)
     assert done.returncode != 0
     assert "Traceback" not in done.stderr
@@ -87,8 +87,15 @@ def test_verify_refuses_a_file_that_is_not_json(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
+def empty_store(folder: Path) -> str:
+    """A SQLite store that exists and holds no run (read-only commands refuse a missing one)."""
+    url = f"sqlite:///{folder / 'empty.db'}"
+    open_store(url).close()
+    return url
+
+
 def test_runs_on_an_empty_store_says_so(tmp_path: Path) -> None:
-    done = rulebound("runs", "--store", f"sqlite:///{tmp_path / 'fresh.db'}")
+    done = rulebound("runs", "--store", empty_store(tmp_path))
     assert done.returncode == 0
     assert "0 shown of 0 runs" in done.stdout
 

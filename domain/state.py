@@ -117,10 +117,13 @@ class RunState:
     def to_dict(self) -> dict[str, Any]:
         """Plain data for canonical JSON (datetimes as ISO strings).
 
-        A step's `abandoned` count is left out while it is 0, so the state of every run that
-        never had an attempt re-run serialises exactly as before that count existed.
+        A step's `abandoned` count is left out while it is 0, and `signal_ids` while empty,
+        so the state of every run that never used them serialises exactly as before they
+        existed.
         """
         data = _plain(asdict(self))
+        if not data["signal_ids"]:
+            del data["signal_ids"]
         for step in data["steps"].values():
             if not step["abandoned"]:
                 del step["abandoned"]

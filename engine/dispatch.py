@@ -180,7 +180,7 @@ class Dispatcher:
         if problem is not None:
             # The same output would fail the same way again: not worth a retry.
             self._check_grant(step, task, usage)
-            return self.failure(claim, "invalid_output",
+            return self.failure(claim, "unstorable_output",
                                 f"output cannot be stored: {problem}", False, began,
                                 usage=usage)
         self._check_grant(step, task, usage)

@@ -54,6 +54,7 @@ from .errors import (
     RunTerminal,
 )
 from .executor import ExecutorContext, Task
+from .feed import ENGINE_CLOSED as _ENGINE_CLOSED
 from .feed import Feed
 from .live import LiveRun
 from .metrics import EngineMetrics
@@ -118,9 +119,6 @@ class Engine:
         self.registry = registry or Registry()
         for workflow in workflows:
             self.registry.add(workflow)
-        if executors is not None and not isinstance(executors, Mapping):
-            raise TypeError(f"executors must be a mapping of name to executor, not "
-                            f"{type(executors).__name__} (use {{'name': executor}})")
         self.registry.executors.update(executors or {})
         self.registry.rate_limits.update(rate_limits or {})
         self._store_spec = store
@@ -199,7 +197,8 @@ class Engine:
             if self._recover_on_start:
                 await self._recover()
         except BaseException:
-            await self._stop(opened)
+            # Left as it was: a store the caller handed in stays open for the next try.
+            await self._stop(opened, close_store=isinstance(self._store_spec, str))
             self.state = EngineState.NEW
             raise
         self.state = EngineState.OPEN
@@ -220,11 +219,12 @@ class Engine:
         await self._stop(list(self.registry.executors.values()))
         self.state = EngineState.CLOSED
 
-    async def _stop(self, executors: list[Any]) -> None:
+    async def _stop(self, executors: list[Any], *, close_store: bool = True) -> None:
         """Stop timers, background work, executors and the store threads (never raises)."""
         self.timers.stopped = True
         for run in self.runs_table.live.values():
             self.timers.cancel(run)
+            self.feed.close(run)
         for task in [*self._background, *self._requests]:
             task.cancel()
         await asyncio.gather(*self._background, *self._requests, return_exceptions=True)
@@ -240,7 +240,7 @@ class Engine:
         self._context = ExecutorContext()
         if self._storage is not None:
             with contextlib.suppress(Exception):
-                await self._storage.close()
+                await self._storage.close(close_store=close_store)
         self._storage = None
         self.runs_table.live.clear()
 
@@ -454,6 +454,9 @@ class Engine:
         run_id = _uuid(run_id)
         _check_position(after)
         run = self.runs_table.live.get(run_id)
+        if run is None and not self._read_only and run_id not in self.runs_table.finished:
+            with contextlib.suppress(RunNotFound):
+                run = await self._live_or_none(run_id)  # stored and going: drive it here
         queue: asyncio.Queue[tuple[int, ev.Event]] = asyncio.Queue()
         if run is not None:
             run.watchers.append(queue)
@@ -473,6 +476,9 @@ class Engine:
                 if run.state.terminal and queue.empty() and seen >= run.state.version:
                     return  # ended while we read: nothing more will come
                 seq, event = await queue.get()
+                if seq == _ENGINE_CLOSED:
+                    raise EngineClosed(f"the engine closed while run {run_id} was followed; "
+                                       f"follow it again after event {seen}")
                 if seq <= seen:
                     continue
                 seen = seq
@@ -604,6 +610,11 @@ class Engine:
             log.warning("an older version of %r has model step %r (executor %r) without "
                         "max_tokens: its runs reserve nothing against their token limit",
                         w, step, e)
+
+    @property
+    def attempts_in_flight(self) -> int:
+        """Attempts whose executor is running here now (what a stop would cut off)."""
+        return sum(len(run.attempts) for run in self.runs_table.live.values())
 
     @property
     def followers(self) -> int:
@@ -810,9 +821,13 @@ class Engine:
                         await self._commit(run, [event])
                     return
                 except (StoreError, CorruptRun) as exc:
-                    if isinstance(exc, CorruptRun) or not self._driving:
+                    transient = isinstance(exc, StoreError) and exc.transient
+                    if not transient or not self._driving:
+                        # Trying again cannot help (or the engine is stopping): the run was
+                        # marked for reconciliation, which abandons this attempt and decides
+                        # again once the run can be read.
                         log.error("run %s: the result of %s attempt %d could not be written "
-                                  "(%s); it is abandoned and runs again at the next start",
+                                  "(%s); the attempt will be abandoned and run again",
                                   run.run_id, claim.key, claim.event.attempt, short(exc))
                         return
                     deadline = run.deadline_at

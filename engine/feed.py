@@ -17,6 +17,8 @@ from rulebound.domain.state import RunState
 
 from .live import LiveRun
 
+ENGINE_CLOSED = -1  # the position a follower is handed when the engine stops
+
 # Told of every commit: the run, its state after the commit, and the events committed.
 Listener = Callable[[UUID, RunState, Sequence[ev.Event]], None]
 
@@ -34,6 +36,13 @@ class Feed:
         for queue in run.watchers:
             for n, event in enumerate(events):
                 queue.put_nowait((first_seq + n, event))
+
+    def close(self, run: LiveRun) -> None:
+        """The engine stops: followers stop too (they may follow again elsewhere), and
+        waiters wake to see the run as it is."""
+        for queue in run.watchers:
+            queue.put_nowait((ENGINE_CLOSED, None))  # type: ignore[arg-type]
+        self.end(run)
 
     def end(self, run: LiveRun) -> None:
         """The run ended (or is no longer driven here): wake everyone waiting for it."""

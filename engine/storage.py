@@ -97,7 +97,8 @@ class StoreWorker:
                 target=self._write_loop, name="rulebound-writer", daemon=True)
             self._writer.start()
 
-    async def close(self) -> None:
+    async def close(self, *, close_store: bool = True) -> None:
+        """Stop the threads (after the writes already handed over), then close the store."""
         if self._closed:
             return
         self._closed = True
@@ -105,7 +106,8 @@ class StoreWorker:
             self._queue.put(_STOP)
             await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
         self._readers.shutdown(wait=True)
-        await asyncio.get_running_loop().run_in_executor(None, self.store.close)
+        if close_store:
+            await asyncio.get_running_loop().run_in_executor(None, self.store.close)
 
     # --- writes ---------------------------------------------------------------------
 

@@ -50,7 +50,7 @@ _HOMES: dict[str, str] = {
     "OpenAIChat": "rulebound.adapters.executors.models",
     "AnthropicMessages": "rulebound.adapters.executors.models",
     "HttpTool": "rulebound.adapters.executors.http_tool",
-    "FunctionExecutor": "rulebound.adapters.executors.function",
+    "FunctionExecutor": "rulebound.engine.functions",
     "ScriptedModel": "rulebound.adapters.executors.scripted",
     "Script": "rulebound.adapters.executors.scripted",
     # Errors (the tree is drawn in rulebound.domain.errors).
@@ -64,7 +64,10 @@ _HOMES: dict[str, str] = {
     "RunTerminal": "rulebound.engine.errors",
     "EngineClosed": "rulebound.engine.errors",
     "Overloaded": "rulebound.engine.errors",
+    "Conflict": "rulebound.engine.errors",
+    "IdempotencyConflict": "rulebound.engine.errors",
     "StoreError": "rulebound.engine.store",
+    "StoreUnavailable": "rulebound.engine.store",
     "ConcurrencyConflict": "rulebound.engine.store",
     "AppLoadError": "rulebound.engine.registry",
     # Replaying and property-testing: the pure fold and decider, and the testing aid.
@@ -76,6 +79,7 @@ _HOMES: dict[str, str] = {
     "Simulator": "rulebound.domain.simulator",
     "check_workflow": "rulebound.engine.testing",
     "InvariantViolated": "rulebound.engine.testing",
+    "FaultyStore": "rulebound.engine.faults",
 }
 
 __all__ = list(_HOMES)
@@ -95,7 +99,6 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # the same names, spelled out for type checkers and IDEs
-    from rulebound.adapters.executors.function import FunctionExecutor
     from rulebound.adapters.executors.http_tool import HttpTool
     from rulebound.adapters.executors.models import AnthropicMessages, OpenAIChat
     from rulebound.adapters.executors.scripted import Script, ScriptedModel
@@ -125,7 +128,9 @@ if TYPE_CHECKING:  # the same names, spelled out for type checkers and IDEs
     from rulebound.domain.state import RunState, evolve, replay
     from rulebound.engine.engine import Engine
     from rulebound.engine.errors import (
+        Conflict,
         EngineClosed,
+        IdempotencyConflict,
         InvalidInput,
         Overloaded,
         RunTerminal,
@@ -141,8 +146,10 @@ if TYPE_CHECKING:  # the same names, spelled out for type checkers and IDEs
         Spend,
         Task,
     )
+    from rulebound.engine.faults import FaultyStore
+    from rulebound.engine.functions import FunctionExecutor
     from rulebound.engine.ratelimit import RateLimit
     from rulebound.engine.registry import AppLoadError, Registry
-    from rulebound.engine.store import ConcurrencyConflict, StoreError
+    from rulebound.engine.store import ConcurrencyConflict, StoreError, StoreUnavailable
     from rulebound.engine.testing import InvariantViolated, check_workflow
     from rulebound.engine.views import RunView, StepView

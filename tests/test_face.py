@@ -28,10 +28,11 @@ FACE = {
     # errors
     "RuleboundError", "DefinitionError", "RunNotFound", "CorruptRun", "InvalidEvent",
     "WorkflowNotFound", "InvalidInput", "RunTerminal", "EngineClosed", "Overloaded",
-    "StoreError", "ConcurrencyConflict", "AppLoadError",
+    "StoreError", "StoreUnavailable", "ConcurrencyConflict", "Conflict", "IdempotencyConflict",
+    "AppLoadError",
     # replaying and property-testing
     "Event", "RunState", "evolve", "replay", "decide", "Simulator", "check_workflow",
-    "InvariantViolated",
+    "InvariantViolated", "FaultyStore",
 }
 
 

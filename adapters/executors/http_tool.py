@@ -145,6 +145,14 @@ class HttpTool(SessionUser):
         self.guard = Guard(allow)
         self.session_key = ("http-tool", self.guard.key)
 
+
+    def secret_values(self) -> list[str]:
+        """Values of the ${ENV_VAR}s its templates name, for the engine to scrub from any
+        message it stores."""
+        texts = [self.url, *self.headers.values(), orjson.dumps(self.body).decode()]
+        names = {m.group(1) for text in texts for m in _ENV.finditer(text)}
+        return [v for name in sorted(names) if (v := os.environ.get(name))]
+
     def __repr__(self) -> str:
         return f"HttpTool({self.method} {urlsplit(self.url).netloc})"
 

@@ -164,6 +164,11 @@ class _ModelExecutor(SessionUser):
     def __repr__(self) -> str:  # never the key
         return f"{type(self).__name__}(model={self.model!r}, base_url={self.base_url!r})"
 
+    def secret_values(self) -> list[str]:
+        """The API key, so the engine can scrub it from any message it stores."""
+        key = self._key()
+        return [key] if key else []
+
     def _key(self) -> str | None:
         if self._api_key is not None:
             return self._api_key()

@@ -85,6 +85,13 @@ class EventsHeaders(_Params):
         description="Resume a stream after this position (the `id:` of the last event seen).")
 
 
+class SignalHeaders(_Params):
+    idempotency_key: Key | None = Field(
+        default=None, alias="Idempotency-Key",
+        description="The signal's dedup id: the same key again records nothing more and is "
+                    "answered as the first request was (409 if it named another signal).")
+
+
 class SignalPath(_Params):
     run_id: UUID
     name: Name

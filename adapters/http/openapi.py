@@ -139,7 +139,8 @@ def document(security: bool) -> dict[str, Any]:
                     **_errors(*auth, 404, 503)}}},
             "/v1/runs/{run_id}/signals/{name}": {"post": {
                 "operationId": "signalRun",
-                "parameters": parameters(m.SignalPath, "path"),
+                "parameters": [*parameters(m.SignalPath, "path"),
+                               *parameters(m.SignalHeaders, "header")],
                 "requestBody": _body(None, False),
                 "responses": {"202": _json(_ref(m.Accepted), "Signal recorded"),
                               **_errors(400, *auth, 404, 409, 413, 415, 422, 503)}}},

@@ -35,6 +35,7 @@ from rulebound.engine import Engine
 from rulebound.engine.errors import (
     Conflict,
     EngineClosed,
+    IdempotencyConflict,
     InvalidInput,
     Overloaded,
     RunTerminal,
@@ -42,7 +43,7 @@ from rulebound.engine.errors import (
 )
 from rulebound.engine.executor import ExecutorError, PermanentError, RetryableError
 from rulebound.engine.registry import AppLoadError
-from rulebound.engine.store import ConcurrencyConflict, StoreError
+from rulebound.engine.store import ConcurrencyConflict, StoreError, StoreUnavailable
 from rulebound.engine.testing import InvariantViolated
 
 from . import models
@@ -105,6 +106,9 @@ ERROR_STATUS: dict[type[Exception], Status] = {
     EngineClosed: Status(503, "unavailable", headers={"Retry-After": "5"}),
     StoreError: Status(503, "store_unavailable", show=False,
                        headers={"Retry-After": str(STORE_RETRY_AFTER)}),
+    StoreUnavailable: Status(503, "store_unavailable", show=False,
+                             headers={"Retry-After": str(STORE_RETRY_AFTER)}),
+    IdempotencyConflict: Status(409, "idempotency_conflict"),
     CorruptRun: Status(500, "corrupt_run"),
     # not a client's doing: a bug or the server's own configuration
     DefinitionError: Status(500, "internal", show=False),
@@ -367,7 +371,7 @@ class Api:
             if not events:
                 await self.engine.get(run_id)  # nothing after `after`, or no such run (404)
             return _json([{"seq": after + i, **e.model_dump(mode="json")}
-                          for i, e in enumerate(events, start=1)])
+                          for i, e in enumerate(events, start=1)])  # positions have no gaps
         await self.engine.get(run_id)  # 404 before the stream starts
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                "Cache-Control": "no-cache"})
@@ -382,10 +386,9 @@ class Api:
     async def _stream(self, response: web.StreamResponse, run_id: UUID, after: int) -> None:
         """Write events as they come; on a quiet stream, a keepalive comment every
         `self.keepalive` seconds (which is also how a vanished client is noticed)."""
-        events = self.engine.watch(run_id, after=after)
+        events = self.engine.follow(run_id, after=after)
         pending: asyncio.Task[Any] | None = None
         closing = asyncio.ensure_future(self.closing.wait())
-        seq = after
         try:
             while True:
                 if pending is None:
@@ -399,10 +402,9 @@ class Api:
                     continue
                 task, pending = pending, None
                 try:
-                    event = task.result()
+                    seq, event = task.result()  # seq: the event's stored position
                 except StopAsyncIteration:
                     return
-                seq += 1
                 data = orjson.dumps({"seq": seq, **event.model_dump(mode="json")})
                 await response.write(b"id: %d\nevent: %s\ndata: %s\n\n" % (
                     seq, event.type.encode(), data))
@@ -419,8 +421,10 @@ class Api:
 
     async def signal(self, request: web.Request) -> web.Response:
         path = _path(request, models.SignalPath)
+        key = _headers(request, models.SignalHeaders).idempotency_key
         payload = await _body(request, required=False)
-        await self._live(path.run_id, self.engine.signal(path.run_id, path.name, payload))
+        await self._live(path.run_id, self.engine.signal(path.run_id, path.name, payload,
+                                                         id=key))
         return _answer(models.Accepted, {"run_id": path.run_id}, 202)
 
     async def cancel(self, request: web.Request) -> web.Response:
@@ -454,16 +458,36 @@ class Api:
         return _json(document(security=self.token is not None))
 
     async def metrics(self, request: web.Request) -> web.Response:
-        m = self.engine.metrics
-        counts = await self.engine.count_runs()
-        lines = ["# HELP rulebound_runs Runs by status (read model).",
-                 "# TYPE rulebound_runs gauge"]
-        for status in _STATUSES:
-            lines.append(f'rulebound_runs{{status="{status}"}} {counts.get(status, 0)}')
+        m, engine = self.engine.metrics, self.engine
+        lines: list[str] = []
+        try:  # the read model lives in the store: during an outage, the rest still answers
+            counts = await engine.count_runs()
+        except StoreError:
+            counts = None
+        if counts is not None:
+            lines += ["# HELP rulebound_runs Runs by status (read model).",
+                      "# TYPE rulebound_runs gauge"]
+            for status in _STATUSES:
+                lines.append(f'rulebound_runs{{status="{status}"}} {counts.get(status, 0)}')
         lines += [
+            "# HELP rulebound_store_up Whether the event store answered this scrape.",
+            "# TYPE rulebound_store_up gauge",
+            f"rulebound_store_up {int(counts is not None)}",
             "# HELP rulebound_active_runs Runs in flight in this engine.",
             "# TYPE rulebound_active_runs gauge",
-            f"rulebound_active_runs {self.engine.active_runs}",
+            f"rulebound_active_runs {engine.active_runs}",
+            "# HELP rulebound_attempts_in_flight Attempts whose executor is running now.",
+            "# TYPE rulebound_attempts_in_flight gauge",
+            f"rulebound_attempts_in_flight {engine.attempts_in_flight}",
+            "# HELP rulebound_results_pending Results kept while the store does not answer.",
+            "# TYPE rulebound_results_pending gauge",
+            f"rulebound_results_pending {engine.results_pending}",
+            "# HELP rulebound_quarantined_runs Runs whose log cannot be folded (see the log).",
+            "# TYPE rulebound_quarantined_runs gauge",
+            f"rulebound_quarantined_runs {len(engine.quarantined)}",
+            "# HELP rulebound_followers Callers following live runs' events.",
+            "# TYPE rulebound_followers gauge",
+            f"rulebound_followers {engine.followers}",
             "# HELP rulebound_attempts_total Attempts that reported a result.",
             "# TYPE rulebound_attempts_total counter",
             f"rulebound_attempts_total {m.attempts}",

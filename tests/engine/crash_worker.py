@@ -23,7 +23,9 @@ STEPS = 150  # long enough that 20 kills land mid-run (~19 s of work per run), n
 
 def _step(i: int) -> Step | Parallel | WaitForSignal:
     name, nxt = f"s{i}", f"s{i + 1}" if i + 1 < STEPS else "$end"
-    retry = Retry(attempts=100, backoff=0.001, max_backoff=0.01)
+    # The README's shape: a crash is not among the kinds it retries, and needs not be.
+    retry = Retry(attempts=100, backoff=0.001, max_backoff=0.01,
+                  on=("rate_limited", "server_error"))
     if i % 10 == 5:
         return Parallel(name, next=nxt, branches=tuple(
             Step(f"{name}{b}", executor="work", timeout=30, retry=retry) for b in "ab"))

@@ -606,13 +606,17 @@ async def test_values_json_cannot_hold_are_refused_not_crashed(store_url: str) -
         return {"n": 2**70}
 
     wf = Workflow("huge", on_failure=FAIL, steps=[Step("s", executor="huge",
-                                                       retry=Retry(attempts=1))])
+                                                       retry=Retry(attempts=3, backoff=0))])
     async with Engine(store_url, [wf], {"huge": huge}) as engine:
         with pytest.raises(InvalidInput, match="JSON"):
             await engine.start("huge", {"n": 2**70})
-        view = await engine.wait(await engine.start("huge", {}), timeout=5)
+        run_id = await engine.start("huge", {})
+        view = await engine.wait(run_id, timeout=5)
         assert view.status == "failed"
-        assert view.error_type == "invalid_output"
+        assert view.error_type == "unstorable_output"
+        # The same output would fail the same way: one attempt, no retries spent on it.
+        failed = [e for e in await engine.events(run_id) if e.type == "AttemptFailed"]
+        assert len(failed) == 1 and not failed[0].retryable  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("after", [-1, 2**63, 2**64, 1.5, "3", True])

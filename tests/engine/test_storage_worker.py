@@ -23,12 +23,7 @@ from rulebound.engine.store import (
 )
 
 
-@pytest.fixture(params=["memory-inline", "memory-threaded", "sqlite",
-                        pytest.param("postgres", marks=pytest.mark.postgres)])
-async def faulty(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[FaultyStore]:
-    """A real store in the fault layer; the in-memory one both inline (as the engine calls
-    it) and on the writer thread (where writes are grouped)."""
-    kind = str(request.param)
+def _faulty(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> FaultyStore:
     if kind.startswith("memory"):
         url = "memory://"
     elif kind == "sqlite":
@@ -38,8 +33,30 @@ async def faulty(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     store = FaultyStore(open_store(url), seed=1,
                         blocking=True if kind == "memory-threaded" else None)
     assert store.blocking == (kind != "memory-inline")
+    return store
+
+
+@pytest.fixture(params=["memory-inline", "memory-threaded", "sqlite",
+                        pytest.param("postgres", marks=pytest.mark.postgres)])
+async def faulty(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[FaultyStore]:
+    """A real store in the fault layer; the in-memory one both inline (as the engine calls
+    it) and on the writer thread (where writes are grouped)."""
+    store = _faulty(str(request.param), request, tmp_path)
     yield store
     store.close()
+
+
+@pytest.fixture(params=["memory-threaded", "sqlite",
+                        pytest.param("postgres", marks=pytest.mark.postgres)])
+async def grouping(request: pytest.FixtureRequest, tmp_path: Path
+                   ) -> AsyncIterator[tuple[FaultyStore, StoreWorker]]:
+    """A store called from the writer thread, where writes queued together share one
+    transaction (inline writes are never grouped), with its worker."""
+    store = _faulty(str(request.param), request, tmp_path)
+    worker = StoreWorker(store)
+    worker.start()
+    yield store, worker
+    await worker.close()
 
 
 @pytest.fixture
@@ -71,10 +88,9 @@ async def test_an_append_whose_acknowledgement_is_lost_succeeds_and_is_stored_on
 
 
 async def test_lost_acknowledgements_in_a_group_commit_are_all_successes(
-    faulty: FaultyStore, worker: StoreWorker,
+    grouping: tuple[FaultyStore, StoreWorker],
 ) -> None:
-    if not faulty.blocking:
-        pytest.skip("inline writes are never grouped")
+    faulty, worker = grouping
     faulty.hold()  # queue writes behind a held one so that they go in together
     first = asyncio.ensure_future(worker.append(recs(uuid4())))
     assert await asyncio.to_thread(faulty.wait_held)
@@ -106,10 +122,9 @@ async def test_another_writers_different_bytes_are_a_real_conflict(
 
 
 async def test_a_conflict_in_a_group_commit_hurts_only_its_run(
-    faulty: FaultyStore, worker: StoreWorker,
+    grouping: tuple[FaultyStore, StoreWorker],
 ) -> None:
-    if not faulty.blocking:
-        pytest.skip("inline writes are never grouped")
+    faulty, worker = grouping
     taken = uuid4()
     await worker.append(recs(taken, 1, 1, tag="theirs"))
     faulty.hold()

@@ -142,3 +142,17 @@ def test_executors_do_not_show_keys_in_their_repr() -> None:
     assert CANARY not in str(vars(model).get("_api_key_env"))
 
 
+
+
+def test_every_shipped_executor_declares_its_secret_for_the_engine_to_scrub(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The engine scrubs what executors declare from every failure message it stores: a
+    # shipped executor that held a key without declaring it would escape that net.
+    monkeypatch.setenv("RB_CANARY_KEY", CANARY)
+    assert OpenAIChat("m", price=(0, 0), api_key_env="RB_CANARY_KEY").secret_values() == [
+        CANARY]
+    assert AnthropicMessages("m", price=(0, 0), api_key_env="RB_CANARY_KEY"
+                             ).secret_values() == [CANARY]
+    tool = HttpTool("POST", "https://api.example.com/x",
+                    headers={"Authorization": "Bearer ${RB_CANARY_KEY}"})
+    assert tool.secret_values() == [CANARY]

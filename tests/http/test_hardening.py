@@ -349,3 +349,73 @@ async def test_answers_match_their_documented_schemas(live: Live) -> None:
         assert status == 200, (path, body)
         required = set(schemas[name].get("required", ()))
         assert required <= set(body), (path, required - set(body))
+
+
+# --- retries of ambiguous requests: keys and ids --------------------------------------------
+
+async def test_a_signal_sent_twice_with_one_idempotency_key_is_recorded_once(live: Live) -> None:
+    run_id = await live.waiting_run()
+    status, body, _ = await live.call("POST", f"/v1/runs/{run_id}/signals/stop")
+    assert status == 422 and "no step waiting for signal 'stop'" in body["error"]["message"]
+    for _ in range(2):  # the client did not trust the first answer
+        status, _, _ = await live.call("POST", f"/v1/runs/{run_id}/signals/go", json={},
+                                       headers={"Idempotency-Key": "approval-7"})
+        assert status == 202
+    status, body, _ = await live.call("POST", f"/v1/runs/{run_id}/signals/stop",
+                                      headers={"Idempotency-Key": "approval-7"})
+    assert status == 409 and "'approval-7'" in body["error"]["message"]  # another signal
+    view = await live.engine.wait(run_id, timeout=10)
+    assert view.status == "completed"
+    types = [e.type for e in await live.engine.events(run_id)]
+    assert types.count("SignalReceived") == 1
+
+
+async def test_an_idempotency_key_reused_with_another_input_is_409(live: Live) -> None:
+    body = {"workflow": "echo", "input": {"n": 1}}
+    headers = {"Idempotency-Key": "order-1"}
+    first, _, _ = await live.call("POST", "/v1/runs", json=body, headers=headers)
+    again, _, _ = await live.call("POST", "/v1/runs", json=body, headers=headers)
+    other, answer, _ = await live.call("POST", "/v1/runs", json={**body, "input": {"n": 2}},
+                                       headers=headers)
+    assert (first, again, other) == (201, 200, 409)
+    assert answer["error"]["type"] == "idempotency_conflict"
+    assert "'order-1'" in answer["error"]["message"]
+
+
+async def test_event_stream_ids_are_stored_positions(live: Live) -> None:
+    run_id = await live.waiting_run()
+    stored = await live.engine.events(run_id)
+    # Resume after event 1 of a waiting run: the ids continue from the stored positions.
+    async with live.session.get(f"{live.base}/v1/runs/{run_id}/events?follow=1",
+                                headers={"Last-Event-ID": "1"}) as resp:
+        first = (await asyncio.wait_for(resp.content.readline(), 5)).decode()
+    assert first == "id: 2\n" and len(stored) >= 2
+
+
+async def test_metrics_answer_during_a_store_outage_and_show_the_kept_results() -> None:
+    store = rulebound.FaultyStore(open_store("memory://"), blocking=True, announce=None)
+
+    async def during_an_outage(task: Task) -> Any:
+        store.outage(60)
+        return {"ok": True}
+
+    wf = Workflow("outage", on_failure=FAIL, steps=[Step("s", executor="o")])
+    async with Engine(store, [wf], {"o": during_an_outage}) as engine:
+        runner = web.AppRunner(create_app(engine))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        run_id = await engine.start("outage")
+        async with asyncio.timeout(10):
+            while engine.results_pending == 0:  # noqa: ASYNC110 (the engine's own gauge)
+                await asyncio.sleep(0.01)
+        async with aiohttp.ClientSession() as session, session.get(
+                f"http://{host}:{port}/metrics") as resp:
+            text = await resp.text()
+        assert resp.status == 200
+        assert "rulebound_store_up 0" in text and "rulebound_results_pending 1" in text
+        store.heal()
+        assert (await engine.wait(run_id, timeout=10)).status == "completed"
+        assert engine.results_pending == 0
+        await runner.cleanup()

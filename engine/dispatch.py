@@ -54,7 +54,7 @@ class Dispatcher:
     """Slots for attempts executing at once, and the rate limits of executors."""
 
     def __init__(self, *, slots: int, clock: Clock, worker: str, metrics: EngineMetrics,
-                 wake: Callable[[UUID], None]) -> None:
+                 wake: Callable[[UUID], bool]) -> None:
         self.capacity = slots
         self.free = slots
         self.worker = worker
@@ -129,8 +129,8 @@ class Dispatcher:
         woken = 0
         while self.waiting and woken < self.free:
             run_id, _ = self.waiting.popitem(last=False)
-            self._wake(run_id)
-            woken += 1
+            if self._wake(run_id):  # a run no longer here takes no slot from the budget
+                woken += 1
 
     # --- calling the executor -----------------------------------------------------------
 

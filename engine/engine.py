@@ -26,11 +26,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import os
 import secrets
 import socket
 from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, TypeVar
 from uuid import UUID, uuid4, uuid5
@@ -55,14 +57,16 @@ from .errors import (
 )
 from .executor import ExecutorContext, Task
 from .feed import ENGINE_CLOSED as _ENGINE_CLOSED
+from .feed import RUN_RETIRED as _RUN_RETIRED
 from .feed import Feed
 from .live import LiveRun
 from .metrics import EngineMetrics
+from .ownership import Ownership
 from .ratelimit import RateLimit
 from .registry import Registry
 from .runs import RunTable
 from .storage import StoreWorker
-from .store import ConcurrencyConflict, EventStore, Record, RunRow, StoreError
+from .store import ConcurrencyConflict, EventStore, Fenced, Record, RunRow, StoreError
 from .stores import open_store
 from .timers import Timers
 from .turns import Turns
@@ -97,6 +101,9 @@ class Engine:
       without using one of the step's retries).
     read_only: inspect a store (get, events, explain, runs) without running anything: no
       recovery, no executors needed; start, signal and cancel are refused.
+    lease_time: on a store shared by several engines (PostgreSQL), the seconds a shard lease
+      lasts: another engine takes a dead engine's runs within about this time. A SQLite file
+      takes one writing engine: a second one is refused at open (StoreInUse).
     """
 
     def __init__(
@@ -115,6 +122,7 @@ class Engine:
         drain_timeout: float = 10.0,
         keep_finished: int = 10_000,
         read_only: bool = False,
+        lease_time: float = 10.0,
     ) -> None:
         self.registry = registry or Registry()
         for workflow in workflows:
@@ -145,6 +153,11 @@ class Engine:
         self._id_count = 0
         self._limits: dict[str, dict[str, Any]] = {}
         self.results_pending = 0  # results waiting for the store to come back
+        self._lease_time = lease_time
+        self.ownership: Ownership | None = None  # None: one engine owns every run
+        self._leaving: dict[int, float] = {}  # shards being handed over -> since (monotonic)
+        self._coordination: ThreadPoolExecutor | None = None  # leases and the change feed
+        self._feed_position = 0
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -194,6 +207,8 @@ class Engine:
                     opened.append(executor)
             self._project_wanted = asyncio.Event()
             self._spawn(self._project_loop())
+            if not self._read_only:
+                await self._claim_store(store)
             if self._recover_on_start:
                 await self._recover()
         except BaseException:
@@ -208,14 +223,17 @@ class Engine:
         if self.state is not EngineState.OPEN:
             return
         self.state = EngineState.CLOSING
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._drain_timeout
         if self._requests:  # requests already taken finish first: their writes are owned
             await asyncio.wait(list(self._requests), timeout=self._drain_timeout)
-        in_flight = [t for run in self.runs_table.live.values() for t in run.attempts.values()]
-        if in_flight:
-            _done, pending = await asyncio.wait(in_flight, timeout=self._drain_timeout)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        # Attempts launched while we drain (a result's write that also started the next
+        # step) are waited for too, until none is left or the one deadline passes.
+        while in_flight := self._attempt_tasks():
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            await asyncio.wait(in_flight, timeout=left)
         await self._stop(list(self.registry.executors.values()))
         self.state = EngineState.CLOSED
 
@@ -225,9 +243,23 @@ class Engine:
         for run in self.runs_table.live.values():
             self.timers.cancel(run)
             self.feed.close(run)
+        attempts = self._attempt_tasks()
+        for task in attempts:  # cut off: the next engine abandons and re-runs them
+            task.cancel()
+        await asyncio.gather(*attempts, return_exceptions=True)
         for task in [*self._background, *self._requests]:
             task.cancel()
         await asyncio.gather(*self._background, *self._requests, return_exceptions=True)
+        if self.ownership is not None and self._storage is not None:
+            # A graceful stop hands the shards over at once instead of letting them expire.
+            with contextlib.suppress(Exception):
+                await self._coordinate(self._storage.store.lease_cycle,  # type: ignore[attr-defined]
+                                       self.worker, self._lease_time, {}, leaving=True)
+        self.ownership = None
+        self._leaving.clear()
+        if self._coordination is not None:
+            self._coordination.shutdown(wait=False, cancel_futures=True)
+            self._coordination = None
         if self._storage is not None:
             with contextlib.suppress(Exception):
                 await self._storage.project()
@@ -243,6 +275,10 @@ class Engine:
                 await self._storage.close(close_store=close_store)
         self._storage = None
         self.runs_table.live.clear()
+
+    def _attempt_tasks(self) -> list[asyncio.Task[None]]:
+        return [t for run in self.runs_table.live.values() for t in run.attempts.values()
+                if not t.done()]
 
     def _secret_values(self) -> tuple[str, ...]:
         """Values no stored message may contain: what executors declare as their secrets."""
@@ -270,7 +306,15 @@ class Engine:
         task = asyncio.get_running_loop().create_task(coro)
         self._requests.add(task)
         task.add_done_callback(_finished_request(self._requests))
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled() and not _being_cancelled():
+                # Not our caller's cancellation: the engine stopped before finishing it.
+                raise EngineClosed("the engine stopped before this request finished; its "
+                                   "outcome is unknown (retry it with the same key or id)"
+                                   ) from None
+            raise
 
     @property
     def storage(self) -> StoreWorker:
@@ -367,11 +411,13 @@ class Engine:
             # Another engine created the same idempotent run first: take up what it wrote,
             # and hand over whoever already waits for this run.
             self.runs_table.live.pop(run_id, None)
+            self.timers.cancel(run)
             self.feed.hand_over(run, await self._take_up(run_id))
             return False
         except BaseException:
             if run.state.version == 0:
                 self.runs_table.live.pop(run_id, None)
+                self.timers.cancel(run)  # this object no longer stands for the run
                 # The write's outcome is unknown: if it landed, the run exists; settle that
                 # now (after every write handed over before), so the run is driven or gone.
                 self._spawn(self._take_up_if_stored(run))
@@ -379,17 +425,27 @@ class Engine:
         return True
 
     async def _take_up_if_stored(self, old: LiveRun) -> None:
+        """A start whose first write failed: is the run stored after all? Ask until the store
+        answers (the write may have landed), then drive it or let its waiters go."""
         run: LiveRun | None = None
+        delay = 0.1
         try:
-            async with self.runs_table.alone_with(old.run_id):
-                await self.storage.barrier()  # every write handed over before is settled
-                run = await self._take_up(old.run_id)
-        except RunNotFound:
-            pass  # the write did not land: there is no run
+            while self._driving:
+                try:
+                    async with self.runs_table.alone_with(old.run_id):
+                        await self.storage.barrier()  # writes handed over before are settled
+                        run = await self._take_up(old.run_id)
+                    return
+                except RunNotFound:
+                    return  # the write did not land: there is no run
+                except StoreError as exc:
+                    if not exc.transient:
+                        raise
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _RESULT_BACKOFF_MAX)
         except Exception as exc:
             log.warning("run %s: cannot check whether its failed start landed (%s); the "
-                        "next engine start recovers it if it did", old.run_id,
-                        type(exc).__name__)
+                        "next engine start recovers it if it did", old.run_id, short(exc))
         finally:
             self.feed.hand_over(old, run)
 
@@ -417,7 +473,8 @@ class Engine:
         state = self.runs_table.finished.get(run_id)
         if state is None:
             state, _hash, _ = await self.runs_table.load(self.storage, run_id)
-        return RunView.of(run_id, state)
+        return RunView.of(run_id, state, waiting_for=_waiting_for(
+            self.registry.by_hash(state.definition_hash), state))
 
     async def wait(
         self,
@@ -427,6 +484,10 @@ class Engine:
         """Wait until the run ends (or is held); raises TimeoutError after `timeout` s."""
         run_id = _uuid(run_id)
         run = self.runs_table.live.get(run_id)
+        if run is None and self.ownership is not None and self.state is EngineState.OPEN and (
+                run_id not in self.runs_table.finished):
+            with contextlib.suppress(RunNotFound):  # another engine's run: follow its end here
+                run = await self._live_or_none(run_id)
         if run is None or run.state.terminal or run.held:
             return await self.get(run_id)
         await self.feed.wait(run, timeout)
@@ -479,6 +540,9 @@ class Engine:
                 if seq == _ENGINE_CLOSED:
                     raise EngineClosed(f"the engine closed while run {run_id} was followed; "
                                        f"follow it again after event {seen}")
+                if seq == _RUN_RETIRED:
+                    raise self.runs_table.quarantined.get(run_id) or RunNotFound(
+                        f"run {run_id} can no longer be followed")
                 if seq <= seen:
                     continue
                 seen = seq
@@ -642,14 +706,18 @@ class Engine:
         if waiter is not None:
             await waiter  # let through by the turn's end: this iteration's turn counts it
             self.turns.admitted()
-        if run.dirty:
+        owned = self._owns(run.run_id)
+        if run.dirty or (not owned and run.state.version):  # another's run moves without us
             await self._reload(run)
         if run.definition is None or run.held or run.state.terminal:
             return
+        if not owned:
+            await self._append_request(run, triggers)
+            return
         now = self._clock.now()
-        if run.reconcile:
+        reconciling = run.reconcile
+        if reconciling:  # cleared once the write that settles them has landed
             triggers = [*run.orphaned_attempts(now), *triggers]
-            run.reconcile = False
         state = run.state
         if not triggers:
             # A wake-up with no new fact: time itself is the trigger. Record which timers
@@ -659,7 +727,7 @@ class Engine:
         for event in triggers:
             state = evolve(state, event)
         decided, state = advance(run.definition, state, now)
-        if self.state is EngineState.CLOSING:
+        if self.state is EngineState.CLOSING or self._handing_over(run.run_id):
             claimed: list[Claim] = []
         else:
             claimed, state = self.dispatch.claim(run, state, now)
@@ -685,8 +753,19 @@ class Engine:
             stamps.append((event_id, prev))
             records.append(_tuple_new(Record, (run_id, seq, event.type, data)))
         self._id_count = count
+        fence = self.ownership.fence(run_id) if self.ownership is not None else None
         try:
-            await self.storage.append(records)
+            await self.storage.append(records, fence)
+        except Fenced as exc:
+            self.dispatch.unclaim(claimed)
+            run.dirty = True
+            log.warning("run %s: this engine no longer owns its shard; the write was refused "
+                        "(fenced) and the run is left to its new owner", run_id)
+            self._lose(set(exc.shards))
+            if all(t.type in _REQUEST_EVENTS for t in triggers):
+                await self._append_request(run, triggers)  # a request stands: append it
+                return
+            raise
         except BaseException:
             self.dispatch.unclaim(claimed)
             run.dirty = True  # the write may or may not have landed: read back before use
@@ -695,16 +774,26 @@ class Engine:
             raise
         run.state = state
         run.last_hash = prev
+        if reconciling:
+            run.reconcile = False
         self.metrics.commits += 1
         self._after_commit(run, batch, stamps, claimed)
 
     def _after_commit(self, run: LiveRun, batch: list[ev.Event], stamps: list[tuple[str, str]],
                       claimed: list[Claim]) -> None:
-        if run.watchers:
-            stamped = [codec.stamped(e, i, h) for e, (i, h) in zip(batch, stamps, strict=True)]
-            self.feed.publish(run, run.state.version - len(batch) + 1, stamped)
-        if self.feed.listeners:
-            self.feed.committed(run, batch)
+        if not run.state.terminal:  # first of all, what the write promised: its attempts run
+            loop = asyncio.get_running_loop()
+            for claim in claimed:
+                run.attempts[claim.key] = loop.create_task(self._attempt(run, claim))
+        try:
+            if run.watchers:
+                stamped = [codec.stamped(e, i, h)
+                           for e, (i, h) in zip(batch, stamps, strict=True)]
+                self.feed.publish(run, run.state.version - len(batch) + 1, stamped)
+            if self.feed.listeners:
+                self.feed.committed(run, batch)
+        except Exception:  # an observer's failure must not leave the run undriven
+            log.exception("run %s: a follower or listener failed", run.run_id)
         metrics = self.metrics
         for event in batch:
             kind = event.type
@@ -722,10 +811,49 @@ class Engine:
         if run.state.terminal:
             self._finish(run)
             return
-        loop = asyncio.get_running_loop()
-        for claim in claimed:
-            run.attempts[claim.key] = loop.create_task(self._attempt(run, claim))
         self.timers.arm(run)  # after the write: read the clock again
+        if self.dispatch.waiting and self.dispatch.free > 0:
+            self.dispatch.wake_waiting()
+
+    async def _append_request(self, run: LiveRun, triggers: list[ev.Event]) -> None:
+        """Append a request's events to a run another engine owns: no decisions here (the
+        owner decides, told by the change feed). A conflict means the log moved: reload and
+        place the request after what is there, as long as the run is still going."""
+        if not triggers:
+            return
+        for _ in range(10):
+            prev, seq, records, stamped = run.last_hash, run.state.version, [], []
+            for event in triggers:
+                seq += 1
+                self._id_count += 1
+                event_id = f"{self._id_prefix}{self._id_count:012x}"
+                prev, data = codec.stamp(event, event_id, prev)
+                records.append(Record(run.run_id, seq, event.type, data))
+                stamped.append(codec.stamped(event, event_id, prev))
+            try:
+                await self.storage.append(records)
+            except ConcurrencyConflict:
+                await self._reload(run)
+                if run.state.terminal:
+                    raise RunTerminal(f"run {run.run_id} has ended ({run.state.status})"
+                                      ) from None
+                continue
+            except BaseException:
+                run.dirty = True
+                raise
+            state = run.state
+            for event in triggers:
+                state = evolve(state, event)
+            first = run.state.version + 1
+            run.state, run.last_hash = state, prev
+            self.metrics.commits += 1
+            if run.watchers:
+                self.feed.publish(run, first, stamped)
+            if triggers[0].type == "RunStarted":
+                self._poke_projector()
+            return
+        raise ConcurrencyConflict(f"run {run.run_id}: its log kept moving; try again",
+                                  [run.run_id])
 
     def _finish(self, run: LiveRun) -> None:
         self.timers.cancel(run)
@@ -738,8 +866,9 @@ class Engine:
         self.runs_table.ended(run)
 
     async def _refresh(self, run: LiveRun) -> None:
-        """Under the run's lock: if its stored tail is unknown, read it back first."""
-        if run.dirty:
+        """Under the run's lock: if its stored tail is unknown (or another engine writes
+        it), read it back first."""
+        if run.dirty or not self._owns(run.run_id):
             await self._reload(run)
 
     async def _reload(self, run: LiveRun) -> None:
@@ -749,8 +878,13 @@ class Engine:
         commit reconciles them.
         """
         before = run.state.version
-        state, last_hash, found = await self.runs_table.load(
-            self.storage, run.run_id, before, run.state, run.last_hash)
+        await self.storage.barrier()  # a write of ours still in the writer lands first
+        try:
+            state, last_hash, found = await self.runs_table.load(
+                self.storage, run.run_id, before, run.state, run.last_hash)
+        except CorruptRun as exc:
+            self._retire(run, exc)
+            raise
         run.state, run.last_hash, run.dirty = state, last_hash, False
         run.reconcile = True
         if found:
@@ -758,10 +892,23 @@ class Engine:
         if state.terminal:
             self._finish(run)
 
+    def _retire(self, run: LiveRun, problem: CorruptRun) -> None:
+        """A run whose log can no longer be folded: quarantined, never driven again; whoever
+        waits for it or follows it is told (get and follow raise the problem)."""
+        log.error("quarantined: %s", problem)
+        self.runs_table.quarantine(run.run_id, problem)
+        self.timers.cancel(run)
+        current = asyncio.current_task()
+        for task in run.attempts.values():
+            if task is not current:
+                task.cancel()
+        self.dispatch.waiting.pop(run.run_id, None)
+        self.feed.retire(run)
+
     async def _reconcile(self, run: LiveRun) -> None:
         """Bring a run's log in line with what really runs here, and re-arm its timer."""
         async with run.lock:
-            if run.state.terminal or run.held:
+            if run.state.terminal or run.held or not self._owns(run.run_id):
                 return
             run.reconcile = True
             await self._commit(run, [])
@@ -789,15 +936,19 @@ class Engine:
         except asyncio.CancelledError:
             claim.release()  # no-op once the call was made
             dispatch.release_slot()
-            run.attempts.pop(claim.key, None)
+            _forget_attempt(run, claim.key)
             raise
         except Exception as exc:  # a bug in building the task: record it, never crash the loop
             event = dispatch.failure(claim, "error", short(exc), False, began)
         dispatch.release_slot()
         try:
             await self._deliver(run, claim, event)
+        except Exception as exc:  # never an unretrieved task exception
+            log.error("run %s: the result of %s attempt %d was not delivered: %s",
+                      run.run_id, claim.key, claim.event.attempt, short(exc))
         finally:
-            run.attempts.pop(claim.key, None)
+            # Only this attempt's own entry: the same commit may have launched its retry.
+            _forget_attempt(run, claim.key)
 
     async def _deliver(self, run: LiveRun, claim: Claim, event: ev.Event) -> None:
         """Write an attempt's result; while the store is down, keep it and try again.
@@ -816,7 +967,9 @@ class Engine:
                         current = run.state.steps.get(claim.key)
                         if (run.state.terminal or current is None
                                 or current.status != "running"
-                                or current.attempt != claim.event.attempt):
+                                or current.attempt != claim.event.attempt
+                                or run.attempts.get(claim.key) is not asyncio.current_task()
+                                or self.runs_table.live.get(run.run_id) is not run):
                             return  # a late result for an attempt the run no longer waits for
                         await self._commit(run, [event])
                     return
@@ -850,21 +1003,26 @@ class Engine:
     # --- time ------------------------------------------------------------------------------
 
     def _on_timer(self, run: LiveRun) -> None:
-        if self._driving:
+        if self._driving and self.runs_table.live.get(run.run_id) is run:
             self._spawn(self._wake(run))
 
-    def _wake_by_id(self, run_id: UUID) -> None:
+    def _wake_by_id(self, run_id: UUID) -> bool:
         run = self.runs_table.live.get(run_id)
-        if run is not None:
-            self._spawn(self._wake(run))
+        if run is None or run.state.terminal:
+            return False
+        self._spawn(self._wake(run))
+        return True
 
     async def _wake(self, run: LiveRun) -> None:
         self.metrics.wakes += 1
         async with run.lock:
-            if run.definition is None or run.state.terminal or not self._driving:
-                return
+            if (run.definition is None or run.state.terminal or not self._driving
+                    or self.runs_table.live.get(run.run_id) is not run):
+                return  # ended, stopped, or no longer the object that stands for the run
             try:
                 await self._commit(run, [])  # adds TimerFired for whatever came due
+            except (RunNotFound, CorruptRun) as exc:
+                log.error("run %s: cannot be woken (%s)", run.run_id, short(exc))
             except Exception as exc:
                 log.warning("run %s: wake-up failed (%s); will retry", run.run_id,
                             type(exc).__name__)
@@ -890,6 +1048,8 @@ class Engine:
             log.info("recovering %d unfinished runs", len(run_ids))
         gate = asyncio.Semaphore(16)
 
+        run_ids = [r for r in run_ids if self._owns(r)]
+
         async def recover_one(run_id: UUID) -> None:
             async with gate:
                 try:
@@ -903,7 +1063,180 @@ class Engine:
                     self.runs_table.quarantine(run_id, problem)
                     log.error("quarantined: %s", problem)
 
-        await asyncio.gather(*(recover_one(r) for r in run_ids))
+        outcomes = await asyncio.gather(*(recover_one(r) for r in run_ids),
+                                        return_exceptions=True)  # every run gets its try
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    # --- many engines: ownership, leases, the change feed --------------------------------------
+
+    def _owns(self, run_id: UUID) -> bool:
+        return self.ownership is None or self.ownership.owns(run_id)
+
+    def _handing_over(self, run_id: UUID) -> bool:
+        """The run's shard is being handed to another engine: start no new attempt here."""
+        return bool(self._leaving) and self.ownership is not None and (
+            self.ownership.shard(run_id) in self._leaving)
+
+    async def _coordinate(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Leases and the change feed on threads of their own: a slow store never makes them
+        wait behind reads, and they never hold up the readers."""
+        if self._coordination is None:
+            self._coordination = ThreadPoolExecutor(2, thread_name_prefix="rulebound-lease")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._coordination, functools.partial(fn, *args, **kwargs))
+
+    async def _claim_store(self, store: EventStore) -> None:
+        """Take this engine's part of the store: its share of the shards on a store that
+        leases them to many engines, or the store itself on one that takes one writer."""
+        shards = getattr(store, "shards", None)
+        if shards:
+            self.ownership = Ownership(self.worker, shards, self._lease_time)
+            self._feed_position = await self.storage.call(store.last_position)
+            await self._lease_cycle()  # our share first, so recovery knows what is ours
+            self._spawn(self._lease_loop())
+            self._spawn(self._change_loop())
+            return
+        claim = getattr(store, "claim_writer", None)
+        if claim is not None:
+            await self.storage.call(claim, self.worker)
+
+    async def _lease_cycle(self) -> None:
+        own = self.ownership
+        assert own is not None and self._storage is not None
+        now = asyncio.get_running_loop().time()
+        for shard in own.surplus():
+            self._leaving.setdefault(shard, now)
+        # Hand a shard over once nothing runs in it here, or after half a lease of waiting.
+        release = {s for s, since in self._leaving.items()
+                   if not self._busy(s) or now - since > self._lease_time / 2}
+        state = await self._coordinate(self._storage.store.lease_cycle,  # type: ignore[attr-defined]
+                                       self.worker, self._lease_time, dict(own.held), release)
+        gained, lost = own.apply(state)
+        for shard in list(self._leaving):
+            if shard not in own.held or shard in own.wanted:
+                del self._leaving[shard]
+        if lost:
+            self._lose(lost)
+        if gained:
+            self._spawn(self._take_up_shards(gained))
+
+    async def _lease_loop(self) -> None:
+        own = self.ownership
+        assert own is not None
+        interval = self._lease_time / 4
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.wait_for(self._lease_cycle(), interval * 2)
+            except Exception as exc:
+                log.warning("lease renewal failed (%s)", short(exc))
+            if own.overdue():  # stop deciding before the leases can expire elsewhere
+                lost = own.give_up()
+                own.self_fenced += 1
+                log.error("no lease renewal for %.1fs: this engine stops deciding for %d "
+                          "shards until it renews", own.fence_after, len(lost))
+                self._lose(lost)
+
+    def _busy(self, shard: int) -> bool:
+        own = self.ownership
+        assert own is not None
+        return any(run.attempts for run in self.runs_table.live.values()
+                   if own.shard(run.run_id) == shard)
+
+    def _lose(self, shards: set[int]) -> None:
+        """These shards are another engine's now: their runs here become observed (kept for
+        waiters and followers, fed by the change feed); their attempts are cancelled (the new
+        owner abandons and re-runs them, without charging the step)."""
+        own = self.ownership
+        if own is None or not shards:
+            return
+        own.give_up(shards)
+        for run in list(self.runs_table.live.values()):
+            if own.shard(run.run_id) in shards:
+                self.timers.cancel(run)
+                for task in list(run.attempts.values()):
+                    task.cancel()
+                self.dispatch.waiting.pop(run.run_id, None)
+                run.dirty = True
+
+    async def _take_up_shards(self, shards: set[int]) -> None:
+        """Shards just taken: drive their going runs (abandoning what their old owner ran)."""
+        own = self.ownership
+        assert own is not None
+        try:
+            await self.storage.project()
+            offset, page, found = 0, 500, []
+            while True:
+                rows = await self.storage.call(
+                    lambda o=offset: self.storage.store.list_runs(
+                        status="running", limit=page, offset=o))
+                found += [r.run_id for r in rows if own.shard(r.run_id) in shards]
+                if len(rows) < page:
+                    break
+                offset += page
+        except Exception as exc:
+            log.warning("cannot list the runs of shards taken over (%s); the change feed "
+                        "will bring them", short(exc))
+            return
+        for run_id in found:
+            await self._drive(run_id)
+
+    async def _drive(self, run_id: UUID) -> None:
+        """Drive a going run of one of our shards: take it up, or reconcile the observed copy."""
+        if not self._owns(run_id) or run_id in self.runs_table.finished:
+            return
+        try:
+            run = self.runs_table.live.get(run_id)
+            if run is None:
+                async with self.runs_table.alone_with(run_id):
+                    await self._take_up(run_id)
+                return
+            run.dirty = True
+            run.reconcile = True
+            await self._reconcile(run)
+        except (RunNotFound, CorruptRun):
+            pass
+        except Exception as exc:
+            log.warning("run %s: cannot take it up yet (%s)", run_id, short(exc))
+
+    async def _change_loop(self) -> None:
+        """The change feed: what other engines append reaches the runs here. The store says
+        when something was appended (LISTEN/NOTIFY on PostgreSQL); at worst, once a second."""
+        store = self.storage.store
+        while True:
+            try:
+                await self._coordinate(store.wait_for_change, 1.0)  # type: ignore[attr-defined]
+                notes = await self.storage.call(store.read_all, self._feed_position, 2000)
+            except Exception as exc:
+                log.warning("change feed: %s", short(exc))
+                await asyncio.sleep(0.5)
+                continue
+            if not notes:
+                continue
+            self._feed_position = notes[-1].position
+            newest: dict[UUID, int] = {}
+            for note in notes:
+                record = note.record
+                if record.seq > newest.get(record.run_id, 0):
+                    newest[record.run_id] = record.seq
+            for run_id, seq in newest.items():
+                run = self.runs_table.live.get(run_id)
+                if run is None:
+                    if self._owns(run_id) and run_id not in self.runs_table.finished:
+                        self._spawn(self._drive(run_id))  # started by another replica
+                elif seq > run.state.version:
+                    run.dirty = True
+                    self._spawn(self._wake(run) if self._owns(run_id) else self._observe(run))
+
+    async def _observe(self, run: LiveRun) -> None:
+        """Another engine's run moved: read what it wrote, for waiters and followers here."""
+        async with run.lock:
+            if run.state.terminal or not run.dirty:
+                return
+            with contextlib.suppress(Exception):
+                await self._reload(run)
 
     def _poke_projector(self) -> None:
         if self._project_wanted is not None:
@@ -955,15 +1288,13 @@ class Engine:
             raise RunTerminal(run.held)
 
     def _view(self, run: LiveRun) -> RunView:
-        waiting = tuple(
-            step.signal for st in run.state.steps.values()
-            if st.status == "waiting" and run.definition is not None
-            and isinstance(step := run.definition.step(st.name), WaitForSignal))
         return RunView.of(run.run_id, run.state, status="held" if run.held else None,
-                          reason=run.held, waiting_for=waiting)
+                          reason=run.held, waiting_for=_waiting_for(run.definition, run.state))
 
 
 _tuple_new = tuple.__new__
+# Events a request appends (anyone may append them; only the owner decides what follows).
+_REQUEST_EVENTS = frozenset({"RunStarted", "SignalReceived", "CancelRequested"})
 
 
 def _finished_request(requests: set[asyncio.Task[Any]]) -> Any:
@@ -972,6 +1303,25 @@ def _finished_request(requests: set[asyncio.Task[Any]]) -> Any:
         if not task.cancelled():
             task.exception()  # retrieved: a caller that stopped waiting never sees it
     return done
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _forget_attempt(run: LiveRun, key: str) -> None:
+    if run.attempts.get(key) is asyncio.current_task():
+        del run.attempts[key]
+
+
+def _waiting_for(definition: Workflow | None, state: RunState) -> tuple[str, ...]:
+    """The signals the run's steps wait for now."""
+    if definition is None or state.terminal:
+        return ()
+    return tuple(step.signal for st in state.steps.values()
+                 if st.status == "waiting"
+                 and isinstance(step := definition.step(st.name), WaitForSignal))
 
 
 def _seen_signal(state: RunState, signal_id: str, name: str) -> bool:

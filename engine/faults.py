@@ -35,12 +35,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
-from typing import Literal
+from typing import Any, Literal
 from uuid import UUID
 
 from .store import (
     ConcurrencyConflict,
     EventStore,
+    Fence,
     Notification,
     Record,
     RunChange,
@@ -50,7 +51,7 @@ from .store import (
 )
 
 METHODS = ("append", "read", "read_all", "last_position", "apply_run_changes",
-           "run_changes_position", "list_runs", "count_runs")
+           "run_changes_position", "list_runs", "count_runs", "lease_cycle", "wait_for_change")
 LostAck = Literal["unavailable", "conflict"]
 
 
@@ -219,9 +220,12 @@ class FaultyStore:
 
     # --- the port -----------------------------------------------------------------------
 
-    def append(self, records: Sequence[Record]) -> None:
+    def append(self, records: Sequence[Record], fence: Fence | None = None) -> None:
         self._before("append")
-        self.inner.append(records)
+        if fence is None:
+            self.inner.append(records)
+        else:
+            self.inner.append(records, fence=fence)  # type: ignore[call-arg]
         with self._lock:
             lost: LostAck | None = self._lost.pop(0) if self._lost else None
             if lost is None and self.lost_ack_rate and self._rng.random() < self.lost_ack_rate:
@@ -266,6 +270,26 @@ class FaultyStore:
     def count_runs(self) -> dict[str, int]:
         self._before("count_runs")
         return self.inner.count_runs()
+
+    # A store that leases shards to many engines (PostgreSQL) keeps doing so through the
+    # wrapper, faults included: an outage stops lease renewals as it would for real.
+
+    @property
+    def shards(self) -> int | None:
+        return getattr(self.inner, "shards", None)
+
+    def lease_cycle(self, *args: Any, **kwargs: Any) -> Any:
+        self._before("lease_cycle")
+        return self.inner.lease_cycle(*args, **kwargs)  # type: ignore[attr-defined]
+
+    def wait_for_change(self, timeout: float) -> bool:
+        self._before("wait_for_change")
+        return bool(self.inner.wait_for_change(timeout))  # type: ignore[attr-defined]
+
+    def claim_writer(self, worker: str) -> None:
+        claim = getattr(self.inner, "claim_writer", None)
+        if claim is not None:
+            claim(worker)
 
     def close(self) -> None:
         """Never faulted; releases any held call first."""

@@ -18,6 +18,7 @@ from rulebound.domain.state import RunState
 from .live import LiveRun
 
 ENGINE_CLOSED = -1  # the position a follower is handed when the engine stops
+RUN_RETIRED = -2  # ... when the run is quarantined (its log can no longer be folded)
 
 # Told of every commit: the run, its state after the commit, and the events committed.
 Listener = Callable[[UUID, RunState, Sequence[ev.Event]], None]
@@ -42,6 +43,12 @@ class Feed:
         waiters wake to see the run as it is."""
         for queue in run.watchers:
             queue.put_nowait((ENGINE_CLOSED, None))  # type: ignore[arg-type]
+        self.end(run)
+
+    def retire(self, run: LiveRun) -> None:
+        """The run is quarantined: followers stop with that news, waiters wake to it."""
+        for queue in run.watchers:
+            queue.put_nowait((RUN_RETIRED, None))  # type: ignore[arg-type]
         self.end(run)
 
     def end(self, run: LiveRun) -> None:

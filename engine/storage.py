@@ -41,6 +41,8 @@ import orjson
 from .store import (
     ConcurrencyConflict,
     EventStore,
+    Fence,
+    Fenced,
     Notification,
     Record,
     RunChange,
@@ -65,11 +67,12 @@ class _Write:
     outcome (None for success), which the writer hands back to the loop once per batch.
     An inline write (non-blocking store) has no loop and no future."""
 
-    __slots__ = ("future", "loop", "outcome", "records", "settled")
+    __slots__ = ("fence", "future", "loop", "outcome", "records", "settled")
 
     def __init__(self, records: Sequence[Record],
-                 loop: asyncio.AbstractEventLoop | None) -> None:
+                 loop: asyncio.AbstractEventLoop | None, fence: Fence | None = None) -> None:
         self.records = records
+        self.fence = fence
         self.loop = loop
         self.future: asyncio.Future[None] | None = (
             loop.create_future() if loop is not None else None)
@@ -86,6 +89,7 @@ class StoreWorker:
         self.max_batch = max_batch
         self.commits = 0  # transactions written (observability and benchmarks)
         self.batched_writes = 0  # writes that shared a transaction with others
+        self.fenced = 0  # writes refused because their fence no longer held
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="rulebound-read")
         self._writer: threading.Thread | None = None
@@ -111,32 +115,41 @@ class StoreWorker:
 
     # --- writes ---------------------------------------------------------------------
 
-    async def append(self, records: Sequence[Record]) -> None:
+    async def append(self, records: Sequence[Record], fence: Fence | None = None) -> None:
         """Durably append records of one run.
 
         Raises ConcurrencyConflict (real: another writer's events are stored there),
         StoreUnavailable (transient; these records are known not to be stored),
         WriteOutcomeUnknown (transient; they may be stored: reload before writing again) or
-        StoreError (not transient). If the caller is cancelled while the write is in
-        flight, the write may still land; the caller must treat the run's tail as unknown.
+        StoreError (not transient), or Fenced (`fence` no longer holds: nothing written).
+        If the caller is cancelled while the write is in flight, the write may still land;
+        the caller must treat the run's tail as unknown.
         """
         if self._closed:
             raise StoreError("the store is closed")
         if not self.blocking:
             try:
-                self.store.append(records)
+                self._append(records, fence)
+            except Fenced:
+                raise
             except Exception as exc:
-                write = _Write(records, None)
+                write = _Write(records, None, fence)
                 self._recover([write], exc)
                 if write.outcome is not None:
                     raise write.outcome from None
                 return
             self.commits += 1
             return
-        write = _Write(records, asyncio.get_running_loop())
+        write = _Write(records, asyncio.get_running_loop(), fence)
         self._queue.put(write)
         assert write.future is not None
         await write.future
+
+    def _append(self, records: Sequence[Record], fence: Fence | None) -> None:
+        if fence is None:
+            self.store.append(records)
+        else:  # only stores that lease shards take a fence
+            self.store.append(records, fence=fence)  # type: ignore[call-arg]
 
     async def barrier(self) -> None:
         """Return once every write handed over before this call has been settled."""
@@ -192,7 +205,15 @@ class StoreWorker:
         records = writes[0].records if len(writes) == 1 else [
             r for w in writes for r in w.records]
         try:
-            self.store.append(records)
+            self._append(records, _merged(writes))
+        except Fenced as exc:  # definite, nothing written: only the stale shards' writes fail
+            if len(writes) == 1:
+                self.fenced += 1
+                _settle(writes[0], exc)
+            else:
+                for write in writes:
+                    self._try([write])
+            return
         except Exception as exc:
             self._recover(writes, exc)
             return
@@ -312,6 +333,16 @@ class StoreWorker:
             if progress is not None:
                 progress(position, last)
         return position
+
+
+def _merged(writes: list[_Write]) -> Fence | None:
+    """One fence for writes that share a transaction (one engine: one owner)."""
+    fences = [w.fence for w in writes if w.fence is not None]
+    if not fences:
+        return None
+    if len(fences) == 1:
+        return fences[0]
+    return Fence(fences[0].owner, tuple(sorted({e for f in fences for e in f.epochs})))
 
 
 def run_change(note: Notification) -> RunChange | None:

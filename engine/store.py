@@ -82,6 +82,24 @@ class RunChange:
     workflow: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """What an owner's append must still hold to be written: its shards at their epochs."""
+
+    owner: str
+    epochs: tuple[tuple[int, int], ...]  # (shard, epoch)
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseState:
+    """The outcome of one lease cycle: the shards held now (shard -> epoch), the shards
+    this engine should hold (its share of the live engines'), and how many engines live."""
+
+    held: dict[int, int]
+    wanted: frozenset[int]
+    engines: int
+
+
 class StoreError(RuleboundError):
     """The store failed. Not transient unless it is a `StoreUnavailable`: see the module
     docstring for what each subclass means."""
@@ -111,6 +129,19 @@ class ConcurrencyConflict(StoreError):
     def __init__(self, message: str, run_ids: Sequence[UUID] = ()) -> None:
         super().__init__(message)
         self.run_ids = list(run_ids)
+
+
+class Fenced(StoreError):
+    """An append by an engine that no longer owns the runs' shards: refused in the write's
+    own transaction, nothing written. Not transient: the run is another engine's now."""
+
+    def __init__(self, message: str, shards: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.shards = list(shards)
+
+
+class StoreInUse(StoreError):
+    """Another engine writes to this store, and this kind of store takes one writer only."""
 
 
 class EventStore(Protocol):

@@ -123,6 +123,35 @@ _GENERIC = {500: "internal error; see the server log",
             503: "the event store is not answering; try again shortly"}
 
 
+def _ownership_lines(engine: Engine) -> list[str]:
+    """Shards, renewals and takeovers, for an engine on a store shared by several."""
+    own = engine.ownership
+    if own is None:
+        return []
+    return [
+        "# HELP rulebound_shards_owned Shards (and so runs) this engine decides for.",
+        "# TYPE rulebound_shards_owned gauge",
+        f"rulebound_shards_owned {len(own.held)}",
+        "# HELP rulebound_engines Engines sharing the store, as of the last lease renewal.",
+        "# TYPE rulebound_engines gauge",
+        f"rulebound_engines {own.engines}",
+        "# HELP rulebound_lease_renewals_total Successful lease cycles.",
+        "# TYPE rulebound_lease_renewals_total counter",
+        f"rulebound_lease_renewals_total {own.renewals}",
+        "# HELP rulebound_takeovers_total Shards this engine took (each at a new epoch).",
+        "# TYPE rulebound_takeovers_total counter",
+        f"rulebound_takeovers_total {own.takeovers}",
+        "# HELP rulebound_self_fenced_total Times this engine gave up its shards for want of "
+        "a lease renewal.",
+        "# TYPE rulebound_self_fenced_total counter",
+        f"rulebound_self_fenced_total {own.self_fenced}",
+        "# HELP rulebound_fenced_writes_total Writes refused because another engine had "
+        "taken the run's shard.",
+        "# TYPE rulebound_fenced_writes_total counter",
+        f"rulebound_fenced_writes_total {engine.storage.fenced}",
+    ]
+
+
 def status_of(exc: BaseException) -> Status | None:
     """The answer for an error: the entry of its class or nearest listed base (None: a bug)."""
     for cls in type(exc).__mro__:
@@ -485,6 +514,7 @@ class Api:
             "# HELP rulebound_quarantined_runs Runs whose log cannot be folded (see the log).",
             "# TYPE rulebound_quarantined_runs gauge",
             f"rulebound_quarantined_runs {len(engine.quarantined)}",
+            *_ownership_lines(engine),
             "# HELP rulebound_followers Callers following live runs' events.",
             "# TYPE rulebound_followers gauge",
             f"rulebound_followers {engine.followers}",

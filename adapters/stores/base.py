@@ -20,6 +20,7 @@ from eventsourcing.persistence import (
 )
 from rulebound.engine.store import (
     ConcurrencyConflict,
+    Fence,
     Notification,
     Record,
     StoreError,
@@ -49,13 +50,14 @@ class RecorderStore:
 
     # --- events -------------------------------------------------------------------------
 
-    def append(self, records: Sequence[Record]) -> None:
+    def append(self, records: Sequence[Record], fence: Fence | None = None) -> None:
         if not records:
             return
         rows = [StoredEvent(originator_id=r.run_id, originator_version=r.seq, topic=r.topic,
                             state=r.data) for r in records]
+        extra = {"fence": fence} if fence is not None else {}
         try:
-            self._retrying(lambda: self.recorder.insert_events(rows))
+            self._retrying(lambda: self.recorder.insert_events(rows, **extra))
         except IntegrityError:
             run_ids = sorted({r.run_id for r in records}, key=str)
             raise ConcurrencyConflict(

@@ -10,7 +10,8 @@ is why positions are always read as "greater than".
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 from uuid import UUID
@@ -18,13 +19,58 @@ from uuid import UUID
 from eventsourcing.persistence import InterfaceError, OperationalError, PersistenceError
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from psycopg.sql import SQL, Identifier
-from rulebound.engine.store import RunChange, RunRow, StoreError, StoreUnavailable
+from rulebound.engine.store import (
+    Fence,
+    Fenced,
+    LeaseState,
+    Record,
+    RunChange,
+    RunRow,
+    StoreError,
+    StoreUnavailable,
+)
 
 from .base import RecorderStore, _safe
 
 EVENTS = "rulebound_events"
 RUNS = "rulebound_runs"
 TRACKING = "rulebound_runs_position"
+LEASES = "rulebound_leases"
+ENGINES = "rulebound_engines"
+
+
+class _FencedError(Exception):
+    """Raised inside an append's transaction when its fence no longer holds (rolls it back)."""
+
+    def __init__(self, shards: list[int]) -> None:
+        super().__init__(f"shards {shards} are no longer this engine's")
+        self.shards = shards
+
+
+class FencedRecorder(PostgresApplicationRecorder):
+    """The library's recorder, with the lease check in the insert's own transaction.
+
+    `_insert_events` runs in the same transaction as the inserts, before the table lock: the
+    lease rows named by the fence are read FOR SHARE, so a takeover (which updates them)
+    waits for this append to commit, and an append whose epoch was replaced is refused.
+    """
+
+    leases_table = ""
+
+    def _insert_events(self, curs: Any, stored_events: Sequence[Any], **kwargs: Any) -> None:
+        fence: Fence | None = kwargs.get("fence")
+        if not fence:
+            return
+        shards = [s for s, _ in fence.epochs]
+        epochs = [e for _, e in fence.epochs]
+        curs.execute(SQL(
+            "SELECT l.shard FROM {} AS l JOIN unnest(%s::int[], %s::bigint[]) AS f(shard, "
+            "epoch) ON l.shard = f.shard AND l.epoch = f.epoch AND l.owner = %s "
+            "FOR SHARE OF l").format(SQL(self.leases_table)), (shards, epochs, fence.owner))
+        held = {row["shard"] for row in curs.fetchall()}
+        stale = sorted(set(shards) - held)
+        if stale:
+            raise _FencedError(stale)
 
 
 class PostgresStore(RecorderStore):
@@ -40,13 +86,20 @@ class PostgresStore(RecorderStore):
                 idle_in_transaction_session_timeout=60.0)
             # No pool_open_timeout: with it the library calls pool.wait() on every
             # connection, and psycopg-pool's wait() fails when two threads call it at once.
-            recorder = PostgresApplicationRecorder(self.datastore, events_table_name=EVENTS)
+            recorder = FencedRecorder(self.datastore, events_table_name=EVENTS)
             super().__init__(recorder)
             self.schema = self.datastore.schema
+            recorder.leases_table = f"{_quoted(self.schema)}.{_quoted(LEASES)}"
             with self.datastore.transaction(commit=True) as c:
                 c.execute(SQL("CREATE SCHEMA IF NOT EXISTS {}").format(Identifier(self.schema)))
             self._retrying(recorder.create_table)
             self._retrying(self._create_read_model)
+            self._retrying(self._create_lease_tables)
+            self._listener: Any = None
+            self._listen_lock = threading.Lock()
+            self._connect_args = {"host": host, "port": port, "dbname": dbname, "user": user,
+                                  "password": password, "connect_timeout": max(2, int(
+                                      connect_timeout))}
         except StoreError:
             raise
         except Exception as exc:  # connection refused, auth failed, ...: say so, no secrets
@@ -184,10 +237,118 @@ class PostgresStore(RecorderStore):
 
         return self._retrying(read)
 
+
+    # --- many engines: shard leases, fencing, the change feed -------------------------------
+
+    shards = 64  # runs are owned by shard (the run id modulo this), one engine per shard
+
+    def append(self, records: Sequence[Record], fence: Fence | None = None) -> None:
+        """Append, refused inside the transaction (Fenced) if `fence` no longer holds."""
+        try:
+            super().append(records, fence=fence)
+        except _FencedError as exc:
+            raise Fenced(f"this engine no longer owns shards {exc.shards}: another engine "
+                         "took them over; nothing was written", exc.shards) from None
+
+    def _create_lease_tables(self) -> None:
+        with self.datastore.transaction(commit=True) as c:
+            c.execute(SQL("CREATE TABLE IF NOT EXISTS {} (shard int PRIMARY KEY, owner text, "
+                          "epoch bigint NOT NULL DEFAULT 0, expires_at timestamptz NOT NULL "
+                          "DEFAULT 'epoch')").format(self._table(LEASES)))
+            c.execute(SQL("INSERT INTO {} (shard) SELECT generate_series(0, %s) ON CONFLICT "
+                          "DO NOTHING").format(self._table(LEASES)), (self.shards - 1,))
+            c.execute(SQL("CREATE TABLE IF NOT EXISTS {} (worker text PRIMARY KEY, seen_at "
+                          "timestamptz NOT NULL)").format(self._table(ENGINES)))
+
+    def lease_cycle(self, worker: str, lease_seconds: float, held: Mapping[int, int],
+                    release: Collection[int] = (), *, leaving: bool = False) -> LeaseState:
+        """One round trip of the lease protocol, timed by the database's clock.
+
+        Say this engine is alive; renew the shards it holds (at the epoch it holds them);
+        give up `release`; take the shards it should hold (an even share of the live
+        engines', by their sorted names) that are free or whose lease ran out, each at a new
+        epoch. `leaving`: give up everything and leave the membership.
+        """
+        leases, engines = self._table(LEASES), self._table(ENGINES)
+
+        def cycle() -> LeaseState:
+            with self.datastore.transaction(commit=True) as c:
+                if leaving:
+                    c.execute(SQL("DELETE FROM {} WHERE worker = %s").format(engines), (worker,))
+                    c.execute(SQL("UPDATE {} SET owner = NULL, expires_at = now() WHERE "
+                                  "owner = %s").format(leases), (worker,))
+                    return LeaseState(held={}, wanted=frozenset(), engines=0)
+                c.execute(SQL("INSERT INTO {} VALUES (%s, now()) ON CONFLICT (worker) DO "
+                              "UPDATE SET seen_at = now()").format(engines), (worker,))
+                c.execute(SQL("DELETE FROM {} WHERE seen_at < now() - make_interval(secs => "
+                              "%s)").format(engines), (lease_seconds,))
+                c.execute(SQL("SELECT worker FROM {} ORDER BY worker").format(engines))
+                live = [row["worker"] for row in c.fetchall()]
+                mine = live.index(worker)
+                wanted = frozenset(s for s in range(self.shards) if s % len(live) == mine)
+                if release:
+                    c.execute(SQL("UPDATE {} SET owner = NULL, expires_at = now() WHERE "
+                                  "owner = %s AND shard = ANY(%s)").format(leases),
+                              (worker, list(release)))
+                keep = {s: e for s, e in held.items() if s not in release}
+                now_held: dict[int, int] = {}
+                if keep:
+                    c.execute(SQL(
+                        "UPDATE {} AS l SET expires_at = now() + make_interval(secs => %s) "
+                        "FROM unnest(%s::int[], %s::bigint[]) AS h(shard, epoch) WHERE "
+                        "l.shard = h.shard AND l.epoch = h.epoch AND l.owner = %s "
+                        "RETURNING l.shard, l.epoch").format(leases),
+                        (lease_seconds, list(keep), list(keep.values()), worker))
+                    now_held.update({row["shard"]: row["epoch"] for row in c.fetchall()})
+                take = sorted(wanted - set(now_held) - set(release))
+                if take:
+                    c.execute(SQL(
+                        "UPDATE {} SET owner = %s, epoch = epoch + 1, expires_at = now() + "
+                        "make_interval(secs => %s) WHERE shard = ANY(%s) AND (owner IS NULL "
+                        "OR expires_at < now()) RETURNING shard, epoch").format(leases),
+                        (worker, lease_seconds, take))
+                    now_held.update({row["shard"]: row["epoch"] for row in c.fetchall()})
+                return LeaseState(held=now_held, wanted=wanted, engines=len(live))
+
+        return self._retrying(cycle)
+
+    def wait_for_change(self, timeout: float) -> bool:
+        """Block until an append is notified (LISTEN) or `timeout` passes; True if notified.
+
+        Its own connection, opened on first use and reopened after an error; a caller that
+        cannot listen falls back to polling (this returns False after the timeout)."""
+        import psycopg
+
+        with self._listen_lock:
+            try:
+                if self._listener is None or self._listener.closed:
+                    conn = psycopg.connect(autocommit=True, **self._connect_args)
+                    conn.execute(SQL("LISTEN {}").format(
+                        Identifier(self.recorder.channel_name)))  # type: ignore[attr-defined]
+                    self._listener = conn
+                got = False
+                for _ in self._listener.notifies(timeout=timeout, stop_after=1):
+                    got = True
+                return got
+            except (psycopg.Error, OSError):
+                if self._listener is not None:
+                    self._listener.close()
+                self._listener = None
+                return False
+
     def close(self) -> None:
+        with self._listen_lock:
+            if getattr(self, "_listener", None) is not None:
+                self._listener.close()
+                self._listener = None
         if not self._closed:
             self.datastore.close()
-        super().close()
+        RecorderStore.close(self)
+
+
+def _quoted(name: str) -> str:
+    """An SQL identifier, double-quoted."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _probe(*, host: str, port: int, dbname: str, user: str, password: str,

@@ -7,7 +7,10 @@ timeout); several processes may share the file, so this adapter retries with bac
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import socket
 import sqlite3
 from collections.abc import Sequence
 from datetime import datetime
@@ -16,7 +19,7 @@ from uuid import UUID
 
 from eventsourcing.persistence import OperationalError, PersistenceError
 from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteDatastore
-from rulebound.engine.store import RunChange, RunRow, StoreError
+from rulebound.engine.store import RunChange, RunRow, StoreError, StoreInUse
 
 from .base import RecorderStore
 
@@ -33,6 +36,7 @@ class SQLiteStore(RecorderStore):
             raise StoreError(f"cannot open SQLite store {str(path)!r}: folder "
                              f"{str(path.parent)!r} does not exist")
         self.path = path
+        self._writer_lock: int | None = None
         try:
             self.datastore = SQLiteDatastore(str(path), lock_timeout=lock_timeout,
                                              pool_size=pool_size, max_overflow=4,
@@ -135,7 +139,45 @@ class SQLiteStore(RecorderStore):
 
         return self._retrying(read)
 
+    def claim_writer(self, worker: str) -> None:
+        """Become this file's one writing engine, or StoreInUse naming the one that is.
+
+        A lock on a file beside the database (`path.writer`), held until close and released
+        by the OS if the process dies: a crashed engine never blocks the next. Readers (the
+        CLI's runs, show, explain, export, verify) take no lock and work beside it.
+        """
+        if self._writer_lock is not None:
+            return
+        lock_path = f"{self.path}.writer"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise StoreInUse(
+                f"SQLite store {str(self.path)!r} is in use by another engine ({holder}); "
+                "a SQLite file takes one writing engine (read-only commands work beside it; "
+                "use PostgreSQL for several engines)") from None
+        info = {"worker": worker, "pid": os.getpid(), "host": socket.gethostname(),
+                "since": datetime.now().astimezone().isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._writer_lock = fd
+
     def close(self) -> None:
+        if self._writer_lock is not None:
+            os.close(self._writer_lock)  # releases the lock
+            self._writer_lock = None
         if not self._closed:
             self.datastore.close()
         super().close()
+
+
+def _holder(fd: int) -> str:
+    """Who holds the writer lock, as its holder wrote it: pid, host, since when."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"pid {info['pid']} on {info['host']} since {info['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder unknown"

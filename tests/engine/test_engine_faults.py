@@ -77,7 +77,7 @@ def faulty(store_url: str, **options: Any) -> FaultyStore:
 
 async def until(predicate: Any) -> None:
     async with asyncio.timeout(10):
-        while not await predicate():  # noqa: ASYNC110 (polling the public API)
+        while not await predicate():
             await asyncio.sleep(0.01)
 
 

@@ -202,9 +202,9 @@ class Soak:
 
     async def chaos(self) -> None:
         """Outages now and then; restarts at fixed times."""
-        for _ in range(RESTARTS):
+        for phase in range(RESTARTS):
             await asyncio.sleep(self.rng.uniform(0.2, 0.6))
-            if self.store is not None and self.rng.random() < 0.8:
+            if self.store is not None and (phase == 0 or self.rng.random() < 0.8):
                 self.store.outage(OUTAGE)
                 self.figures.outages += 1
             await asyncio.sleep(PHASE)

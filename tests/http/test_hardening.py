@@ -408,7 +408,7 @@ async def test_metrics_answer_during_a_store_outage_and_show_the_kept_results() 
         host, port = runner.addresses[0][:2]
         run_id = await engine.start("outage")
         async with asyncio.timeout(10):
-            while engine.results_pending == 0:  # noqa: ASYNC110 (the engine's own gauge)
+            while engine.results_pending == 0:
                 await asyncio.sleep(0.01)
         async with aiohttp.ClientSession() as session, session.get(
                 f"http://{host}:{port}/metrics") as resp:

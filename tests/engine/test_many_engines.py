@@ -1,0 +1,200 @@
+"""Several engines on one store: one writer per SQLite file; on PostgreSQL, shard leases,
+fencing in the write itself, requests served by any replica, failover and hand-over.
+
+Engines here run in one process, each on its own connection pool, with short leases; the
+multi-process test with kill -9 and SIGSTOP is test_cluster.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rulebound.adapters.cli import main
+from rulebound.adapters.stores import open_store
+
+from rulebound import (
+    END,
+    FAIL,
+    Engine,
+    FaultyStore,
+    Step,
+    StoreError,
+    Task,
+    WaitForSignal,
+    Workflow,
+)
+
+LEASE = 1.0  # seconds: takeovers within a test's patience
+
+
+class Work:
+    """Counts executions per (run, step) across every engine of a test."""
+
+    def __init__(self) -> None:
+        self.count: Counter[tuple[str, str]] = Counter()
+        self.gate: asyncio.Event | None = None
+
+    async def __call__(self, task: Task) -> Any:
+        self.count[(str(task.run_id), task.step)] += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        return {"step": task.step}
+
+
+def approval() -> Workflow:
+    return Workflow("approval", on_failure=FAIL, steps=[
+        Step("prepare", executor="work", next="ok"),
+        WaitForSignal("ok", signal="go", timeout=600, next="after"),
+        Step("after", executor="work", next=END)])
+
+
+def engine(url_or_store: Any, work: Work, **options: Any) -> Engine:
+    return Engine(url_or_store, [approval()], {"work": work}, lease_time=LEASE, **options)
+
+
+async def balanced(*engines: Engine) -> None:
+    """Until the engines hold disjoint shares that cover every shard."""
+    async with asyncio.timeout(10 * LEASE):
+        while True:
+            held = [set(e.ownership.held) for e in engines if e.ownership is not None]
+            every = set().union(*held)
+            if (len(held) == len(engines) and all(held)
+                    and sum(len(h) for h in held) == len(every) == 64):
+                return
+            await asyncio.sleep(0.05)
+
+
+# --- SQLite: one writing engine per file ----------------------------------------------------
+
+async def test_a_second_engine_on_one_sqlite_file_is_refused_naming_the_holder(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'one.db'}"
+    work = Work()
+    async with engine(url, work) as first:
+        run_id = await first.start("approval")
+        second = engine(url, work)
+        with pytest.raises(StoreError, match=r"in use by another engine \(pid \d+ on .+ since"):
+            await second.open()
+        # Readers work beside the live engine.
+        async with Engine(url, read_only=True) as reader:
+            assert (await reader.get(run_id)).status == "running"
+        assert await asyncio.to_thread(main, ["show", str(run_id), "--store", url]) == 0
+        assert str(run_id) in capsys.readouterr().out
+        await first.cancel(run_id)
+    async with engine(url, work) as again:  # closed: the next engine takes the file
+        assert (await again.get(run_id)).status == "cancelled"
+
+
+# --- PostgreSQL: many engines ------------------------------------------------------------------
+
+@pytest.mark.postgres
+async def test_two_engines_share_the_shards_and_any_replica_serves_any_run(
+        postgres_url: str) -> None:
+    work = Work()
+    async with engine(postgres_url, work) as a, engine(postgres_url, work) as b:
+        await balanced(a, b)
+        runs = [await (a if i % 2 else b).start("approval", {"i": i}) for i in range(20)]
+        assert {a.ownership.owns(r) for r in runs} == {True, False}  # type: ignore[union-attr]
+        for i, run_id in enumerate(runs):  # signals through the other replica, or the same
+            replica = b if i % 3 else a
+            async with asyncio.timeout(10):
+                while "go" not in (await replica.get(run_id)).waiting_for:
+                    await asyncio.sleep(0.02)
+            await replica.signal(run_id, "go", id=f"go-{i}")
+        for i, run_id in enumerate(runs):  # and every replica sees every end
+            for replica in (a, b):
+                assert (await replica.wait(run_id, timeout=10)).status == "completed", i
+    assert all(n == 1 for n in work.count.values()) and len(work.count) == 40
+
+
+@pytest.mark.postgres
+async def test_a_dead_owners_runs_are_taken_over_within_the_lease(postgres_url: str) -> None:
+    work, stuck = Work(), Work()
+    stuck.gate = asyncio.Event()  # the dead engine's attempts never finish
+    dying = FaultyStore(open_store(postgres_url), announce=None)
+    async with engine(dying, stuck) as a, engine(postgres_url, work) as b:
+        await balanced(a, b)
+        runs = [await a.start("approval", {"i": i}) for i in range(12)]
+        theirs = [r for r in runs if a.ownership.owns(r)]  # type: ignore[union-attr]
+        async with asyncio.timeout(10):
+            while sum(n for (r, _), n in stuck.count.items()) < len(theirs):
+                await asyncio.sleep(0.02)
+        died = time.monotonic()
+        dying.outage(3600)  # the owner can no longer reach the store: it is gone
+        for run_id in theirs:
+            async with asyncio.timeout(10 * LEASE):
+                while "go" not in (await b.get(run_id)).waiting_for:
+                    await asyncio.sleep(0.02)
+        took = time.monotonic() - died
+        assert a.ownership is not None and not a.ownership.held  # it fenced itself
+        for run_id in theirs:
+            await b.signal(run_id, "go")
+            assert (await b.wait(run_id, timeout=10)).status == "completed"
+        for run_id in theirs:  # the step cut off by the death ran again, on the new owner
+            types = [e.type for e in await b.events(run_id)]
+            assert "AttemptAbandoned" in types, types
+        dying.heal()
+    assert took < 4 * LEASE, took
+    print(f"failover: {took:.2f} s with a {LEASE:g} s lease")
+
+
+@pytest.mark.postgres
+async def test_a_paused_owners_late_write_is_refused_by_fencing(postgres_url: str) -> None:
+    slow, work = Work(), Work()
+    slow.gate = asyncio.Event()
+    paused = FaultyStore(open_store(postgres_url), announce=None)
+    async with engine(paused, slow) as a, engine(postgres_url, work) as b:
+        await balanced(a, b)
+        run_id = None
+        for i in range(50):  # a run that the soon-paused engine owns
+            candidate = await a.start("approval", {"i": i})
+            if a.ownership.owns(candidate):  # type: ignore[union-attr]
+                run_id = candidate
+                break
+            await a.cancel(candidate)
+        assert run_id is not None
+        async with asyncio.timeout(10):
+            while slow.count[(str(run_id), "prepare")] == 0:
+                await asyncio.sleep(0.02)
+        paused.hold("append")  # its next write stops in flight, as in a paused process
+        paused.fail_next(10_000, method="lease_cycle")  # and it cannot renew
+        slow.gate.set()  # the result is ready and handed to the (held) writer
+        assert await asyncio.to_thread(paused.wait_held, 1, 10.0)
+        async with asyncio.timeout(10 * LEASE):  # the other engine took the run over
+            while "go" not in (await b.get(run_id)).waiting_for:
+                await asyncio.sleep(0.02)
+        paused.release()  # the paused owner wakes up and its write goes to the store
+        async with asyncio.timeout(10):
+            while a.storage.fenced == 0:
+                await asyncio.sleep(0.02)
+        events = await b.events(run_id)
+        paused.fail_next(0, method="lease_cycle")
+    succeeded = [e for e in events if e.type == "AttemptSucceeded"]
+    assert len(succeeded) == 1  # the new owner's re-run; the paused one's never landed
+    assert succeeded[0].attempt == 2 and work.count[(str(run_id), "prepare")] == 1
+
+
+@pytest.mark.postgres
+async def test_a_graceful_close_hands_its_shards_over_at_once(postgres_url: str) -> None:
+    work = Work()
+    async with engine(postgres_url, work) as b:
+        async with engine(postgres_url, work) as a:
+            await balanced(a, b)
+            runs = [await a.start("approval", {"i": i}) for i in range(8)]
+        closed = time.monotonic()
+        async with asyncio.timeout(10 * LEASE):
+            while b.ownership is None or len(b.ownership.held) < 64:
+                await asyncio.sleep(0.02)
+        took = time.monotonic() - closed
+        for run_id in runs:
+            async with asyncio.timeout(10):
+                while "go" not in (await b.get(run_id)).waiting_for:
+                    await asyncio.sleep(0.02)
+            await b.signal(run_id, "go")
+            assert (await b.wait(run_id, timeout=10)).status == "completed"
+    assert took < LEASE, took  # at its next renewal, not when the leases would expire

@@ -41,9 +41,10 @@ class LeanPOPORecorder(POPOApplicationRecorder):
             for s in stored_events:  # check everything first: all or nothing
                 if s.originator_id is not last:  # an append is mostly one run
                     last = s.originator_id
-                    name = names.get(last)
-                    if name is None:
-                        name = names[last] = str(last)
+                    known = names.get(last)
+                    if known is None:
+                        known = names[last] = str(last)
+                    name = known
                     positions = index[name]
                 version = s.originator_version
                 if version in positions or (name, version) in new:

@@ -26,9 +26,13 @@ lint: $(STAMP)
 	for d in domain engine adapters; do ln -s $(CURDIR)/$$d $(TYPECHECK)/rulebound/$$d; done
 	for f in rulebound/*.py rulebound/py.typed; do ln -s $(CURDIR)/$$f $(TYPECHECK)/rulebound/; done
 	MYPYPATH=$(TYPECHECK) $(PY) -m mypy -p rulebound
+	# The README's and docs' Python blocks, as modules (tests/docs/test_examples.py runs them).
+	$(PY) tests/docs/examples.py $(TYPECHECK)/examples > /dev/null
+	cd $(TYPECHECK)/examples && MYPYPATH=$(CURDIR)/$(TYPECHECK) $(CURDIR)/$(PY) -m mypy \
+		--config-file $(CURDIR)/pyproject.toml --strict --follow-imports=silent *.py
 
-test: $(STAMP)
-	$(PY) -m ruff check .
+# lint (ruff, and mypy over the package and the docs' examples) takes seconds, so it gates the tests.
+test: $(STAMP) lint
 	$(PY) -m pytest
 
 # Benchmarks against the peers (not part of `make test`): a separate venv, so the peers' own

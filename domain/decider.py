@@ -253,12 +253,13 @@ def _signal_wait(wf: Workflow, s: RunState, st: StepState, now: datetime) -> lis
 def _join(wf: Workflow, s: RunState, st: StepState, now: datetime) -> list[ev.Event]:
     step = wf.step(st.name)
     if isinstance(step, Parallel):
-        children = [s.steps.get(b.name) for b in step.branches]
+        found = [s.steps.get(b.name) for b in step.branches]
         if st.scheduled_items < len(step.branches):
             return []
-        if any(c is None or c.status not in ("completed", "failed") for c in children):
+        if any(c is None or c.status not in ("completed", "failed") for c in found):
             return []
-        return _finish_join(st, children, step.on_branch_failure == "fail",  # type: ignore[arg-type]
+        branches = [c for c in found if c is not None]
+        return _finish_join(st, branches, step.on_branch_failure == "fail",
                             lambda c: c.key, dict, now, "branch")
     assert isinstance(step, Map)
     total = st.items or 0

@@ -22,8 +22,8 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator
-from typing import Any, ClassVar, Literal
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -242,6 +242,16 @@ class Step(_StepBase):
     def _check_finite(cls, value: float) -> float:
         return _finite(value, "timeout and cost")
 
+    if TYPE_CHECKING:  # the signature type checkers see; at run time _Frozen.__init__ takes it
+        def __init__(self, name: str, /, *, executor: str,
+                     input: str | Mapping[str, str] | None = None,
+                     config: Mapping[str, Any] = ...,
+                     output: type[BaseModel] | None = None, timeout: float = 60.0,
+                     retry: Retry = ..., cost: float = 0.0, max_tokens: int | None = None,
+                     delay: float | None = None, description: str = "",
+                     routes: Sequence[Route] = (), next: str = END,
+                     on_failure: str | None = None, max_visits: int | None = None) -> None: ...
+
 
 class Parallel(_StepBase):
     """Named branches run at once; joins when all are done (output: {branch: output}).
@@ -254,6 +264,12 @@ class Parallel(_StepBase):
     branches: tuple[Step, ...] = Field(min_length=1)
     on_branch_failure: Literal["fail", "collect"] = "fail"
 
+    if TYPE_CHECKING:
+        def __init__(self, name: str, /, *, branches: Sequence[Step],
+                     on_branch_failure: Literal["fail", "collect"] = "fail",
+                     description: str = "", routes: Sequence[Route] = (), next: str = END,
+                     on_failure: str | None = None, max_visits: int | None = None) -> None: ...
+
 
 class Map(_StepBase):
     """Run `step` once per item of the list at path `over`, at most `max_concurrency` at a
@@ -265,6 +281,12 @@ class Map(_StepBase):
     max_concurrency: int = Field(default=4, ge=1, le=1000)
     max_items: int = Field(default=100, ge=1, le=10_000)
     on_item_failure: Literal["fail", "collect"] = "fail"
+
+    if TYPE_CHECKING:
+        def __init__(self, name: str, /, *, over: str, step: Step, max_concurrency: int = 4,
+                     max_items: int = 100, on_item_failure: Literal["fail", "collect"] = "fail",
+                     description: str = "", routes: Sequence[Route] = (), next: str = END,
+                     on_failure: str | None = None, max_visits: int | None = None) -> None: ...
 
 
 class WaitForSignal(_StepBase):
@@ -284,6 +306,12 @@ class WaitForSignal(_StepBase):
     @classmethod
     def _check_finite(cls, value: float) -> float:
         return _finite(value, "timeout")
+
+    if TYPE_CHECKING:
+        def __init__(self, name: str, /, *, signal: str, timeout: float,
+                     on_timeout: str | None = None, output: type[BaseModel] | None = None,
+                     description: str = "", routes: Sequence[Route] = (), next: str = END,
+                     on_failure: str | None = None, max_visits: int | None = None) -> None: ...
 
     def targets(self) -> Iterator[tuple[str, str, str]]:
         yield from super().targets()
@@ -360,8 +388,17 @@ class Workflow(_Frozen):
             raise ValueError(str(exc)) from None
         return self
 
-    def __init__(self, *args: Any, **data: Any) -> None:
-        super().__init__(*args, **data)
+    if TYPE_CHECKING:
+        def __init__(self, name: str, /, *, steps: Sequence[AnyStep], version: str = "1",
+                     description: str = "", start: str | None = None,
+                     input_schema: type[BaseModel] | None = None, limits: Limits = ...,
+                     on_failure: str | None = None, on_limit: str | None = None) -> None: ...
+    else:
+        def __init__(self, *args: Any, **data: Any) -> None:
+            super().__init__(*args, **data)
+            self._index_steps()  # a method, so type checkers read its body
+
+    def _index_steps(self) -> None:
         index = {s.name: s for s in self.steps}
         children: dict[str, Step] = {}
         for s in self.steps:
@@ -643,13 +680,13 @@ def _check(wf: Workflow) -> None:
         for target, _kind, _label in s.targets():
             if target in top:
                 edges[s.name].add(target)
-        if s.on_failure is None and wf.on_failure in top:
-            edges[s.name].add(wf.on_failure)  # type: ignore[arg-type]
+        if s.on_failure is None and wf.on_failure is not None and wf.on_failure in top:
+            edges[s.name].add(wf.on_failure)
     # The on_limit path is taken at most once per run, so it counts for reachability only.
     reach = {name: set(targets) for name, targets in edges.items()}
-    if wf.on_limit in top:
+    if wf.on_limit is not None and wf.on_limit in top:
         for targets in reach.values():
-            targets.add(wf.on_limit)  # type: ignore[arg-type]
+            targets.add(wf.on_limit)
     seen = {wf.start or wf.steps[0].name}
     stack = list(seen)
     while stack:

@@ -31,7 +31,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, TypeVar
@@ -510,7 +510,7 @@ class Engine:
             yield event
 
     async def follow(self, run_id: UUID | str, after: int = 0
-                     ) -> AsyncIterator[tuple[int, ev.Event]]:
+                     ) -> AsyncGenerator[tuple[int, ev.Event], None]:
         """`watch` with each event's stored sequence number (what an SSE id should be)."""
         run_id = _uuid(run_id)
         _check_position(after)

@@ -133,7 +133,7 @@ class PermanentError(ExecutorError):
 class ExecutorContext:
     """Resources an engine shares with its executors (one HTTP client session per engine)."""
 
-    resources: dict[str, Any] = field(default_factory=dict)
+    resources: dict[Hashable, Any] = field(default_factory=dict)
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     def http_session(self, key: Hashable = "http",

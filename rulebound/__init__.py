@@ -98,58 +98,71 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *__all__])
 
 
-if TYPE_CHECKING:  # the same names, spelled out for type checkers and IDEs
-    from rulebound.adapters.executors.http_tool import HttpTool
-    from rulebound.adapters.executors.models import AnthropicMessages, OpenAIChat
-    from rulebound.adapters.executors.scripted import Script, ScriptedModel
-    from rulebound.domain.conditions import field
-    from rulebound.domain.decider import decide
+if TYPE_CHECKING:  # the same names for type checkers and IDEs (`X as X`: re-exported)
+    from rulebound.adapters.executors.http_tool import HttpTool as HttpTool
+    from rulebound.adapters.executors.models import (
+        AnthropicMessages as AnthropicMessages,
+        OpenAIChat as OpenAIChat,
+    )
+    from rulebound.adapters.executors.scripted import (
+        Script as Script,
+        ScriptedModel as ScriptedModel,
+    )
+    from rulebound.domain.conditions import field as field
+    from rulebound.domain.decider import decide as decide
     from rulebound.domain.definitions import (
-        END,
-        FAIL,
-        Limits,
-        Map,
-        Parallel,
-        Retry,
-        Route,
-        Step,
-        WaitForSignal,
-        Workflow,
+        END as END,
+        FAIL as FAIL,
+        Limits as Limits,
+        Map as Map,
+        Parallel as Parallel,
+        Retry as Retry,
+        Route as Route,
+        Step as Step,
+        WaitForSignal as WaitForSignal,
+        Workflow as Workflow,
     )
     from rulebound.domain.errors import (
-        CorruptRun,
-        DefinitionError,
-        InvalidEvent,
-        RuleboundError,
-        RunNotFound,
+        CorruptRun as CorruptRun,
+        DefinitionError as DefinitionError,
+        InvalidEvent as InvalidEvent,
+        RuleboundError as RuleboundError,
+        RunNotFound as RunNotFound,
     )
-    from rulebound.domain.events import Event, Usage
-    from rulebound.domain.simulator import Simulator
-    from rulebound.domain.state import RunState, evolve, replay
-    from rulebound.engine.engine import Engine
+    from rulebound.domain.events import Event as Event, Usage as Usage
+    from rulebound.domain.simulator import Simulator as Simulator
+    from rulebound.domain.state import RunState as RunState, evolve as evolve, replay as replay
+    from rulebound.engine.engine import Engine as Engine
     from rulebound.engine.errors import (
-        Conflict,
-        EngineClosed,
-        IdempotencyConflict,
-        InvalidInput,
-        Overloaded,
-        RunTerminal,
-        WorkflowNotFound,
+        Conflict as Conflict,
+        EngineClosed as EngineClosed,
+        IdempotencyConflict as IdempotencyConflict,
+        InvalidInput as InvalidInput,
+        Overloaded as Overloaded,
+        RunTerminal as RunTerminal,
+        WorkflowNotFound as WorkflowNotFound,
     )
     from rulebound.engine.executor import (
-        Executor,
-        ExecutorContext,
-        ExecutorError,
-        PermanentError,
-        Result,
-        RetryableError,
-        Spend,
-        Task,
+        Executor as Executor,
+        ExecutorContext as ExecutorContext,
+        ExecutorError as ExecutorError,
+        PermanentError as PermanentError,
+        Result as Result,
+        RetryableError as RetryableError,
+        Spend as Spend,
+        Task as Task,
     )
-    from rulebound.engine.faults import FaultyStore
-    from rulebound.engine.functions import FunctionExecutor
-    from rulebound.engine.ratelimit import RateLimit
-    from rulebound.engine.registry import AppLoadError, Registry
-    from rulebound.engine.store import ConcurrencyConflict, StoreError, StoreUnavailable
-    from rulebound.engine.testing import InvariantViolated, check_workflow
-    from rulebound.engine.views import RunView, StepView
+    from rulebound.engine.faults import FaultyStore as FaultyStore
+    from rulebound.engine.functions import FunctionExecutor as FunctionExecutor
+    from rulebound.engine.ratelimit import RateLimit as RateLimit
+    from rulebound.engine.registry import AppLoadError as AppLoadError, Registry as Registry
+    from rulebound.engine.store import (
+        ConcurrencyConflict as ConcurrencyConflict,
+        StoreError as StoreError,
+        StoreUnavailable as StoreUnavailable,
+    )
+    from rulebound.engine.testing import (
+        InvariantViolated as InvariantViolated,
+        check_workflow as check_workflow,
+    )
+    from rulebound.engine.views import RunView as RunView, StepView as StepView

@@ -76,3 +76,21 @@ def test_no_top_level_domain_engine_or_adapters_package_is_installed() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd="/").stdout
     assert out.strip() == "[]"
+
+
+def test_type_checkers_see_every_name_re_exported_from_its_home() -> None:
+    """The TYPE_CHECKING imports spell `X as X` (what `mypy --strict` needs to see a re-export)
+    for exactly the names the face loads, from the module it loads them from."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(rulebound))
+    block = next(n for n in tree.body if isinstance(n, ast.If)
+                 and isinstance(n.test, ast.Name) and n.test.id == "TYPE_CHECKING")
+    seen: dict[str, str] = {}
+    for node in block.body:
+        assert isinstance(node, ast.ImportFrom)
+        for alias in node.names:
+            assert alias.asname == alias.name, f"{alias.name} is not re-exported"
+            seen[alias.name] = str(node.module)
+    assert seen == rulebound._HOMES

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from dataclasses import replace
 from typing import Any
 
 from rulebound.adapters.executors.scripted import Script, ScriptedModel, unit
@@ -36,12 +37,12 @@ def triage_model(latency: float = 0.02, flaky: float = 0.2) -> ScriptedModel:
     """The demo's three model steps (classify, extract, draft), scripted like a small LLM:
     about `flaky` of first attempts hit a rate limit or a 503, answers take time and cost
     tokens in proportion to the text, and some tickets make the model misbehave."""
-    common = {"latency": latency, "jitter": 0.5, "flaky": flaky}
+    common = Script(latency=latency, jitter=0.5, flaky=flaky)
     return ScriptedModel({
-        "classify": Script(output=_classify, usage=_usage_for(30), flaky_kind="rate_limited",
-                           retry_after=0.05, **common),
-        "extract": Script(output=_extract, usage=_usage_for(60), **common),
-        "draft": Script(output=_draft, usage=_usage_for(180), **common),
+        "classify": replace(common, output=_classify, usage=_usage_for(30),
+                            flaky_kind="rate_limited", retry_after=0.05),
+        "extract": replace(common, output=_extract, usage=_usage_for(60)),
+        "draft": replace(common, output=_draft, usage=_usage_for(180)),
     })
 
 

@@ -150,7 +150,8 @@ async def read_capped(response: aiohttp.ClientResponse, max_bytes: int, service:
     if declared is not None and declared > max_bytes:
         raise ExecutorError(f"{service} answered {declared} bytes, more than the cap of "
                             f"{max_bytes}", kind="too_large", retryable=False)
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     while True:
         chunk = await response.content.read(64 * 1024)
         if not chunk:

@@ -262,7 +262,8 @@ class _ModelExecutor(SessionUser):
                         retryable=False)
                 raise self._invalid(problem, f"no repair: {self._grant_text(task)} granted, "
                                     "not enough left for another round")
-            if previous is not None and previous[1] and cap <= previous[0]:
+            if previous is not None and problem is not None and previous[1] and (
+                    cap <= previous[0]):
                 raise self._invalid(problem, f"the reply was cut off at {previous[0]} "
                                     "tokens and a repair could not be given more")
             body[self._token_param(model)] = cap

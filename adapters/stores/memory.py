@@ -10,7 +10,7 @@ from uuid import UUID
 
 from eventsourcing.persistence import IntegrityError, StoredEvent
 from eventsourcing.popo import POPOApplicationRecorder
-from rulebound.engine.store import ConcurrencyConflict, Record, RunChange, RunRow
+from rulebound.engine.store import ConcurrencyConflict, Fence, Record, RunChange, RunRow
 
 from .base import RecorderStore
 
@@ -41,9 +41,10 @@ class LeanPOPORecorder(POPOApplicationRecorder):
             for s in stored_events:  # check everything first: all or nothing
                 if s.originator_id is not last:  # an append is mostly one run
                     last = s.originator_id
-                    name = names.get(last)
-                    if name is None:
-                        name = names[last] = str(last)
+                    known = names.get(last)
+                    if known is None:
+                        known = names[last] = str(last)
+                    name = known
                     positions = index[name]
                 version = s.originator_version
                 if version in positions or (name, version) in new:
@@ -83,8 +84,9 @@ class MemoryStore(RecorderStore):
         self._position = 0
         self._rm_lock = threading.Lock()
 
-    def append(self, records: Sequence[Record]) -> None:
+    def append(self, records: Sequence[Record], fence: Fence | None = None) -> None:
         # No lock timeouts in memory: skip the retry wrapper, call the recorder directly.
+        # No leases either (one engine per memory store): a fence has nothing to check.
         if not records:
             return
         try:

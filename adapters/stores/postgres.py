@@ -97,9 +97,9 @@ class PostgresStore(RecorderStore):
             self._retrying(self._create_lease_tables)
             self._listener: Any = None
             self._listen_lock = threading.Lock()
-            self._connect_args = {"host": host, "port": port, "dbname": dbname, "user": user,
-                                  "password": password, "connect_timeout": max(2, int(
-                                      connect_timeout))}
+            self._connect_args: dict[str, Any] = {
+                "host": host, "port": port, "dbname": dbname, "user": user,
+                "password": password, "connect_timeout": max(2, int(connect_timeout))}
         except StoreError:
             raise
         except Exception as exc:  # connection refused, auth failed, ...: say so, no secrets

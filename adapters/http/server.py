@@ -47,6 +47,7 @@ from rulebound.engine.store import ConcurrencyConflict, StoreError, StoreUnavail
 from rulebound.engine.testing import InvariantViolated
 
 from . import models
+from .console import add_console
 from .openapi import document
 
 log = logging.getLogger("rulebound.http")
@@ -55,6 +56,7 @@ KEEPALIVE = 15.0  # seconds between `: keepalive` comments on an idle event stre
 SHUTDOWN_TIMEOUT = 5.0  # seconds a stopping server waits for requests still in flight
 MAX_PENDING_STARTS = 256  # starts handed to the engine and not yet answered, before 503
 STORE_RETRY_AFTER = 2  # seconds a client is told to wait when the store does not answer
+VERSION_COUNT_CAP = 5_000  # runs read to count a workflow's runs per version
 ENGINE: web.AppKey[Engine] = web.AppKey("engine", Engine)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _STATUSES = models.RUN_STATUSES
@@ -350,11 +352,28 @@ class Api:
         rows = await self.engine.runs(status=query.status, workflow=query.workflow,
                                       limit=query.limit + 1, offset=query.offset)
         more = len(rows) > query.limit
+        rows = rows[:query.limit]
+        details: list[dict[str, Any] | None] = [None] * len(rows)
+        if query.detail == "1":
+            details = list(await asyncio.gather(*(self._detail(r.run_id) for r in rows)))
         return _answer(models.RunList, {
             "runs": [{"run_id": r.run_id, "workflow": r.workflow, "status": r.status,
                       "version": r.version, "created_at": r.created_at,
-                      "updated_at": r.updated_at} for r in rows[:query.limit]],
+                      "updated_at": r.updated_at, "detail": d}
+                     for r, d in zip(rows, details, strict=True)],
             "next_offset": query.offset + query.limit if more else None})
+
+    async def _detail(self, run_id: UUID) -> dict[str, Any] | None:
+        """A row's detail (None for a run whose log cannot be folded: it is listed, not read)."""
+        try:
+            view = await self.engine.get(run_id)
+        except (CorruptRun, RunNotFound):
+            return None
+        return {"definition_hash": view.definition_hash, "usage": view.usage,
+                "attempts": view.attempts, "retries": view.retries,
+                "steps_taken": view.steps_taken, "waiting_for": list(view.waiting_for),
+                "started_at": view.started_at, "reason": view.reason,
+                "ended_at": view.updated_at if view.terminal else None}
 
     async def get_run(self, request: web.Request) -> web.Response:
         run_id = _path(request, models.RunPath).run_id
@@ -447,8 +466,89 @@ class Api:
             for name in registry.names()]})
 
     async def workflow(self, request: web.Request) -> web.Response:
-        wf = self.engine.registry.latest(_path(request, models.WorkflowPath).name)
-        return _answer(models.WorkflowGraph, {**wf.graph(), "mermaid": wf.mermaid()})
+        registry = self.engine.registry
+        name = _path(request, models.WorkflowPath).name
+        wf = registry.latest(name)
+        version = _query(request, models.WorkflowQuery).version
+        if version is not None:
+            found = registry.by_hash(version)
+            if found is None or found.name != name:
+                raise ApiError(404, "not_found", f"workflow {name!r} has no registered "
+                               f"version {version[:64]!r}")
+            wf = found
+        graph = wf.graph()
+        for node in graph["nodes"]:  # what a signal must carry: the console builds its form
+            if node.get("kind") == "signal":
+                output = wf.step(node["id"]).output
+                node["schema"] = None if output is None else output.model_json_schema()
+        return _answer(models.WorkflowGraph, {**graph, "mermaid": wf.mermaid()})
+
+    async def versions(self, request: web.Request) -> web.Response:
+        """Each registered version of a workflow and how many runs started on it (counted
+        over the newest VERSION_COUNT_CAP runs of the workflow)."""
+        registry = self.engine.registry
+        name = _path(request, models.WorkflowPath).name
+        known = registry.versions(name) or [registry.latest(name)]  # 404 if unknown
+        counts: dict[str, int] = {}
+        counted, offset, page = 0, 0, 200
+        while counted < VERSION_COUNT_CAP:
+            rows = await self.engine.runs(workflow=name, limit=page, offset=offset)
+            for detail in await asyncio.gather(*(self._detail(r.run_id) for r in rows)):
+                if detail is not None:
+                    counts[detail["definition_hash"]] = counts.get(
+                        detail["definition_hash"], 0) + 1
+            counted += len(rows)
+            offset += page
+            if len(rows) < page:
+                break
+        more = bool(await self.engine.runs(workflow=name, limit=1, offset=counted))
+        latest = registry.latest(name).hash
+        return _answer(models.WorkflowVersions, {
+            "name": name, "counted": counted, "complete": not more,
+            "versions": [{"hash": w.hash, "version": w.version, "latest": w.hash == latest,
+                          "runs": counts.pop(w.hash, 0)} for w in reversed(known)],
+            "other_runs": sum(counts.values())})
+
+    async def export(self, request: web.Request) -> web.Response:
+        """The run's export, as `rulebound export` writes it (JSON lines and a manifest)."""
+        from rulebound.engine.audit import export_records
+
+        run_id = _path(request, models.RunPath).run_id
+        records = await self.engine.storage.read(run_id, 0)
+        if not records:
+            raise ApiError(404, "not_found", f"no run {run_id}")
+        lines = export_records(str(run_id), records)
+        body = b"".join(orjson.dumps(line, option=orjson.OPT_SORT_KEYS) + b"\n"
+                        for line in lines)
+        return web.Response(body=body, content_type="application/x-ndjson", headers={
+            "Content-Disposition": f'attachment; filename="run-{run_id}.jsonl"'})
+
+    async def verify(self, request: web.Request) -> web.Response:
+        """`rulebound replay --verify` over the run's stored events."""
+        from rulebound.engine.audit import record_lines, verify_lines
+
+        run_id = _path(request, models.RunPath).run_id
+        records = await self.engine.storage.read(run_id, 0)
+        if not records:
+            raise ApiError(404, "not_found", f"no run {run_id}")
+        registry = self.engine.registry
+
+        def find(definition_hash: str, name: str) -> Any:
+            found = registry.by_hash(definition_hash)
+            if found is None and name in registry.names():
+                found = registry.latest(name)
+            return found
+
+        report = await asyncio.to_thread(verify_lines, record_lines(str(run_id), records),
+                                         find, require_manifest=False)
+        verdict = {0: "OK", 2: "FAILED", 3: "NOTICE", 4: "UNCHECKED"}.get(report.exit_code,
+                                                                         "FAILED")
+        return _answer(models.Verification, {
+            "run_id": run_id, "verdict": verdict, "exit_code": report.exit_code,
+            "events": report.events or len(records), "head_hash": report.head_hash,
+            "status": report.status, "decisions_checked": report.decisions_checked,
+            "findings": [str(f) for f in report.findings],
+            "notices": [str(f) for f in report.notices]})
 
     async def health(self, request: web.Request) -> web.Response:
         return _answer(models.Health, {"active_runs": self.engine.active_runs,
@@ -552,9 +652,13 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = MAX_
     app.router.add_post("/v1/runs/{run_id}/cancel", api.cancel)
     app.router.add_get("/v1/workflows", api.workflows)
     app.router.add_get("/v1/workflows/{name}", api.workflow)
+    app.router.add_get("/v1/workflows/{name}/versions", api.versions)
+    app.router.add_get("/v1/runs/{run_id}/export", api.export)
+    app.router.add_get("/v1/runs/{run_id}/verify", api.verify)
     app.router.add_get("/healthz", api.health)
     app.router.add_get("/metrics", api.metrics)
     app.router.add_get("/openapi.json", api.openapi)
+    add_console(app)  # the web console at / (static files; it talks to /v1 like any client)
 
     async def lag(app: web.Application) -> Any:
         task = asyncio.create_task(_lag_probe(engine))

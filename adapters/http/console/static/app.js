@@ -83,8 +83,10 @@ function renderToken() {
       "only (sessionStorage) and sent in the Authorization header."),
     h("label", { class: "field", for: "token-input" }, h("span", {}, "Token"), input),
     h("div", { class: "buttons" }, h("button", { type: "submit" }, "Use token")));
+  main.dataset.ready = "token";
   form.addEventListener("submit", (event) => {
     event.preventDefault();
+    delete main.dataset.ready;
     api.setToken(input.value.trim());
     clearError();
     route();
@@ -187,7 +189,7 @@ function pathOf(graph, events, view) {
   return { taken, visited, failed, current };
 }
 
-function stepTable(events) {
+function stepTable(events, view) {
   const steps = new Map();
   const of = (key) => {
     if (!steps.has(key)) {
@@ -218,6 +220,7 @@ function stepTable(events) {
       s.error = `${e.error_type}: ${e.message}`;
     } else if (e.type === "StepScheduled" && !s.status) s.status = "scheduled";
   }
+  for (const [key, st] of Object.entries(view.steps)) if (steps.has(key)) of(key).status = st.status;
   const rows = [...steps.entries()].map(([key, s]) => h("tr", { "data-step": key },
     h("td", { "data-label": "step" }, key),
     h("td", { "data-label": "status" }, s.status ? badge(s.status) : ""),
@@ -377,7 +380,7 @@ async function renderRun({ parts }, signal) {
       ...(view.reason ? [h("dt", {}, "reason"), h("dd", {}, view.reason)] : []),
       h("dt", {}, "audit"), h("dd", {}, h("a", { href: `#/audit/${runId}` }, "export and verify"))));
     graphBox.replaceChildren(drawGraph(graph, pathOf(graph, events, view)));
-    steps.replaceChildren(stepTable(events));
+    steps.replaceChildren(stepTable(events, view));
     timelineBox.replaceChildren(timeline(events));
     const started = events.find((e) => e.type === "RunStarted");
     io.replaceChildren(h("h3", {}, "input"), jsonBlock(started ? started.input : undefined),
@@ -599,7 +602,7 @@ async function route() {
   document.title = `${name} · rulebound`;
   try {
     await PAGES[name](parsed, current.abort.signal);
-    if (page === current) main.dataset.ready = name;
+    if (page === current) main.dataset.ready = name === "runs" && parsed.parts[1] ? "run" : name;
   } catch (exc) {
     if (page === current) showError(exc);
   }
@@ -609,4 +612,21 @@ window.addEventListener("hashchange", () => {
   delete main.dataset.ready;
   route();
 });
-route();
+
+// Ask for a token before the first call when the server wants one (its public OpenAPI
+// document says so), rather than after a refused request.
+async function boot() {
+  if (!api.token()) {
+    try {
+      const doc = await (await fetch("/openapi.json")).json();
+      if (doc.security && doc.security.length) {
+        renderToken();
+        return;
+      }
+    } catch {
+      // no document: the first call will tell
+    }
+  }
+  route();
+}
+boot();

@@ -72,9 +72,11 @@ function layers(graph) {
 
 function label(node) {
   if (!node) return "";
-  if (node.kind === "parallel") return `${node.id} ∥ ${(node.branches || []).join(", ")}`;
+  if (node.kind === "parallel") return `${node.id}: ${(node.branches || []).join(" + ")}`;
   if (node.kind === "map") return `${node.id} (map)`;
-  if (node.kind === "signal") return `${node.id} ⏸ ${node.signal}`;
+  if (node.kind === "signal") {
+    return node.id === node.signal ? `${node.id} (signal)` : `${node.id}: ${node.signal}`;
+  }
   return node.id;
 }
 
@@ -96,8 +98,8 @@ export function drawGraph(graph, run = null) {
   const svg = el("svg", {
     viewBox: `0 0 ${width} ${height}`, class: "graph", role: "img",
     "aria-label": `graph of workflow ${graph.workflow}`,
-    style: `max-width:${width}px`,
   });
+  svg.style.maxWidth = `${width}px`;  // CSSOM, not a style attribute (the page's CSP)
   const defs = el("defs");
   for (const [name, cls] of [["arrow", "arrow"], ["arrow-taken", "arrow taken"]]) {
     const marker = el("marker", {

@@ -63,6 +63,10 @@ class StartRunHeaders(_Params):
     idempotency_key: Key | None = Field(
         default=None, alias="Idempotency-Key",
         description="Like the body's idempotency_key; if both are given they must be equal.")
+    traceparent: Annotated[Text, Field(max_length=512)] | None = Field(
+        default=None, description="W3C trace context: recorded in the run's RunStarted, so "
+                                  "its traces (the `otel` extra) join the caller's trace; an "
+                                  "invalid value is ignored.")
 
 
 class ListRunsQuery(_Params):

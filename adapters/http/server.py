@@ -13,6 +13,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import re
 import socket
 import time
@@ -45,6 +46,7 @@ from rulebound.engine.executor import ExecutorError, PermanentError, RetryableEr
 from rulebound.engine.registry import AppLoadError
 from rulebound.engine.store import ConcurrencyConflict, StoreError, StoreUnavailable
 from rulebound.engine.testing import InvariantViolated
+from rulebound.engine.tracing import trace_context
 
 from . import models
 from .console import add_console
@@ -330,7 +332,8 @@ class Api:
         if self.overloaded():
             raise ApiError(503, "overloaded", "too many runs in flight; try again later",
                            {"Retry-After": "1"})
-        header = _headers(request, models.StartRunHeaders).idempotency_key
+        headers = _headers(request, models.StartRunHeaders)
+        header = headers.idempotency_key
         body = await _body(request, required=True)
         if not isinstance(body, dict):
             raise ApiError(400, "bad_request", "the body must be a JSON object")
@@ -340,8 +343,9 @@ class Api:
                            "idempotency_key differ; send one, or the same key in both")
         self.pending_starts += 1
         try:
-            run_id, created = await self.engine.start_run(
-                start.workflow, start.input, header or start.idempotency_key)
+            with trace_context(headers.traceparent):
+                run_id, created = await self.engine.start_run(
+                    start.workflow, start.input, header or start.idempotency_key)
         finally:
             self.pending_starts -= 1
         return _answer(models.Started, {"run_id": run_id}, 201 if created else 200,
@@ -468,8 +472,8 @@ class Api:
     async def workflow(self, request: web.Request) -> web.Response:
         registry = self.engine.registry
         name = _path(request, models.WorkflowPath).name
-        wf = registry.latest(name)
         version = _query(request, models.WorkflowQuery).version
+        wf = registry.latest(name)
         if version is not None:
             found = registry.by_hash(version)
             if found is None or found.name != name:
@@ -724,6 +728,11 @@ async def serve_socket(engine: Engine, sock: socket.socket, *, token: str | None
     SHUTDOWN_TIMEOUT); the caller then closes the engine, which drains running attempts."""
     runner = web.AppRunner(create_app(engine, token=token), access_log=None,
                            shutdown_timeout=SHUTDOWN_TIMEOUT)
+    tracing = None
+    if os.environ.get("RULEBOUND_OTEL", "") not in ("", "0"):  # the `otel` extra, asked for
+        from rulebound.adapters.otel import instrument
+
+        tracing = instrument(engine)
     await runner.setup()
     try:
         await web.SockSite(runner, sock).start()
@@ -733,6 +742,8 @@ async def serve_socket(engine: Engine, sock: socket.socket, *, token: str | None
         await (stop or asyncio.Event()).wait()
     finally:
         await runner.cleanup()
+        if tracing is not None:
+            tracing.close()
 
 
 async def serve(engine: Engine, host: str, port: int, *, token: str | None,

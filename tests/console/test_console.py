@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from pathlib import Path
 from typing import Any
 
 from tests.console.conftest import Console, Server
@@ -130,7 +131,7 @@ def test_download_the_export(desktop: Console, server: Server) -> None:
     page = desktop.open(f"/audit/{run_id}", "audit")
     with page.expect_download() as info:
         page.click("#download-export")
-    text = open(info.value.path(), encoding="utf-8").read()
+    text = Path(info.value.path()).read_text(encoding="utf-8")
     assert text == server.call("GET", f"/v1/runs/{run_id}/export")
     assert page.inner_text("#head-hash") in text.splitlines()[-1]
 

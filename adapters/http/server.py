@@ -25,6 +25,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ValidationError
+from rulebound.domain.definitions import WaitForSignal
 from rulebound.domain.errors import (
     CorruptRun,
     DefinitionError,
@@ -483,7 +484,8 @@ class Api:
         graph = wf.graph()
         for node in graph["nodes"]:  # what a signal must carry: the console builds its form
             if node.get("kind") == "signal":
-                output = wf.step(node["id"]).output
+                step = wf.step(node["id"])
+                output = step.output if isinstance(step, WaitForSignal) else None
                 node["schema"] = None if output is None else output.model_json_schema()
         return _answer(models.WorkflowGraph, {**graph, "mermaid": wf.mermaid()})
 

@@ -60,6 +60,12 @@ class Event(BaseModel):
 
 
 class RunStarted(Event):
+    """`traceparent`: the W3C trace context of the request that started the run, if it came
+    with one, so that tracing joins every later part of the run (after a restart too) to
+    that trace. Left out of the stored body while None (runs stored before it hash the
+    same)."""
+
+    optional_fields: ClassVar[tuple[str, ...]] = ("traceparent",)
     type: Literal["RunStarted"] = "RunStarted"
     workflow: str
     definition_hash: str
@@ -67,6 +73,7 @@ class RunStarted(Event):
     limits: dict[str, Any]
     idempotency_key: str | None = None
     seed: Annotated[int, Field(ge=0, lt=2**63)]
+    traceparent: str | None = None
 
 
 class RunCompleted(Event):

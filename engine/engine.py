@@ -69,6 +69,7 @@ from .storage import StoreWorker
 from .store import ConcurrencyConflict, EventStore, Fenced, Record, RunRow, StoreError
 from .stores import open_store
 from .timers import Timers
+from .tracing import TRACEPARENT
 from .turns import Turns
 from .views import RunView
 
@@ -403,7 +404,7 @@ class Engine:
         started = ev.RunStarted(
             at=self._clock.now(), workflow=definition.name, definition_hash=definition.hash,
             input=input, limits=self._limits_of(definition), idempotency_key=key,
-            seed=secrets.randbits(63))
+            seed=secrets.randbits(63), traceparent=TRACEPARENT.get())
         try:
             async with run.lock:
                 await self._commit(run, [started])

@@ -63,6 +63,10 @@ class StartRunHeaders(_Params):
     idempotency_key: Key | None = Field(
         default=None, alias="Idempotency-Key",
         description="Like the body's idempotency_key; if both are given they must be equal.")
+    traceparent: Annotated[Text, Field(max_length=512)] | None = Field(
+        default=None, description="W3C trace context: recorded in the run's RunStarted, so "
+                                  "its traces (the `otel` extra) join the caller's trace; an "
+                                  "invalid value is ignored.")
 
 
 class ListRunsQuery(_Params):
@@ -70,6 +74,9 @@ class ListRunsQuery(_Params):
     workflow: Name | None = None
     limit: Annotated[int, Field(ge=1, le=1000)] = 50
     offset: Annotated[int, Field(ge=0, le=MAX_OFFSET)] = 0
+    detail: Literal["0", "1"] = Field(
+        default="0", description="1: each row also carries the run's usage, attempts and "
+                                 "the signals it waits for (read per run; keep pages small).")
 
 
 class EventsQuery(_Params):
@@ -105,6 +112,11 @@ class WorkflowPath(_Params):
     name: Name
 
 
+class WorkflowQuery(_Params):
+    version: Annotated[Text, Field(min_length=1, max_length=MAX_KEY)] | None = Field(
+        default=None, description="A definition hash of this workflow (default: the newest).")
+
+
 class Cancel(_Request):
     """Body of POST /v1/runs/{run_id}/cancel (optional)."""
 
@@ -123,6 +135,20 @@ class Accepted(BaseModel):
     status: Literal["accepted"] = "accepted"
 
 
+class RunDetail(BaseModel):
+    """What GET /v1/runs?detail=1 adds to each row."""
+
+    definition_hash: str
+    usage: Usage
+    attempts: int
+    retries: int
+    steps_taken: int
+    waiting_for: list[str]
+    started_at: datetime | None = None
+    ended_at: datetime | None = Field(default=None, description="Set once the run has ended.")
+    reason: str | None = None
+
+
 class RunRow(BaseModel):
     run_id: UUID
     workflow: str
@@ -130,6 +156,7 @@ class RunRow(BaseModel):
     version: int
     created_at: datetime
     updated_at: datetime
+    detail: RunDetail | None = Field(default=None, description="With detail=1 only.")
 
 
 class RunList(BaseModel):
@@ -192,6 +219,37 @@ class WorkflowGraph(BaseModel):
     nodes: list[dict[str, Any]]
     edges: list[dict[str, Any]]
     mermaid: str
+
+
+class VersionSummary(BaseModel):
+    hash: str
+    version: str | None = None
+    latest: bool
+    runs: int = Field(description="Runs started on this version (of those counted).")
+
+
+class WorkflowVersions(BaseModel):
+    name: str
+    versions: list[VersionSummary]
+    other_runs: int = Field(description="Counted runs on versions not registered here.")
+    counted: int = Field(description="Runs of the workflow counted (the newest first).")
+    complete: bool = Field(description="False: the workflow has more runs than were counted.")
+
+
+class Verification(BaseModel):
+    """GET /v1/runs/{run_id}/verify: the checks of `rulebound replay --verify` over the run's
+    events as stored (chain, fold, decisions re-derived from the definition)."""
+
+    run_id: UUID
+    verdict: Literal["OK", "FAILED", "NOTICE", "UNCHECKED"]
+    exit_code: int = Field(description="As `rulebound replay --verify` exits: 0 OK, 2 FAILED, "
+                                       "3 NOTICE, 4 UNCHECKED.")
+    events: int
+    head_hash: str | None
+    status: str | None
+    decisions_checked: int
+    findings: list[str]
+    notices: list[str]
 
 
 class Health(BaseModel):

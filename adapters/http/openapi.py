@@ -17,7 +17,7 @@ from . import models as m
 _REF = "#/components/schemas/{model}"
 _SCHEMAS: tuple[type[BaseModel], ...] = (
     m.StartRun, m.Cancel, m.Started, m.Accepted, m.RunList, m.Run, m.StoredEvent,
-    m.WorkflowList, m.WorkflowGraph, m.Health, m.Error)
+    m.WorkflowList, m.WorkflowGraph, m.WorkflowVersions, m.Verification, m.Health, m.Error)
 _REASONS = {400: "Malformed request", 401: "Missing or wrong bearer token",
             404: "No such run or workflow",
             409: "The run takes no more signals or cancellations: it has ended (error type "
@@ -149,14 +149,38 @@ def document(security: bool) -> dict[str, Any]:
                 "requestBody": _body(m.Cancel, False),
                 "responses": {"202": _json(_ref(m.Accepted), "Cancellation recorded"),
                               **_errors(400, *auth, 404, 409, 413, 415, 503)}}},
+            "/v1/runs/{run_id}/export": {"get": {
+                "operationId": "exportRun",
+                "summary": "The run's export as `rulebound export` writes it: one JSON line "
+                           "per stored event, then a manifest line",
+                "parameters": run_path,
+                "responses": {"200": {"description": "JSON lines", "content": {
+                    "application/x-ndjson": {"schema": {"type": "string"}}}},
+                    **_errors(*auth, 404, 503)}}},
+            "/v1/runs/{run_id}/verify": {"get": {
+                "operationId": "verifyRun",
+                "summary": "Check the run's stored log: hash chain, fold, and every decision "
+                           "re-derived from its definition (as `rulebound replay --verify`)",
+                "parameters": run_path,
+                "responses": {"200": _json(_ref(m.Verification)),
+                              **_errors(*auth, 404, 503)}}},
             "/v1/workflows": {"get": {
                 "operationId": "listWorkflows",
                 "responses": {"200": _json(_ref(m.WorkflowList)), **_errors(*auth)}}},
             "/v1/workflows/{name}": {"get": {
                 "operationId": "getWorkflow",
-                "parameters": parameters(m.WorkflowPath, "path"),
-                "responses": {"200": _json(_ref(m.WorkflowGraph), "The workflow's graph"),
+                "parameters": [*parameters(m.WorkflowPath, "path"),
+                               *parameters(m.WorkflowQuery, "query")],
+                "responses": {"200": _json(_ref(m.WorkflowGraph), "The workflow's graph; "
+                                           "each signal step's node carries the JSON schema "
+                                           "of the payload it takes (`schema`)"),
                               **_errors(400, *auth, 404)}}},
+            "/v1/workflows/{name}/versions": {"get": {
+                "operationId": "workflowVersions",
+                "summary": "The workflow's registered versions and the runs on each",
+                "parameters": parameters(m.WorkflowPath, "path"),
+                "responses": {"200": _json(_ref(m.WorkflowVersions)),
+                              **_errors(400, *auth, 404, 503)}}},
             "/healthz": {"get": {"operationId": "health", "security": [],
                                  "responses": {"200": _json(_ref(m.Health))}}},
             "/metrics": {"get": {"operationId": "metrics", "security": [],

@@ -13,6 +13,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import re
 import socket
 import time
@@ -24,6 +25,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ValidationError
+from rulebound.domain.definitions import WaitForSignal
 from rulebound.domain.errors import (
     CorruptRun,
     DefinitionError,
@@ -45,8 +47,10 @@ from rulebound.engine.executor import ExecutorError, PermanentError, RetryableEr
 from rulebound.engine.registry import AppLoadError
 from rulebound.engine.store import ConcurrencyConflict, StoreError, StoreUnavailable
 from rulebound.engine.testing import InvariantViolated
+from rulebound.engine.tracing import trace_context
 
 from . import models
+from .console import add_console
 from .openapi import document
 
 log = logging.getLogger("rulebound.http")
@@ -55,6 +59,7 @@ KEEPALIVE = 15.0  # seconds between `: keepalive` comments on an idle event stre
 SHUTDOWN_TIMEOUT = 5.0  # seconds a stopping server waits for requests still in flight
 MAX_PENDING_STARTS = 256  # starts handed to the engine and not yet answered, before 503
 STORE_RETRY_AFTER = 2  # seconds a client is told to wait when the store does not answer
+VERSION_COUNT_CAP = 5_000  # runs read to count a workflow's runs per version
 ENGINE: web.AppKey[Engine] = web.AppKey("engine", Engine)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _STATUSES = models.RUN_STATUSES
@@ -357,7 +362,8 @@ class Api:
         if self.overloaded():
             raise ApiError(503, "overloaded", "too many runs in flight; try again later",
                            {"Retry-After": "1"})
-        header = _headers(request, models.StartRunHeaders).idempotency_key
+        headers = _headers(request, models.StartRunHeaders)
+        header = headers.idempotency_key
         body = await _body(request, required=True)
         if not isinstance(body, dict):
             raise ApiError(400, "bad_request", "the body must be a JSON object")
@@ -367,8 +373,9 @@ class Api:
                            "idempotency_key differ; send one, or the same key in both")
         self.pending_starts += 1
         try:
-            run_id, created = await self.engine.start_run(
-                start.workflow, start.input, header or start.idempotency_key)
+            with trace_context(headers.traceparent):
+                run_id, created = await self.engine.start_run(
+                    start.workflow, start.input, header or start.idempotency_key)
         finally:
             self.pending_starts -= 1
         return _answer(models.Started, {"run_id": run_id}, 201 if created else 200,
@@ -379,11 +386,28 @@ class Api:
         rows = await self.engine.runs(status=query.status, workflow=query.workflow,
                                       limit=query.limit + 1, offset=query.offset)
         more = len(rows) > query.limit
+        rows = rows[:query.limit]
+        details: list[dict[str, Any] | None] = [None] * len(rows)
+        if query.detail == "1":
+            details = list(await asyncio.gather(*(self._detail(r.run_id) for r in rows)))
         return _answer(models.RunList, {
             "runs": [{"run_id": r.run_id, "workflow": r.workflow, "status": r.status,
                       "version": r.version, "created_at": r.created_at,
-                      "updated_at": r.updated_at} for r in rows[:query.limit]],
+                      "updated_at": r.updated_at, "detail": d}
+                     for r, d in zip(rows, details, strict=True)],
             "next_offset": query.offset + query.limit if more else None})
+
+    async def _detail(self, run_id: UUID) -> dict[str, Any] | None:
+        """A row's detail (None for a run whose log cannot be folded: it is listed, not read)."""
+        try:
+            view = await self.engine.get(run_id)
+        except (CorruptRun, RunNotFound):
+            return None
+        return {"definition_hash": view.definition_hash, "usage": view.usage,
+                "attempts": view.attempts, "retries": view.retries,
+                "steps_taken": view.steps_taken, "waiting_for": list(view.waiting_for),
+                "started_at": view.started_at, "reason": view.reason,
+                "ended_at": view.updated_at if view.terminal else None}
 
     async def get_run(self, request: web.Request) -> web.Response:
         run_id = _path(request, models.RunPath).run_id
@@ -476,8 +500,90 @@ class Api:
             for name in registry.names()]})
 
     async def workflow(self, request: web.Request) -> web.Response:
-        wf = self.engine.registry.latest(_path(request, models.WorkflowPath).name)
-        return _answer(models.WorkflowGraph, {**wf.graph(), "mermaid": wf.mermaid()})
+        registry = self.engine.registry
+        name = _path(request, models.WorkflowPath).name
+        version = _query(request, models.WorkflowQuery).version
+        wf = registry.latest(name)
+        if version is not None:
+            found = registry.by_hash(version)
+            if found is None or found.name != name:
+                raise ApiError(404, "not_found", f"workflow {name!r} has no registered "
+                               f"version {version[:64]!r}")
+            wf = found
+        graph = wf.graph()
+        for node in graph["nodes"]:  # what a signal must carry: the console builds its form
+            if node.get("kind") == "signal":
+                step = wf.step(node["id"])
+                output = step.output if isinstance(step, WaitForSignal) else None
+                node["schema"] = None if output is None else output.model_json_schema()
+        return _answer(models.WorkflowGraph, {**graph, "mermaid": wf.mermaid()})
+
+    async def versions(self, request: web.Request) -> web.Response:
+        """Each registered version of a workflow and how many runs started on it (counted
+        over the newest VERSION_COUNT_CAP runs of the workflow)."""
+        registry = self.engine.registry
+        name = _path(request, models.WorkflowPath).name
+        known = registry.versions(name) or [registry.latest(name)]  # 404 if unknown
+        counts: dict[str, int] = {}
+        counted, offset, page = 0, 0, 200
+        while counted < VERSION_COUNT_CAP:
+            rows = await self.engine.runs(workflow=name, limit=page, offset=offset)
+            for detail in await asyncio.gather(*(self._detail(r.run_id) for r in rows)):
+                if detail is not None:
+                    counts[detail["definition_hash"]] = counts.get(
+                        detail["definition_hash"], 0) + 1
+            counted += len(rows)
+            offset += page
+            if len(rows) < page:
+                break
+        more = bool(await self.engine.runs(workflow=name, limit=1, offset=counted))
+        latest = registry.latest(name).hash
+        return _answer(models.WorkflowVersions, {
+            "name": name, "counted": counted, "complete": not more,
+            "versions": [{"hash": w.hash, "version": w.version, "latest": w.hash == latest,
+                          "runs": counts.pop(w.hash, 0)} for w in reversed(known)],
+            "other_runs": sum(counts.values())})
+
+    async def export(self, request: web.Request) -> web.Response:
+        """The run's export, as `rulebound export` writes it (JSON lines and a manifest)."""
+        from rulebound.engine.audit import export_records
+
+        run_id = _path(request, models.RunPath).run_id
+        records = await self.engine.storage.read(run_id, 0)
+        if not records:
+            raise ApiError(404, "not_found", f"no run {run_id}")
+        lines = export_records(str(run_id), records)
+        body = b"".join(orjson.dumps(line, option=orjson.OPT_SORT_KEYS) + b"\n"
+                        for line in lines)
+        return web.Response(body=body, content_type="application/x-ndjson", headers={
+            "Content-Disposition": f'attachment; filename="run-{run_id}.jsonl"'})
+
+    async def verify(self, request: web.Request) -> web.Response:
+        """`rulebound replay --verify` over the run's stored events."""
+        from rulebound.engine.audit import record_lines, verify_lines
+
+        run_id = _path(request, models.RunPath).run_id
+        records = await self.engine.storage.read(run_id, 0)
+        if not records:
+            raise ApiError(404, "not_found", f"no run {run_id}")
+        registry = self.engine.registry
+
+        def find(definition_hash: str, name: str) -> Any:
+            found = registry.by_hash(definition_hash)
+            if found is None and name in registry.names():
+                found = registry.latest(name)
+            return found
+
+        report = await asyncio.to_thread(verify_lines, record_lines(str(run_id), records),
+                                         find, require_manifest=False)
+        verdict = {0: "OK", 2: "FAILED", 3: "NOTICE", 4: "UNCHECKED"}.get(report.exit_code,
+                                                                         "FAILED")
+        return _answer(models.Verification, {
+            "run_id": run_id, "verdict": verdict, "exit_code": report.exit_code,
+            "events": report.events or len(records), "head_hash": report.head_hash,
+            "status": report.status, "decisions_checked": report.decisions_checked,
+            "findings": [str(f) for f in report.findings],
+            "notices": [str(f) for f in report.notices]})
 
     async def health(self, request: web.Request) -> web.Response:
         return _answer(models.Health, {"active_runs": self.engine.active_runs,
@@ -582,9 +688,13 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = MAX_
     app.router.add_post("/v1/runs/{run_id}/cancel", api.cancel)
     app.router.add_get("/v1/workflows", api.workflows)
     app.router.add_get("/v1/workflows/{name}", api.workflow)
+    app.router.add_get("/v1/workflows/{name}/versions", api.versions)
+    app.router.add_get("/v1/runs/{run_id}/export", api.export)
+    app.router.add_get("/v1/runs/{run_id}/verify", api.verify)
     app.router.add_get("/healthz", api.health)
     app.router.add_get("/metrics", api.metrics)
     app.router.add_get("/openapi.json", api.openapi)
+    add_console(app)  # the web console at / (static files; it talks to /v1 like any client)
 
     async def lag(app: web.Application) -> Any:
         task = asyncio.create_task(_lag_probe(engine))
@@ -650,6 +760,11 @@ async def serve_socket(engine: Engine, sock: socket.socket, *, token: str | None
     SHUTDOWN_TIMEOUT); the caller then closes the engine, which drains running attempts."""
     runner = web.AppRunner(create_app(engine, token=token), access_log=None,
                            shutdown_timeout=SHUTDOWN_TIMEOUT)
+    tracing = None
+    if os.environ.get("RULEBOUND_OTEL", "") not in ("", "0"):  # the `otel` extra, asked for
+        from rulebound.adapters.otel import instrument
+
+        tracing = instrument(engine)
     await runner.setup()
     try:
         await web.SockSite(runner, sock).start()
@@ -659,6 +774,8 @@ async def serve_socket(engine: Engine, sock: socket.socket, *, token: str | None
         await (stop or asyncio.Event()).wait()
     finally:
         await runner.cleanup()
+        if tracing is not None:
+            tracing.close()
 
 
 async def serve(engine: Engine, host: str, port: int, *, token: str | None,

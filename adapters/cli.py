@@ -215,7 +215,8 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     try:
         async with Engine(_store(args), registry=registry,
                           max_active_runs=args.max_active_runs,
-                          drain_timeout=args.drain_timeout) as engine:
+                          drain_timeout=args.drain_timeout,
+                          lease_time=args.lease_time) as engine:
             print(f"rulebound: serving {', '.join(registry.names())} on {address(sock)} "
                   f"(store {_redact(_store(args))}, auth {'on' if token else 'off'})",
                   file=sys.stderr, flush=True)
@@ -500,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=float, default=10.0,
                    help="on SIGTERM or Ctrl-C, seconds running attempts may take to finish "
                         "(default 10)")
+    p.add_argument("--lease-time", type=float, default=10.0,
+                   help="PostgreSQL: seconds a shard lease lasts; another engine takes a "
+                        "stopped one's runs within about this time (default 10)")
     p.add_argument("--insecure-no-auth", action="store_true",
                    help="allow a non-loopback address without RULEBOUND_TOKEN")
     p = command("export", cmd_export, "write a run's events as JSON lines")

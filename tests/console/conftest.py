@@ -104,8 +104,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             process.wait()
 
 
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Any]:
+@pytest.fixture(scope="module")  # not longer: while Playwright's sync API is open it keeps
+def browser() -> Iterator[Any]:     # an event loop set, and every async test after it fails
     if not Path(CHROMIUM).exists() or shutil.which(CHROMIUM) is None:
         if os.environ.get("RULEBOUND_REQUIRE_BROWSER"):
             pytest.fail(f"no chromium at {CHROMIUM} (.ci/run installs Debian's chromium)")

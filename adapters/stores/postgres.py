@@ -10,21 +10,26 @@ is why positions are always read as "greater than".
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
 from eventsourcing.persistence import InterfaceError, OperationalError, PersistenceError
-from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+from eventsourcing.postgres import (
+    PostgresAggregateRecorder,
+    PostgresApplicationRecorder,
+    PostgresDatastore,
+)
 from psycopg.sql import SQL, Identifier
-from rulebound.engine.store import RunChange, RunRow, StoreError, StoreUnavailable
+from rulebound.engine.store import RunChange, RunRow, Snapshot, StoreError, StoreUnavailable
 
-from .base import RecorderStore, _safe
+from .base import RecorderStore, _safe, _uuid
 
 EVENTS = "rulebound_events"
 RUNS = "rulebound_runs"
 TRACKING = "rulebound_runs_position"
+SNAPSHOTS = "rulebound_snapshots"
 
 
 class PostgresStore(RecorderStore):
@@ -47,6 +52,11 @@ class PostgresStore(RecorderStore):
                 c.execute(SQL("CREATE SCHEMA IF NOT EXISTS {}").format(Identifier(self.schema)))
             self._retrying(recorder.create_table)
             self._retrying(self._create_read_model)
+            # Snapshots: an aggregate recorder in a table of its own, as the library keeps
+            # an application's snapshots (see engine.snapshots for what a row holds).
+            self.snapshots = PostgresAggregateRecorder(self.datastore,
+                                                       events_table_name=SNAPSHOTS)
+            self._retrying(self.snapshots.create_table)
         except StoreError:
             raise
         except Exception as exc:  # connection refused, auth failed, ...: say so, no secrets
@@ -183,6 +193,63 @@ class PostgresStore(RecorderStore):
                 return {row["status"]: row["n"] for row in c.fetchall()}
 
         return self._retrying(read)
+
+    # --- retention and snapshots ------------------------------------------------------
+
+    def delete_runs(self, runs: Mapping[UUID, int]) -> list[UUID]:
+        """One transaction. Notification ids come from a sequence, never handed out twice,
+        so removed events leave gaps (as rollbacks do)."""
+        ids = list(runs)
+        if not ids:
+            return []
+        events, snapshots = self._table(EVENTS), self._table(SNAPSHOTS)
+
+        def delete() -> list[UUID]:
+            with self.datastore.transaction(commit=True) as c:
+                c.execute(SQL("SELECT originator_id, count(*) AS n, max(originator_version) "
+                              "AS last FROM {} WHERE originator_id = ANY(%s) GROUP BY "
+                              "originator_id").format(events), (ids,))
+                removed = []
+                for row in c.fetchall():
+                    run_id = _uuid(row["originator_id"])
+                    count = runs.get(run_id)
+                    if count and row["n"] == count and row["last"] == count:
+                        removed.append(run_id)
+                if removed:
+                    for table, column in ((events, "originator_id"), (self._table(RUNS),
+                                          "run_id"), (snapshots, "originator_id")):
+                        c.execute(SQL("DELETE FROM {} WHERE {} = ANY(%s)").format(
+                            table, Identifier(column)), (removed,))
+                return removed
+
+        return self._retrying(delete)
+
+    def read_snapshot(self, run_id: UUID) -> Snapshot | None:
+        rows = self._retrying(lambda: self.snapshots.select_events(run_id, desc=True, limit=1))
+        if not rows:
+            return None
+        return Snapshot(_uuid(rows[0].originator_id), rows[0].originator_version,
+                        bytes(rows[0].state))
+
+    def write_snapshot(self, snapshot: Snapshot) -> None:
+        """Kept only while the run's event at that version exists, replacing older
+        snapshots of the run."""
+        snapshots, events = self._table(SNAPSHOTS), self._table(EVENTS)
+        run_id, version = snapshot.run_id, snapshot.version
+
+        def write() -> None:
+            with self.datastore.transaction(commit=True) as c:
+                c.execute(SQL("INSERT INTO {0} (originator_id, originator_version, topic, "
+                              "state) SELECT %s, %s, 'RunState', %s WHERE EXISTS (SELECT 1 "
+                              "FROM {1} WHERE originator_id = %s AND originator_version = %s) "
+                              "AND NOT EXISTS (SELECT 1 FROM {0} WHERE originator_id = %s AND "
+                              "originator_version > %s) ON CONFLICT DO NOTHING").format(
+                                  snapshots, events),
+                          (run_id, version, snapshot.data, run_id, version, run_id, version))
+                c.execute(SQL("DELETE FROM {} WHERE originator_id = %s AND "
+                              "originator_version < %s").format(snapshots), (run_id, version))
+
+        self._retrying(write)
 
     def close(self) -> None:
         if not self._closed:

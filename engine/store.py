@@ -173,7 +173,8 @@ class EventStore(Protocol):
         grew, or is gone already) is left as it is. Returns the runs removed.
 
         Store-wide positions of the removed events are never handed out again (tailing
-        readers use "greater than"), so removing leaves gaps, as a rollback does.
+        readers use "greater than"), so removing leaves gaps, as a rollback does; but
+        `last_position` may be lower afterwards if the newest events were removed.
         """
 
     # Optional (a store without them is loaded by folding every event): snapshots.

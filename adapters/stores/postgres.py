@@ -246,8 +246,10 @@ class PostgresStore(RecorderStore):
                               "originator_version > %s) ON CONFLICT DO NOTHING").format(
                                   snapshots, events),
                           (run_id, version, snapshot.data, run_id, version, run_id, version))
-                c.execute(SQL("DELETE FROM {} WHERE originator_id = %s AND "
-                              "originator_version < %s").format(snapshots), (run_id, version))
+                if c.rowcount == 1:  # kept: the older ones go
+                    c.execute(SQL("DELETE FROM {} WHERE originator_id = %s AND "
+                                  "originator_version < %s").format(snapshots),
+                              (run_id, version))
 
         self._retrying(write)
 

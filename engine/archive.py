@@ -29,10 +29,12 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import orjson
 from rulebound.domain.errors import RuleboundError
+from rulebound.domain.events import TERMINAL_EVENTS
 
 from .audit import EXIT_FAILED, export_records, export_text, verify_lines
-from .store import EventStore
+from .store import EventStore, Record
 
 SUFFIX = ".jsonl"
 
@@ -124,6 +126,11 @@ def _secure(store: EventStore, folder: Path, run_id: UUID, ended_before: datetim
     records = store.read(run_id, 0)
     if not records:
         return 0, "no longer in the store"
+    ended = _ended_at(records[-1])
+    if ended is None:
+        return 0, "still going"  # the read model said ended; the log has the last word
+    if ended >= ended_before:
+        return 0, "ended after the cut-off"
     lines = export_records(str(run_id), records)
     head = lines[-1]["manifest"]["head_hash"]
     data = export_text(lines).encode("utf-8")
@@ -144,19 +151,25 @@ def _secure(store: EventStore, folder: Path, run_id: UUID, ended_before: datetim
     except ValueError as exc:
         return 0, f"{path.name} does not parse back: {exc}"
     report = verify_lines(parsed, finder, require_manifest=True, head=head)
-    if report.exit_code == EXIT_FAILED or not report.complete or not report.anchored:
+    if (report.exit_code == EXIT_FAILED or not report.complete or not report.anchored
+            or not report.terminal):
         result.failed += 1
         with contextlib.suppress(OSError):
             path.unlink()  # the directory holds archived runs only; this one stays stored
         first = report.first
         return 0, (f"its export does not verify ({first})" if first
                    else "its export is incomplete")
-    if not report.terminal or report.state is None:
-        return 0, "still going"  # the read model said ended; the log has the last word
-    ended = report.state.updated_at
-    if ended is None or ended >= ended_before:
-        return 0, "ended after the cut-off"
     return len(records), None
+
+
+def _ended_at(last: Record) -> datetime | None:
+    """When the run ended, if its last event ends it."""
+    if last.topic not in TERMINAL_EVENTS:
+        return None
+    try:
+        return datetime.fromisoformat(orjson.loads(last.data)["event"]["at"])
+    except (ValueError, KeyError, TypeError):
+        return None  # unreadable: not for removal (verification would name the problem)
 
 
 def _write_durably(path: Path, data: bytes) -> None:

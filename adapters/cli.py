@@ -322,7 +322,7 @@ async def cmd_archive(args: argparse.Namespace) -> int:
         result = await asyncio.to_thread(
             archive, engine.storage.store, output, ended_before=before,
             workflow=args.workflow, definition_for=_definition_finder(engine.registry),
-            progress=_archive_progress(), after_secured=secured)
+            progress=_archive_progress(), batch=max(1, args.batch), after_secured=secured)
     if sys.stderr.isatty():
         print(file=sys.stderr)
     for run_id, why in result.kept[:20]:
@@ -585,6 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workflow", help="only runs of this workflow")
     p.add_argument("-o", "--output", required=True, metavar="DIR",
                    help="directory for the exports (<run id>.jsonl; created if missing)")
+    p.add_argument("--batch", type=int, default=200, metavar="N",
+                   help="runs removed per store transaction (default 200)")
     p.add_argument("--crash-after", type=int, help=argparse.SUPPRESS)  # tests: exit abruptly
     p = command("verify", cmd_verify, "check an exported log offline: completeness, chain, "
                 "fold, decisions", store=False, app=True, epilog=EXIT_CODES)

@@ -18,14 +18,14 @@ from collections.abc import Callable, Coroutine, Sequence
 from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
 from rulebound.domain.errors import RuleboundError, RunNotFound
-from rulebound.domain.events import RunStarted, TransitionTaken
-from rulebound.domain.explain import counted
-from rulebound.engine import Engine, Registry, load_app
+
+if TYPE_CHECKING:  # imported by the commands that use them: `--help` needs none of it
+    from rulebound.engine import Engine, Registry
 
 DEFAULT_STORE = "sqlite:///rulebound.db"
 # The exit codes of `verify` and `replay --verify` (their one home: rulebound.engine.audit).
@@ -42,11 +42,19 @@ EXIT_CODES = """exit codes:
      module:attr naming the Registry that defines it)"""
 
 
+def counted(n: int, word: str) -> str:
+    from rulebound.domain.explain import counted as real
+
+    return real(n, word)
+
+
 def _store(args: argparse.Namespace) -> str:
     return args.store or os.environ.get("RULEBOUND_STORE") or DEFAULT_STORE
 
 
 def _registry(args: argparse.Namespace) -> Registry:
+    from rulebound.engine.registry import load_app
+
     if getattr(args, "app", None):
         return load_app(args.app)
     from rulebound.adapters.demo.run import demo_registry
@@ -92,10 +100,14 @@ def _existing_store(url: str) -> str:
     return url
 
 
-def _reader(args: argparse.Namespace) -> Engine:
+def _reader(args: argparse.Namespace, registry: Registry | None = None) -> Engine:
     """An engine that only reads: it does not take charge of unfinished runs, and it opens
-    only a store that exists."""
-    registry = _registry(args)
+    only a store that exists. `registry`: the definitions to explain runs with (default:
+    --app, or the demo's)."""
+    from rulebound.engine.engine import Engine
+
+    if registry is None:
+        registry = _registry(args)
     return Engine(_existing_store(_store(args)), registry=registry, read_only=True)
 
 
@@ -114,7 +126,9 @@ def _index_progress(position: int, last: int) -> None:
 
 
 async def cmd_runs(args: argparse.Namespace) -> int:
-    async with _reader(args) as engine:
+    from rulebound.engine.registry import Registry
+
+    async with _reader(args, Registry()) as engine:  # a listing needs no definitions
         await engine.storage.project(progress=_index_progress)
         rows = await engine.runs(status=args.status, workflow=args.workflow, limit=args.limit)
         counts = await engine.count_runs()
@@ -213,6 +227,8 @@ async def cmd_serve(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
+    from rulebound.engine.engine import Engine
+
     try:
         async with Engine(_store(args), registry=registry,
                           max_active_runs=args.max_active_runs,
@@ -474,6 +490,8 @@ async def cmd_replay(args: argparse.Namespace) -> int:
 
 
 async def cmd_graph(args: argparse.Namespace) -> int:
+    from rulebound.domain.events import RunStarted, TransitionTaken
+
     registry = _registry(args)
     workflow = registry.latest(args.workflow)
     taken: list[tuple[str, str]] = []

@@ -6,7 +6,6 @@ definition and the same events always give the same state and the same decisions
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
 # Where each name lives: imported on first use, so that importing one module of the domain
@@ -60,7 +59,14 @@ def __getattr__(name: str) -> Any:
     home = _HOMES.get(name)
     if home is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(home, __name__), name)
+    # the first name asked for loads the whole domain (relative imports only: the domain's
+    # import rules are checked by tests/domain/test_events_and_purity)
+    from . import conditions, decider, definitions, errors, events, simulator, state
+
+    modules = {".conditions": conditions, ".decider": decider, ".definitions": definitions,
+               ".errors": errors, ".events": events, ".simulator": simulator,
+               ".state": state}
+    value = getattr(modules[home], name)
     globals()[name] = value
     return value
 

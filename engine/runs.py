@@ -144,7 +144,8 @@ def _read_snapshot(store: Any, run_id: UUID) -> Snapshot | None:
     if reader is None:
         return None
     try:
-        return reader(run_id)  # type: ignore[no-any-return]
+        snapshot: Snapshot | None = reader(run_id)
+        return snapshot
     except StoreUnavailable:
         raise  # the log would not be readable either: say so, as a load would
     except Exception as exc:  # derived data: without it, the log is folded from the start

@@ -183,8 +183,9 @@ class EventStore(Protocol):
         """The run's newest snapshot, or None."""
 
     def write_snapshot(self, snapshot: Snapshot) -> None:
-        """Keep `snapshot` as the run's newest (older ones may be dropped). A snapshot at a
-        version the store already holds, or older than its newest, is ignored."""
+        """Keep `snapshot` as the run's one snapshot, in place of any other (a loader writes
+        one after finding the old one stale or unusable), unless the run has no event at
+        its version (removed meanwhile, or a bogus version): then it is ignored."""
 
     def close(self) -> None:
         """Release connections. Idempotent."""

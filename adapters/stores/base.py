@@ -7,6 +7,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TypeVar
 from uuid import UUID
 
@@ -76,8 +77,9 @@ class RecorderStore:
         found: list[Notification] = []
         while True:  # keeper rows are skipped, and what they took of `limit` read again
             want = limit - len(found)
-            rows = self._retrying(lambda a=after, w=want: self.recorder.select_notifications(
-                a, w, stop=stop, topics=list(topics), inclusive_of_start=False))
+            rows = self._retrying(partial(
+                self.recorder.select_notifications, after, want, stop=stop,
+                topics=list(topics), inclusive_of_start=False))
             found.extend(Notification(n.id, Record(_uuid(n.originator_id),
                                                    n.originator_version, n.topic,
                                                    bytes(n.state)))

@@ -182,10 +182,9 @@ class MemoryStore(RecorderStore):
 
     def write_snapshot(self, snapshot: Snapshot) -> None:
         recorder = self.recorder
+        assert isinstance(recorder, LeanPOPORecorder)
         with self._rm_lock, recorder._database_lock:  # the order delete_runs takes them in
             positions = recorder._stored_events_index.get(str(snapshot.run_id))
             if not positions or snapshot.version not in positions:
                 return  # the run was removed (or is shorter): no orphan snapshot
-            old = self._snapshots.get(snapshot.run_id)
-            if old is None or old.version < snapshot.version:
-                self._snapshots[snapshot.run_id] = snapshot
+            self._snapshots[snapshot.run_id] = snapshot

@@ -232,24 +232,23 @@ class PostgresStore(RecorderStore):
                         bytes(rows[0].state))
 
     def write_snapshot(self, snapshot: Snapshot) -> None:
-        """Kept only while the run's event at that version exists, replacing older
-        snapshots of the run."""
+        """Kept (in place of the run's other snapshots) only while the run's event at that
+        version exists."""
         snapshots, events = self._table(SNAPSHOTS), self._table(EVENTS)
         run_id, version = snapshot.run_id, snapshot.version
 
         def write() -> None:
             with self.datastore.transaction(commit=True) as c:
-                c.execute(SQL("INSERT INTO {0} (originator_id, originator_version, topic, "
-                              "state) SELECT %s, %s, 'RunState', %s WHERE EXISTS (SELECT 1 "
-                              "FROM {1} WHERE originator_id = %s AND originator_version = %s) "
-                              "AND NOT EXISTS (SELECT 1 FROM {0} WHERE originator_id = %s AND "
-                              "originator_version > %s) ON CONFLICT DO NOTHING").format(
-                                  snapshots, events),
-                          (run_id, version, snapshot.data, run_id, version, run_id, version))
-                if c.rowcount == 1:  # kept: the older ones go
-                    c.execute(SQL("DELETE FROM {} WHERE originator_id = %s AND "
-                                  "originator_version < %s").format(snapshots),
-                              (run_id, version))
+                c.execute(SQL("SELECT 1 FROM {} WHERE originator_id = %s AND "
+                              "originator_version = %s FOR SHARE").format(events),
+                          (run_id, version))
+                if c.fetchone() is None:
+                    return
+                c.execute(SQL("DELETE FROM {} WHERE originator_id = %s").format(snapshots),
+                          (run_id,))
+                c.execute(SQL("INSERT INTO {} (originator_id, originator_version, topic, state) "
+                              "VALUES (%s, %s, 'RunState', %s) ON CONFLICT DO NOTHING").format(
+                                  snapshots), (run_id, version, snapshot.data))
 
         self._retrying(write)
 

@@ -188,20 +188,19 @@ class SQLiteStore(RecorderStore):
                         bytes(rows[0].state))
 
     def write_snapshot(self, snapshot: Snapshot) -> None:
-        """Kept only while the run's event at that version exists (a run removed meanwhile
-        gets no orphan snapshot), replacing older snapshots of the run."""
+        """Kept (in place of the run's other snapshots) only while the run's event at that
+        version exists: a run removed meanwhile gets no orphan snapshot."""
         key = snapshot.run_id.hex
 
         def write() -> None:
             with self.datastore.transaction(commit=True) as c:
-                c.execute(f"INSERT OR IGNORE INTO {SNAPSHOTS} SELECT ?, ?, ?, ? WHERE EXISTS "
-                          f"(SELECT 1 FROM {EVENTS} WHERE originator_id = ? AND "
-                          f"originator_version = ?) AND NOT EXISTS (SELECT 1 FROM {SNAPSHOTS} "
-                          "WHERE originator_id = ? AND originator_version > ?)",
-                          (key, snapshot.version, "RunState", snapshot.data, key,
-                           snapshot.version, key, snapshot.version))
-                c.execute(f"DELETE FROM {SNAPSHOTS} WHERE originator_id = ? AND "
-                          "originator_version < ?", (key, snapshot.version))
+                c.execute(f"SELECT 1 FROM {EVENTS} WHERE originator_id = ? AND "
+                          "originator_version = ?", (key, snapshot.version))
+                if c.fetchone() is None:
+                    return
+                c.execute(f"DELETE FROM {SNAPSHOTS} WHERE originator_id = ?", (key,))
+                c.execute(f"INSERT INTO {SNAPSHOTS} VALUES (?, ?, ?, ?)",
+                          (key, snapshot.version, "RunState", snapshot.data))
 
         self._retrying(write)
 

@@ -90,18 +90,21 @@ async def test_positions_of_removed_events_are_never_handed_out_again(store_url:
         store.close()
 
 
-def test_a_snapshot_replaces_older_ones_and_an_older_one_is_ignored(store_url: str) -> None:
+def test_the_last_snapshot_written_is_kept_unless_the_log_lacks_its_version(
+        store_url: str) -> None:
     store = open_store(store_url)
     try:
         run = _run(store, 6)
         assert store.read_snapshot(run) is None
         store.write_snapshot(Snapshot(run, 2, b"two"))
         store.write_snapshot(Snapshot(run, 5, b"five"))
-        store.write_snapshot(Snapshot(run, 3, b"three"))  # older than the newest: ignored
-        store.write_snapshot(Snapshot(run, 5, b"five again"))  # same version: kept as was
         assert store.read_snapshot(run) == Snapshot(run, 5, b"five")
+        store.write_snapshot(Snapshot(run, 5, b"five, rebuilt"))  # a stale one is replaced
+        assert store.read_snapshot(run) == Snapshot(run, 5, b"five, rebuilt")
+        store.write_snapshot(Snapshot(run, 3, b"three"))  # even by an older version
+        assert store.read_snapshot(run) == Snapshot(run, 3, b"three")
         store.write_snapshot(Snapshot(run, 9, b"beyond the log"))  # no event 9: ignored
-        assert store.read_snapshot(run) == Snapshot(run, 5, b"five")
+        assert store.read_snapshot(run) == Snapshot(run, 3, b"three")
     finally:
         store.close()
 

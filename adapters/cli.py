@@ -13,18 +13,19 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from collections.abc import Set as AbstractSet
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
 from rulebound.domain.errors import RuleboundError, RunNotFound
-from rulebound.domain.events import RunStarted, TransitionTaken
-from rulebound.domain.explain import counted
-from rulebound.engine import Engine, Registry, load_app
+
+if TYPE_CHECKING:  # imported by the commands that use them: `--help` needs none of it
+    from rulebound.engine import Engine, Registry
 
 DEFAULT_STORE = "sqlite:///rulebound.db"
 # The exit codes of `verify` and `replay --verify` (their one home: rulebound.engine.audit).
@@ -41,11 +42,19 @@ EXIT_CODES = """exit codes:
      module:attr naming the Registry that defines it)"""
 
 
+def counted(n: int, word: str) -> str:
+    from rulebound.domain.explain import counted as real
+
+    return real(n, word)
+
+
 def _store(args: argparse.Namespace) -> str:
     return args.store or os.environ.get("RULEBOUND_STORE") or DEFAULT_STORE
 
 
 def _registry(args: argparse.Namespace) -> Registry:
+    from rulebound.engine.registry import load_app
+
     if getattr(args, "app", None):
         return load_app(args.app)
     from rulebound.adapters.demo.run import demo_registry
@@ -91,10 +100,14 @@ def _existing_store(url: str) -> str:
     return url
 
 
-def _reader(args: argparse.Namespace) -> Engine:
+def _reader(args: argparse.Namespace, registry: Registry | None = None) -> Engine:
     """An engine that only reads: it does not take charge of unfinished runs, and it opens
-    only a store that exists."""
-    registry = _registry(args)
+    only a store that exists. `registry`: the definitions to explain runs with (default:
+    --app, or the demo's)."""
+    from rulebound.engine.engine import Engine
+
+    if registry is None:
+        registry = _registry(args)
     return Engine(_existing_store(_store(args)), registry=registry, read_only=True)
 
 
@@ -113,7 +126,9 @@ def _index_progress(position: int, last: int) -> None:
 
 
 async def cmd_runs(args: argparse.Namespace) -> int:
-    async with _reader(args) as engine:
+    from rulebound.engine.registry import Registry
+
+    async with _reader(args, Registry()) as engine:  # a listing needs no definitions
         await engine.storage.project(progress=_index_progress)
         rows = await engine.runs(status=args.status, workflow=args.workflow, limit=args.limit)
         counts = await engine.count_runs()
@@ -212,6 +227,8 @@ async def cmd_serve(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
+    from rulebound.engine.engine import Engine
+
     try:
         async with Engine(_store(args), registry=registry,
                           max_active_runs=args.max_active_runs,
@@ -238,8 +255,9 @@ async def _stored_records(args: argparse.Namespace) -> list[Any]:
 
 
 def _write_lines(path: str | None, lines: list[dict[str, Any]]) -> None:
-    text = "".join(json.dumps(line, ensure_ascii=False, sort_keys=True) + "\n"
-                   for line in lines)
+    from rulebound.engine.audit import export_text
+
+    text = export_text(lines)
     if path is None:
         sys.stdout.write(text)
         return
@@ -267,6 +285,73 @@ async def cmd_export(args: argparse.Namespace) -> int:
         print(f"exported {counted(len(records), 'event')} and a manifest to {args.output}",
               file=sys.stderr)
     return 0
+
+
+def _cut_off(raw: str) -> datetime:
+    """--ended-before: an ISO date or time (UTC unless it names an offset), or an age such
+    as 30d or 12h (that long before now)."""
+    text = raw.strip()
+    units = {"d": 86400, "h": 3600, "m": 60}
+    if text[:-1].isdigit() and text[-1:].lower() in units:
+        return datetime.now(UTC) - timedelta(seconds=int(text[:-1]) * units[text[-1].lower()])
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise RuleboundError(f"--ended-before {raw!r}: expected a date (2025-01-31), a time "
+                             "(2025-01-31T12:00:00+00:00) or an age (30d, 12h)") from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def _archive_progress(every: float = 1.0) -> Callable[[Any], None]:
+    """Long archives say how far they got on stderr, about once a second."""
+    shown = [time.monotonic()]
+
+    def report(result: Any) -> None:
+        now = time.monotonic()
+        if now - shown[0] < every:
+            return
+        shown[0] = now
+        end = "\r" if sys.stderr.isatty() else "\n"
+        print(f"archiving: {result.archived} runs archived, {len(result.kept)} kept, "
+              f"{result.listed} looked at", end=end, file=sys.stderr, flush=True)
+
+    return report
+
+
+async def cmd_archive(args: argparse.Namespace) -> int:
+    """Export, verify, then remove ended runs (see rulebound.engine.archive)."""
+    from rulebound.engine.archive import archive
+
+    before = _cut_off(args.ended_before)
+    output = Path(args.output)
+    if not output.parent.is_dir():
+        raise RuleboundError(f"cannot write to {args.output}: no directory "
+                             f"{str(output.parent)!r}")
+    crash_after = args.crash_after
+
+    def secured(count: int) -> None:  # test aid: die where it hurts most, files written
+        if crash_after is not None and count >= crash_after:
+            sys.stderr.flush()
+            os._exit(70)
+
+    async with _reader(args) as engine:
+        await engine.storage.project(progress=_index_progress)
+        result = await asyncio.to_thread(
+            archive, engine.storage.store, output, ended_before=before,
+            workflow=args.workflow, definition_for=_definition_finder(engine.registry),
+            progress=_archive_progress(), batch=max(1, args.batch), after_secured=secured)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    for run_id, why in result.kept[:20]:
+        print(f"kept {run_id}: {why}", file=sys.stderr)
+    if len(result.kept) > 20:
+        print(f"... and {len(result.kept) - 20} more kept", file=sys.stderr)
+    reused = f" ({result.reused} found already exported)" if result.reused else ""
+    print(f"archived {counted(result.archived, 'run')} ({counted(result.events, 'event')}) "
+          f"that ended before {before.isoformat()} to {output}{reused} in "
+          f"{result.seconds:.1f} s ({result.rate:.0f} runs/s); "
+          f"{counted(len(result.kept), 'run')} kept", file=sys.stderr)
+    return 2 if result.failed else 0
 
 
 def _definition_finder(registry: Registry) -> Any:
@@ -406,6 +491,8 @@ async def cmd_replay(args: argparse.Namespace) -> int:
 
 
 async def cmd_graph(args: argparse.Namespace) -> int:
+    from rulebound.domain.events import RunStarted, TransitionTaken
+
     registry = _registry(args)
     workflow = registry.latest(args.workflow)
     taken: list[tuple[str, str]] = []
@@ -509,6 +596,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("export", cmd_export, "write a run's events as JSON lines")
     p.add_argument("run")
     p.add_argument("-o", "--output", help="file to write (default: standard output)")
+    p = command("archive", cmd_archive, "move ended runs out of the store: write each one's "
+                "export to a directory, read it back and verify it, then remove the run",
+                app=True, epilog="Resumable: run it again after an interruption; a file "
+                "already written and identical is only verified again. Exit 2 if a run was "
+                "kept because its export did not verify.")
+    p.add_argument("--ended-before", required=True, metavar="DATE",
+                   help="runs that ended before this date or time (UTC unless an offset is "
+                        "given), or this long ago: 30d, 12h")
+    p.add_argument("--workflow", help="only runs of this workflow")
+    p.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="directory for the exports (<run id>.jsonl; created if missing)")
+    p.add_argument("--batch", type=int, default=200, metavar="N",
+                   help="runs removed per store transaction (default 200)")
+    p.add_argument("--crash-after", type=int, help=argparse.SUPPRESS)  # tests: exit abruptly
     p = command("verify", cmd_verify, "check an exported log offline: completeness, chain, "
                 "fold, decisions", store=False, app=True, epilog=EXIT_CODES)
     p.add_argument("file")

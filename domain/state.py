@@ -130,6 +130,45 @@ class RunState:
         return data
 
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunState:
+        """The state `to_dict()` describes: `RunState.from_dict(s.to_dict()) == s`, also
+        through JSON, for every state a fold of decoded events reaches (their values are
+        JSON data). Raises ValueError for data that does not describe a state."""
+        try:
+            values = {name: data[name] for name in _RUN_FIELDS if name in data}
+            unknown = set(data) - set(_RUN_FIELDS)
+            if unknown:
+                raise ValueError(f"unknown fields {sorted(unknown)}")
+            for name in ("started_at", "updated_at"):
+                values[name] = _when(values.get(name))
+            for name in ("limits", "visits", "outputs", "signals", "signal_ids"):
+                if name in values:
+                    values[name] = dict(values[name])
+            values["inbox"] = tuple((str(n), p) for n, p in values.get("inbox", ()))
+            values["steps"] = {key: _step_from_dict(step)
+                               for key, step in dict(values.get("steps", {})).items()}
+            return cls(**values)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"not a run state: {exc}") from None
+
+
+def _when(value: Any) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def _step_from_dict(data: Mapping[str, Any]) -> StepState:
+    values = dict(data)
+    unknown = set(values) - set(_STEP_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown step fields {sorted(unknown)}")
+    for name in ("not_before", "deadline", "waiting_since"):
+        values[name] = _when(values.get(name))
+    return StepState(**values)
+
+
+_RUN_FIELDS = tuple(f.name for f in fields(RunState))
+
 # Every field in declaration order (required ones as None, always given by the caller).
 _STEP_DEFAULTS = {f.name: None if f.default is MISSING else f.default for f in fields(StepState)}
 _new = object.__new__

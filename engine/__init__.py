@@ -1,29 +1,27 @@
-"""rulebound's asyncio runtime: the Engine facade, the Registry, and the ports it plugs into."""
+"""rulebound's asyncio runtime: the Engine facade, the Registry, and the ports it plugs into.
 
-from .clock import Clock, SystemClock
-from .engine import Engine
-from .errors import EngineClosed, InvalidInput, Overloaded, RunTerminal, WorkflowNotFound
-from .executor import (
-    Executor,
-    ExecutorContext,
-    ExecutorError,
-    PermanentError,
-    Result,
-    RetryableError,
-    Spend,
-    Task,
-    Usage,
-)
-from .ratelimit import RateLimit
-from .registry import AppLoadError, Registry, load_app
-from .store import (
-    ConcurrencyConflict,
-    EventStore,
-    StoreError,
-    StoreUnavailable,
-    WriteOutcomeUnknown,
-)
-from .views import RunView, StepView
+Names are imported on first use: a command or a program that needs the store port or the
+codec does not import the engine, its executors' protocol and the domain with it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_HOMES = {
+    **dict.fromkeys(("Clock", "SystemClock"), ".clock"),
+    "Engine": ".engine",
+    **dict.fromkeys(("EngineClosed", "InvalidInput", "Overloaded", "RunTerminal",
+                     "WorkflowNotFound"), ".errors"),
+    **dict.fromkeys(("Executor", "ExecutorContext", "ExecutorError", "PermanentError",
+                     "Result", "RetryableError", "Spend", "Task", "Usage"), ".executor"),
+    "RateLimit": ".ratelimit",
+    **dict.fromkeys(("AppLoadError", "Registry", "load_app"), ".registry"),
+    **dict.fromkeys(("ConcurrencyConflict", "EventStore", "StoreError", "StoreUnavailable",
+                     "WriteOutcomeUnknown"), ".store"),
+    **dict.fromkeys(("RunView", "StepView"), ".views"),
+}
 
 __all__ = [
     "AppLoadError",
@@ -55,3 +53,39 @@ __all__ = [
     "WriteOutcomeUnknown",
     "load_app",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home, __name__), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from .clock import Clock, SystemClock
+    from .engine import Engine
+    from .errors import EngineClosed, InvalidInput, Overloaded, RunTerminal, WorkflowNotFound
+    from .executor import (
+        Executor,
+        ExecutorContext,
+        ExecutorError,
+        PermanentError,
+        Result,
+        RetryableError,
+        Spend,
+        Task,
+        Usage,
+    )
+    from .ratelimit import RateLimit
+    from .registry import AppLoadError, Registry, load_app
+    from .store import (
+        ConcurrencyConflict,
+        EventStore,
+        StoreError,
+        StoreUnavailable,
+        WriteOutcomeUnknown,
+    )
+    from .views import RunView, StepView

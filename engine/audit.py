@@ -43,6 +43,7 @@ a crafted file cannot write terminal escapes through `verify`.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -545,6 +546,12 @@ def record_lines(run_id: str, records: list[Record]) -> list[dict[str, Any]]:
         lines.append({"run_id": run_id, "seq": record.seq, "id": raw.get("id"),
                       "hash": raw.get("hash"), "event": raw.get("event")})
     return lines
+
+
+def export_text(lines: list[dict[str, Any]]) -> str:
+    """Export lines as the text `export` and `archive` write: one JSON object a line."""
+    return "".join(json.dumps(line, ensure_ascii=False, sort_keys=True) + "\n"
+                   for line in lines)
 
 
 def export_records(run_id: str, records: list[Record]) -> list[dict[str, Any]]:

@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Literal
 from uuid import UUID
 
@@ -46,12 +46,14 @@ from .store import (
     Record,
     RunChange,
     RunRow,
+    Snapshot,
     StoreError,
     StoreUnavailable,
 )
 
 METHODS = ("append", "read", "read_all", "last_position", "apply_run_changes",
-           "run_changes_position", "list_runs", "count_runs", "lease_cycle", "wait_for_change")
+           "run_changes_position", "list_runs", "count_runs", "delete_runs", "read_snapshot",
+           "write_snapshot", "lease_cycle", "wait_for_change")
 LostAck = Literal["unavailable", "conflict"]
 
 
@@ -290,6 +292,21 @@ class FaultyStore:
         claim = getattr(self.inner, "claim_writer", None)
         if claim is not None:
             claim(worker)
+
+    def delete_runs(self, runs: Mapping[UUID, int]) -> list[UUID]:
+        self._before("delete_runs")
+        return self.inner.delete_runs(runs)
+
+    def read_snapshot(self, run_id: UUID) -> Snapshot | None:
+        self._before("read_snapshot")
+        reader = getattr(self.inner, "read_snapshot", None)
+        return reader(run_id) if reader is not None else None
+
+    def write_snapshot(self, snapshot: Snapshot) -> None:
+        self._before("write_snapshot")
+        writer = getattr(self.inner, "write_snapshot", None)
+        if writer is not None:
+            writer(snapshot)
 
     def close(self) -> None:
         """Never faulted; releases any held call first."""

@@ -12,16 +12,19 @@ import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from typing import Any
 from uuid import UUID
 
+import orjson
 from rulebound.domain import events as ev
 from rulebound.domain.errors import CorruptRun, RunNotFound
 from rulebound.domain.state import RunState, evolve
 
-from . import codec
+from . import codec, snapshots
 from .live import LiveRun
 from .registry import Registry
 from .storage import StoreWorker
+from .store import Record, Snapshot, StoreUnavailable
 
 log = logging.getLogger("rulebound.engine")
 
@@ -34,6 +37,8 @@ class RunTable:
         self.quarantined: dict[UUID, CorruptRun] = {}
         self._keep_finished = keep_finished
         self._creating: dict[UUID, asyncio.Future[None]] = {}
+        # Snapshots: a whole-run load folding this many events or more writes one (0: off).
+        self.snapshot_every = snapshots.SNAPSHOT_EVERY
 
     def ended(self, run: LiveRun) -> None:
         """`run` ended: forget its live object, keep its final state for a while."""
@@ -66,8 +71,15 @@ class RunTable:
 
         Returns the new state, the last hash and the events that were read, so a reload can
         hand them to followers. A log that cannot be folded quarantines the run.
+
+        A whole run (no `after`, no `state`) starts from its newest snapshot when the store
+        keeps them and the snapshot matches the log (engine.snapshots); the events returned
+        are then those after it. A load that folded many events writes a new snapshot.
         """
         try:
+            if after == 0 and state is None and self.snapshot_every:
+                return await storage.call(_load_from_snapshot, storage, run_id,
+                                          self.snapshot_every)
             return await storage.call(_load_sync, storage, run_id, after,
                                       state or RunState(), last_hash)
         except CorruptRun as exc:
@@ -97,10 +109,64 @@ class RunTable:
         return run
 
 
+def _load_from_snapshot(storage: StoreWorker, run_id: UUID, every: int
+                        ) -> tuple[RunState, str, list[ev.Event]]:
+    """Load a whole run: from its newest snapshot if that matches the log, else from the
+    first event; then write a snapshot if `every` or more events were folded."""
+    store = storage.store
+    state, last_hash, after = RunState(), codec.GENESIS_HASH, 0
+    records = None
+    snapshot = _read_snapshot(store, run_id)
+    if snapshot is not None:
+        decoded = snapshots.decode(snapshot.data)
+        # the event at the snapshot's version must be there, with the hash it recorded
+        tail = store.read(run_id, snapshot.version - 1) if decoded else []
+        if decoded is not None and tail and tail[0].seq == snapshot.version and (
+                _hash_of(tail[0].data) == decoded[1]):
+            state, last_hash = decoded
+            after, records = snapshot.version, tail[1:]
+        else:
+            log.info("run %s: its snapshot at event %d does not match the log; folding "
+                     "from the start", run_id, snapshot.version)
+    state, last_hash, events = _load_sync(storage, run_id, after, state, last_hash, records)
+    if len(events) >= every and hasattr(store, "write_snapshot"):
+        made = snapshots.encode(run_id, state.version, last_hash, state)
+        if made is not None:
+            try:
+                store.write_snapshot(made)
+            except Exception as exc:  # derived data: a failed write costs the next load time
+                log.info("run %s: snapshot not written (%s)", run_id, type(exc).__name__)
+    return state, last_hash, events
+
+
+def _read_snapshot(store: Any, run_id: UUID) -> Snapshot | None:
+    reader = getattr(store, "read_snapshot", None)
+    if reader is None:
+        return None
+    try:
+        snapshot: Snapshot | None = reader(run_id)
+        return snapshot
+    except StoreUnavailable:
+        raise  # the log would not be readable either: say so, as a load would
+    except Exception as exc:  # derived data: without it, the log is folded from the start
+        log.info("run %s: snapshot unreadable (%s)", run_id, type(exc).__name__)
+        return None
+
+
+def _hash_of(data: bytes) -> str | None:
+    try:
+        head = orjson.loads(data).get("hash")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return head if isinstance(head, str) else None
+
+
 def _load_sync(storage: StoreWorker, run_id: UUID, after: int, state: RunState,
-               last_hash: str) -> tuple[RunState, str, list[ev.Event]]:
-    """Read, decode and fold a run's events (CPU work stays off the loop)."""
-    records = storage.store.read(run_id, after)
+               last_hash: str, records: list[Record] | None = None
+               ) -> tuple[RunState, str, list[ev.Event]]:
+    """Read (unless given), decode and fold a run's events (CPU work stays off the loop)."""
+    if records is None:
+        records = storage.store.read(run_id, after)
     if not records and after == 0:
         raise RunNotFound(f"no run {run_id}")
     events = []

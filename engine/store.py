@@ -26,7 +26,7 @@ and the store by its URL without password.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple, Protocol
@@ -53,6 +53,15 @@ class Notification(NamedTuple):
 
     position: int
     record: Record
+
+
+class Snapshot(NamedTuple):
+    """A run's folded state at `version` (engine.snapshots encodes `data`): derived data that
+    saves folding the first `version` events on a load, never the source of truth."""
+
+    run_id: UUID
+    version: int
+    data: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +196,27 @@ class EventStore(Protocol):
 
     def count_runs(self) -> dict[str, int]:
         """How many runs there are per status."""
+
+    def delete_runs(self, runs: Mapping[UUID, int]) -> list[UUID]:
+        """Remove runs for good, in one transaction: their events, read-model row and
+        snapshots. `runs` maps each run to the number of events the caller has secured
+        (exported and verified): a run whose stored log does not end exactly there (it
+        grew, or is gone already) is left as it is. Returns the runs removed.
+
+        Store-wide positions of the removed events are never handed out again (tailing
+        readers use "greater than"), so removing leaves gaps, as a rollback does; but
+        `last_position` may be lower afterwards if the newest events were removed.
+        """
+
+    # Optional (a store without them is loaded by folding every event): snapshots.
+
+    def read_snapshot(self, run_id: UUID) -> Snapshot | None:
+        """The run's newest snapshot, or None."""
+
+    def write_snapshot(self, snapshot: Snapshot) -> None:
+        """Keep `snapshot` as the run's one snapshot, in place of any other (a loader writes
+        one after finding the old one stale or unusable), unless the run has no event at
+        its version (removed meanwhile, or a bogus version): then it is ignored."""
 
     def close(self) -> None:
         """Release connections. Idempotent."""

@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from rulebound.engine.store import EventStore, StoreError
 
-from .memory import MemoryStore
-from .sqlite import SQLiteStore
-
 __all__ = ["MemoryStore", "SQLiteStore", "open_store", "redact"]
+
+
+def __getattr__(name: str) -> Any:
+    """The store classes, imported on first use (a command opens one kind of store)."""
+    if name == "MemoryStore":
+        from .memory import MemoryStore
+
+        return MemoryStore
+    if name == "SQLiteStore":
+        from .sqlite import SQLiteStore
+
+        return SQLiteStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from .memory import MemoryStore
+    from .sqlite import SQLiteStore
 
 
 def redact(url: str) -> str:
@@ -30,6 +46,8 @@ def open_store(url: str) -> EventStore:
         raise StoreError(f"invalid store URL {redact(url)!r}: {exc}") from None
     scheme = parts.scheme.lower()
     if scheme == "memory":
+        from .memory import MemoryStore
+
         return MemoryStore()
     if scheme == "sqlite":
         if parts.netloc:
@@ -38,6 +56,8 @@ def open_store(url: str) -> EventStore:
         path = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
         if not path:
             raise StoreError(f"invalid SQLite URL {url!r}: no file path")
+        from .sqlite import SQLiteStore
+
         return SQLiteStore(path)
     if scheme in ("postgresql", "postgres"):
         from .postgres import PostgresStore

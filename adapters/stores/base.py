@@ -7,6 +7,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TypeVar
 from uuid import UUID
 
@@ -29,6 +30,10 @@ from rulebound.engine.store import (
 
 log = logging.getLogger("rulebound.stores")
 T = TypeVar("T")
+# A row that keeps a removed event's position from being handed out again (SQLite reuses
+# the largest rowid once its row is gone): no run's, never returned by `read_all`.
+KEEPER_ID = UUID(int=0)
+KEEPER_TOPIC = "rulebound:position-keeper"
 
 
 class RecorderStore:
@@ -71,10 +76,19 @@ class RecorderStore:
 
     def read_all(self, after: int, limit: int, *, topics: Sequence[str] = (),
                  stop: int | None = None) -> list[Notification]:
-        rows = self._retrying(lambda: self.recorder.select_notifications(
-            after, limit, stop=stop, topics=list(topics), inclusive_of_start=False))
-        return [Notification(n.id, Record(_uuid(n.originator_id), n.originator_version,
-                                          n.topic, bytes(n.state))) for n in rows]
+        found: list[Notification] = []
+        while True:  # keeper rows are skipped, and what they took of `limit` read again
+            want = limit - len(found)
+            rows = self._retrying(partial(
+                self.recorder.select_notifications, after, want, stop=stop,
+                topics=list(topics), inclusive_of_start=False))
+            found.extend(Notification(n.id, Record(_uuid(n.originator_id),
+                                                   n.originator_version, n.topic,
+                                                   bytes(n.state)))
+                         for n in rows if n.topic != KEEPER_TOPIC)
+            if len(rows) < want or len(found) >= limit:
+                return found
+            after = rows[-1].id
 
     def last_position(self) -> int:
         return self._retrying(self.recorder.max_notification_id) or 0

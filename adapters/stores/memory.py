@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.persistence import IntegrityError, StoredEvent
+from eventsourcing.persistence import IntegrityError, Notification, StoredEvent
 from eventsourcing.popo import POPOApplicationRecorder
-from rulebound.engine.store import ConcurrencyConflict, Fence, Record, RunChange, RunRow
+from rulebound.engine.store import ConcurrencyConflict, Fence, Record, RunChange, RunRow, Snapshot
 
 from .base import RecorderStore
 
@@ -60,6 +60,45 @@ class LeanPOPORecorder(POPOApplicationRecorder):
         self._notify_listeners()
         return ids
 
+    def delete_streams(self, streams: Mapping[UUID, int]) -> list[UUID]:
+        """Remove each stream whose last version is the one given (all its versions,
+        1..n, present). A removed event's place in the table is left empty, so notification
+        ids are never reused: the table keeps gaps, as PostgreSQL's does after a rollback."""
+        removed = []
+        with self._database_lock:
+            table = self._stored_events
+            for stream, version in streams.items():
+                positions = self._stored_events_index.get(str(stream))
+                if not positions or len(positions) != version or max(positions) != version:
+                    continue
+                for index in positions.values():
+                    table[index] = None  # type: ignore[call-overload]
+                del self._stored_events_index[str(stream)]
+                self._names.pop(stream, None)
+                removed.append(stream)
+        return removed
+
+    def select_notifications(self, start: int | None, limit: int, stop: int | None = None,
+                             topics: Sequence[str] = (), *, inclusive_of_start: bool = True
+                             ) -> Sequence[Notification]:
+        """The library's select, skipping the places of removed events."""
+        with self._database_lock:
+            first = 1 if start is None else start + (0 if inclusive_of_start or start is None
+                                                     else 1)
+            i = max(first, 1) - 1
+            table = self._stored_events
+            end = len(table) if stop is None else min(len(table), stop)
+            results: list[Notification] = []
+            while i < end and len(results) < limit:
+                s = table[i]
+                i += 1
+                if s is None or (topics and s.topic not in topics):
+                    continue
+                results.append(Notification(id=i, originator_id=s.originator_id,
+                                            originator_version=s.originator_version,
+                                            topic=s.topic, state=s.state))
+            return results
+
 
 _new = object.__new__
 
@@ -83,6 +122,7 @@ class MemoryStore(RecorderStore):
         self._runs: dict[UUID, RunRow] = {}
         self._position = 0
         self._rm_lock = threading.Lock()
+        self._snapshots: dict[UUID, Snapshot] = {}
 
     def append(self, records: Sequence[Record], fence: Fence | None = None) -> None:
         # No lock timeouts in memory: skip the retry wrapper, call the recorder directly.
@@ -129,3 +169,24 @@ class MemoryStore(RecorderStore):
     def count_runs(self) -> dict[str, int]:
         with self._rm_lock:
             return dict(Counter(r.status for r in self._runs.values()))
+
+    def delete_runs(self, runs: Mapping[UUID, int]) -> list[UUID]:
+        assert isinstance(self.recorder, LeanPOPORecorder)
+        with self._rm_lock:  # no listing sees a row whose events are gone
+            removed = self.recorder.delete_streams(runs)
+            for run_id in removed:
+                self._runs.pop(run_id, None)
+                self._snapshots.pop(run_id, None)
+        return removed
+
+    def read_snapshot(self, run_id: UUID) -> Snapshot | None:
+        return self._snapshots.get(run_id)
+
+    def write_snapshot(self, snapshot: Snapshot) -> None:
+        recorder = self.recorder
+        assert isinstance(recorder, LeanPOPORecorder)
+        with self._rm_lock, recorder._database_lock:  # the order delete_runs takes them in
+            positions = recorder._stored_events_index.get(str(snapshot.run_id))
+            if not positions or snapshot.version not in positions:
+                return  # the run was removed (or is shorter): no orphan snapshot
+            self._snapshots[snapshot.run_id] = snapshot

@@ -17,7 +17,11 @@ from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
 from eventsourcing.persistence import InterfaceError, OperationalError, PersistenceError
-from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+from eventsourcing.postgres import (
+    PostgresAggregateRecorder,
+    PostgresApplicationRecorder,
+    PostgresDatastore,
+)
 from psycopg.sql import SQL, Identifier
 from rulebound.engine.store import (
     Fence,
@@ -26,11 +30,12 @@ from rulebound.engine.store import (
     Record,
     RunChange,
     RunRow,
+    Snapshot,
     StoreError,
     StoreUnavailable,
 )
 
-from .base import RecorderStore, _safe
+from .base import RecorderStore, _safe, _uuid
 
 EVENTS = "rulebound_events"
 RUNS = "rulebound_runs"
@@ -72,6 +77,8 @@ class FencedRecorder(PostgresApplicationRecorder):
         if stale:
             raise _FencedError(stale)
 
+SNAPSHOTS = "rulebound_snapshots"
+
 
 class PostgresStore(RecorderStore):
     def __init__(self, *, dbname: str, host: str, port: int, user: str, password: str,
@@ -100,6 +107,12 @@ class PostgresStore(RecorderStore):
             self._connect_args: dict[str, Any] = {
                 "host": host, "port": port, "dbname": dbname, "user": user,
                 "password": password, "connect_timeout": max(2, int(connect_timeout))}
+
+            # Snapshots: an aggregate recorder in a table of its own, as the library keeps
+            # an application's snapshots (see engine.snapshots for what a row holds).
+            self.snapshots = PostgresAggregateRecorder(self.datastore,
+                                                       events_table_name=SNAPSHOTS)
+            self._retrying(self.snapshots.create_table)
         except StoreError:
             raise
         except Exception as exc:  # connection refused, auth failed, ...: say so, no secrets
@@ -335,6 +348,64 @@ class PostgresStore(RecorderStore):
                     self._listener.close()
                 self._listener = None
                 return False
+
+    # --- retention and snapshots ------------------------------------------------------
+
+    def delete_runs(self, runs: Mapping[UUID, int]) -> list[UUID]:
+        """One transaction. Notification ids come from a sequence, never handed out twice,
+        so removed events leave gaps (as rollbacks do)."""
+        ids = list(runs)
+        if not ids:
+            return []
+        events, snapshots = self._table(EVENTS), self._table(SNAPSHOTS)
+
+        def delete() -> list[UUID]:
+            with self.datastore.transaction(commit=True) as c:
+                c.execute(SQL("SELECT originator_id, count(*) AS n, max(originator_version) "
+                              "AS last FROM {} WHERE originator_id = ANY(%s) GROUP BY "
+                              "originator_id").format(events), (ids,))
+                removed = []
+                for row in c.fetchall():
+                    run_id = _uuid(row["originator_id"])
+                    count = runs.get(run_id)
+                    if count and row["n"] == count and row["last"] == count:
+                        removed.append(run_id)
+                if removed:
+                    for table, column in ((events, "originator_id"), (self._table(RUNS),
+                                          "run_id"), (snapshots, "originator_id")):
+                        c.execute(SQL("DELETE FROM {} WHERE {} = ANY(%s)").format(
+                            table, Identifier(column)), (removed,))
+                return removed
+
+        return self._retrying(delete)
+
+    def read_snapshot(self, run_id: UUID) -> Snapshot | None:
+        rows = self._retrying(lambda: self.snapshots.select_events(run_id, desc=True, limit=1))
+        if not rows:
+            return None
+        return Snapshot(_uuid(rows[0].originator_id), rows[0].originator_version,
+                        bytes(rows[0].state))
+
+    def write_snapshot(self, snapshot: Snapshot) -> None:
+        """Kept (in place of the run's other snapshots) only while the run's event at that
+        version exists."""
+        snapshots, events = self._table(SNAPSHOTS), self._table(EVENTS)
+        run_id, version = snapshot.run_id, snapshot.version
+
+        def write() -> None:
+            with self.datastore.transaction(commit=True) as c:
+                c.execute(SQL("SELECT 1 FROM {} WHERE originator_id = %s AND "
+                              "originator_version = %s FOR SHARE").format(events),
+                          (run_id, version))
+                if c.fetchone() is None:
+                    return
+                c.execute(SQL("DELETE FROM {} WHERE originator_id = %s").format(snapshots),
+                          (run_id,))
+                c.execute(SQL("INSERT INTO {} (originator_id, originator_version, topic, state) "
+                              "VALUES (%s, %s, 'RunState', %s) ON CONFLICT DO NOTHING").format(
+                                  snapshots), (run_id, version, snapshot.data))
+
+        self._retrying(write)
 
     def close(self) -> None:
         with self._listen_lock:

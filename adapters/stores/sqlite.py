@@ -12,20 +12,25 @@ import json
 import os
 import socket
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from uuid import UUID
 
 from eventsourcing.persistence import OperationalError, PersistenceError
-from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteDatastore
-from rulebound.engine.store import RunChange, RunRow, StoreError, StoreInUse
+from eventsourcing.sqlite import (
+    SQLiteAggregateRecorder,
+    SQLiteApplicationRecorder,
+    SQLiteDatastore,
+)
+from rulebound.engine.store import RunChange, RunRow, Snapshot, StoreError, StoreInUse
 
-from .base import RecorderStore
+from .base import KEEPER_ID, KEEPER_TOPIC, RecorderStore, _uuid
 
 EVENTS = "rulebound_events"
 RUNS = "rulebound_runs"
 TRACKING = "rulebound_runs_position"
+SNAPSHOTS = "rulebound_snapshots"
 
 
 class SQLiteStore(RecorderStore):
@@ -45,6 +50,11 @@ class SQLiteStore(RecorderStore):
             super().__init__(recorder)
             self._retrying(recorder.create_table)
             self._retrying(self._create_read_model)
+            # Snapshots: an aggregate recorder in a table of its own, as the library keeps
+            # an application's snapshots (see engine.snapshots for what a row holds).
+            self.snapshots = SQLiteAggregateRecorder(self.datastore,
+                                                     events_table_name=SNAPSHOTS)
+            self._retrying(self.snapshots.create_table)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open SQLite store {str(path)!r}: {exc}") from None
 
@@ -164,6 +174,65 @@ class SQLiteStore(RecorderStore):
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self._writer_lock = fd
+
+    # --- retention and snapshots ------------------------------------------------------
+
+    def delete_runs(self, runs: Mapping[UUID, int]) -> list[UUID]:
+        """One transaction. SQLite hands a new row the largest rowid + 1, so removing the
+        rows at the top of the table would let new events reuse positions a tailing reader
+        has already passed; a keeper row (no run's, never returned by `read_all`) holds the
+        top position in their place."""
+        def delete() -> list[UUID]:
+            removed: list[UUID] = []
+            with self.datastore.transaction(commit=True) as c:
+                c.execute(f"SELECT MAX(rowid) FROM {EVENTS}")
+                top = c.fetchone()[0]
+                for run_id, count in runs.items():
+                    key = run_id.hex
+                    c.execute(f"SELECT COUNT(*), MAX(originator_version) FROM {EVENTS} "
+                              "WHERE originator_id = ?", (key,))
+                    n, last = c.fetchone()
+                    if n != count or last != count or not count:
+                        continue
+                    c.execute(f"DELETE FROM {EVENTS} WHERE originator_id = ?", (key,))
+                    c.execute(f"DELETE FROM {RUNS} WHERE run_id = ?", (key,))
+                    c.execute(f"DELETE FROM {SNAPSHOTS} WHERE originator_id = ?", (key,))
+                    removed.append(run_id)
+                if removed and top is not None:
+                    c.execute(f"SELECT MAX(rowid) FROM {EVENTS}")
+                    if (c.fetchone()[0] or 0) < top:
+                        c.execute(f"INSERT INTO {EVENTS} (rowid, originator_id, "
+                                  "originator_version, topic, state) VALUES (?,?,?,?,?)",
+                                  (top, KEEPER_ID.hex, top, KEEPER_TOPIC, b""))
+                    c.execute(f"DELETE FROM {EVENTS} WHERE originator_id = ? AND rowid < ?",
+                              (KEEPER_ID.hex, top))
+            return removed
+
+        return self._retrying(delete)
+
+    def read_snapshot(self, run_id: UUID) -> Snapshot | None:
+        rows = self._retrying(lambda: self.snapshots.select_events(run_id, desc=True, limit=1))
+        if not rows:
+            return None
+        return Snapshot(_uuid(rows[0].originator_id), rows[0].originator_version,
+                        bytes(rows[0].state))
+
+    def write_snapshot(self, snapshot: Snapshot) -> None:
+        """Kept (in place of the run's other snapshots) only while the run's event at that
+        version exists: a run removed meanwhile gets no orphan snapshot."""
+        key = snapshot.run_id.hex
+
+        def write() -> None:
+            with self.datastore.transaction(commit=True) as c:
+                c.execute(f"SELECT 1 FROM {EVENTS} WHERE originator_id = ? AND "
+                          "originator_version = ?", (key, snapshot.version))
+                if c.fetchone() is None:
+                    return
+                c.execute(f"DELETE FROM {SNAPSHOTS} WHERE originator_id = ?", (key,))
+                c.execute(f"INSERT INTO {SNAPSHOTS} VALUES (?, ?, ?, ?)",
+                          (key, snapshot.version, "RunState", snapshot.data))
+
+        self._retrying(write)
 
     def close(self) -> None:
         if self._writer_lock is not None:

@@ -303,9 +303,15 @@ class StoreWorker:
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a read-side store call on a reader thread (inline for non-blocking stores)."""
+        if self._closed:
+            raise StoreError("the store is closed")
         if not self.blocking:
             return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._readers, fn, *args)
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._readers, fn, *args)
+        except RuntimeError:  # the reader threads stopped between the check and now
+            raise StoreError("the store is closed") from None
+        return await future
 
     async def read(self, run_id: UUID, after: int = 0) -> list[Record]:
         return await self.call(self.store.read, run_id, after)

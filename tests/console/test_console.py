@@ -6,6 +6,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from playwright.sync_api import expect
+
 from tests.console.conftest import Console, Server
 
 
@@ -34,7 +36,9 @@ def test_every_page_at_both_sizes(console: Console, server: Server) -> None:
     console.shot("runs")
     page.select_option("#filter-status", "failed")
     page.wait_for_selector('main[data-ready="runs"]')
-    page.wait_for_function("!document.querySelector('table.runs td .badge.completed')")
+    # Locators, not wait_for_function: a string predicate is eval'd in the page, which the
+    # console's own Content-Security-Policy (rightly) refuses.
+    expect(page.locator("table.runs td .badge.completed")).to_have_count(0)
     console.shot("runs-filtered")
 
     approved = next(r for r in _demo_runs(server)
@@ -91,7 +95,7 @@ def test_approve_through_the_form_and_watch_it_finish(desktop: Console,
     page.click(".approval button.approve")
     # no reload: the event stream brings the end
     page.wait_for_selector(".page-head .badge.completed", timeout=10_000)
-    page.wait_for_function("document.querySelectorAll('#run-graph path.edge.taken').length == 3")
+    expect(page.locator("#run-graph path.edge.taken")).to_have_count(3)
     assert sorted(_drawn(page)) == sorted((a, b, 1) for a, b in _transitions(server, run_id))
     desktop.shot("run-approved")
     events = server.call("GET", f"/v1/runs/{run_id}/events")

@@ -70,16 +70,40 @@ class Dispatcher:
 
     # --- slots -------------------------------------------------------------------------
 
-    def claim(self, run: LiveRun, state: RunState, now: datetime) -> tuple[list[Claim],
-                                                                            RunState]:
-        """Take dispatch slots (and rate-limit room) for attempts that are due now."""
+    def rate_limited_due(self, run: LiveRun, state: RunState, now: datetime
+                         ) -> list[tuple[str, str, int]]:
+        """(step key, executor, tokens) of attempts due now on a rate-limited executor: what
+        a limit shared by several engines must admit before `claim` (see Engine)."""
+        definition = run.definition
+        if state.terminal or definition is None or not self.limiters:
+            return []
+        due = []
+        for st in dispatchable(state):
+            if st.not_before is not None and st.not_before > now:
+                continue
+            executor = definition.task(st.name).executor
+            if executor in self.limiters:
+                due.append((st.key, executor, st.max_tokens or 0))
+        return due
+
+    def claim(self, run: LiveRun, state: RunState, now: datetime,
+              refused: dict[str, datetime] | None = None) -> tuple[list[Claim], RunState]:
+        """Take dispatch slots (and rate-limit room) for attempts that are due now.
+
+        refused: step keys a shared rate limit refused, with when to try again.
+        """
         claimed: list[Claim] = []
         run.admit_at = None
         definition = run.definition
         if state.terminal or definition is None:
             return claimed, state
+        for when in (refused or {}).values():
+            if run.admit_at is None or when < run.admit_at:
+                run.admit_at = when
         for st in dispatchable(state):
             if st.not_before is not None and st.not_before > now:
+                continue
+            if refused and st.key in refused:
                 continue
             if self.free <= 0:
                 self.waiting[run.run_id] = None

@@ -33,6 +33,7 @@ import secrets
 import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, TypeVar
 from uuid import UUID, uuid4, uuid5
@@ -731,7 +732,8 @@ class Engine:
         if self.state is EngineState.CLOSING or self._handing_over(run.run_id):
             claimed: list[Claim] = []
         else:
-            claimed, state = self.dispatch.claim(run, state, now)
+            refused = await self._shared_admission(run, state, now)
+            claimed, state = self.dispatch.claim(run, state, now, refused)
         batch: list[ev.Event] = [*triggers, *decided, *(c.event for c in claimed)]
         if not batch:
             self.timers.arm(run, now=now)  # nothing was written: `now` is current
@@ -1102,6 +1104,23 @@ class Engine:
         claim = getattr(store, "claim_writer", None)
         if claim is not None:
             await self.storage.call(claim, self.worker)
+
+    async def _shared_admission(self, run: LiveRun, state: RunState, now: datetime
+                                ) -> dict[str, datetime] | None:
+        """On a store shared by several engines, rate limits hold across all of them: each
+        attempt due on a rate-limited executor is admitted by the store (one round trip),
+        before this engine's own window. Returns the steps refused, with when to try again."""
+        claim = getattr(self.storage.store, "rate_claim", None)
+        if self.ownership is None or claim is None:
+            return None
+        refused: dict[str, datetime] = {}
+        for key, executor, tokens in self.dispatch.rate_limited_due(run, state, now):
+            limit = self.registry.rate_limits[executor]
+            wait = await self.storage.call(claim, executor, limit.per, limit.requests,
+                                           limit.tokens, tokens)
+            if wait > 0:
+                refused[key] = now + timedelta(seconds=wait)
+        return refused
 
     async def _lease_cycle(self) -> None:
         own = self.ownership

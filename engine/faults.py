@@ -53,7 +53,7 @@ from .store import (
 
 METHODS = ("append", "read", "read_all", "last_position", "apply_run_changes",
            "run_changes_position", "list_runs", "count_runs", "delete_runs", "read_snapshot",
-           "write_snapshot", "lease_cycle", "wait_for_change")
+           "write_snapshot", "lease_cycle", "wait_for_change", "rate_claim")
 LostAck = Literal["unavailable", "conflict"]
 
 
@@ -283,6 +283,10 @@ class FaultyStore:
     def lease_cycle(self, *args: Any, **kwargs: Any) -> Any:
         self._before("lease_cycle")
         return self.inner.lease_cycle(*args, **kwargs)  # type: ignore[attr-defined]
+
+    def rate_claim(self, *args: Any, **kwargs: Any) -> float:
+        self._before("rate_claim")
+        return float(self.inner.rate_claim(*args, **kwargs))  # type: ignore[attr-defined]
 
     def wait_for_change(self, timeout: float) -> bool:
         self._before("wait_for_change")

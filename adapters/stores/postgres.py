@@ -42,6 +42,7 @@ RUNS = "rulebound_runs"
 TRACKING = "rulebound_runs_position"
 LEASES = "rulebound_leases"
 ENGINES = "rulebound_engines"
+RATES = "rulebound_rate_windows"
 
 
 class _FencedError(Exception):
@@ -272,6 +273,49 @@ class PostgresStore(RecorderStore):
                           "DO NOTHING").format(self._table(LEASES)), (self.shards - 1,))
             c.execute(SQL("CREATE TABLE IF NOT EXISTS {} (worker text PRIMARY KEY, seen_at "
                           "timestamptz NOT NULL)").format(self._table(ENGINES)))
+            c.execute(SQL("CREATE TABLE IF NOT EXISTS {} (key text NOT NULL, window_start "
+                          "double precision NOT NULL, requests int NOT NULL, tokens bigint NOT "
+                          "NULL, PRIMARY KEY (key, window_start))").format(self._table(RATES)))
+
+    def rate_claim(self, key: str, per: float, requests: int | None, tokens: int | None,
+                   want: int) -> float:
+        """Admit one request of `want` tokens to `key`'s window shared by every engine on
+        this database: 0.0, or the seconds until the window that refused it ends.
+
+        Fixed windows of `per` seconds on the database's clock, one round trip: the row of
+        the current window is created or counted up only while it stays within the limits
+        (so two windows back to back may pass twice the rate across their boundary; each
+        engine's own sliding window still keeps its share even). Old windows are pruned.
+        """
+        rates = self._table(RATES)
+        max_requests = requests if requests is not None else 2**31 - 1
+        max_tokens = tokens if tokens is not None else 2**62
+        want = min(want, max_tokens)
+
+        def claim() -> float:
+            with self.datastore.transaction(commit=True) as c:
+                c.execute(SQL(
+                    "WITH w AS (SELECT floor(extract(epoch FROM now()) / %(per)s) * %(per)s "
+                    "AS start, extract(epoch FROM now()) AS now) "
+                    "INSERT INTO {0} AS r (key, window_start, requests, tokens) "
+                    "SELECT %(key)s, w.start, 1, %(want)s FROM w "
+                    "ON CONFLICT (key, window_start) DO UPDATE SET requests = r.requests + 1, "
+                    "tokens = r.tokens + excluded.tokens WHERE r.requests + 1 <= %(maxr)s AND "
+                    "r.tokens + excluded.tokens <= %(maxt)s "
+                    "RETURNING r.requests").format(rates),
+                    {"per": per, "key": key, "want": want, "maxr": max_requests,
+                     "maxt": max_tokens})
+                if c.fetchone() is not None:
+                    return 0.0
+                c.execute(SQL("SELECT (floor(extract(epoch FROM now()) / %(per)s) + 1) * "
+                              "%(per)s - extract(epoch FROM now()) AS wait").format(),
+                          {"per": per})
+                row = c.fetchone()
+                c.execute(SQL("DELETE FROM {} WHERE key = %s AND window_start < "
+                              "extract(epoch FROM now()) - 10 * %s").format(rates), (key, per))
+                return max(0.001, float(row["wait"])) if row else per
+
+        return self._retrying(claim)
 
     def lease_cycle(self, worker: str, lease_seconds: float, held: Mapping[int, int],
                     release: Collection[int] = (), *, leaving: bool = False) -> LeaseState:

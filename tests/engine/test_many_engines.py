@@ -22,6 +22,7 @@ from rulebound import (
     FAIL,
     Engine,
     FaultyStore,
+    RateLimit,
     Step,
     StoreError,
     Task,
@@ -198,3 +199,32 @@ async def test_a_graceful_close_hands_its_shards_over_at_once(postgres_url: str)
             await b.signal(run_id, "go")
             assert (await b.wait(run_id, timeout=10)).status == "completed"
     assert took < LEASE, took  # at its next renewal, not when the leases would expire
+
+
+@pytest.mark.postgres
+async def test_a_rate_limit_holds_across_engines(postgres_url: str) -> None:
+    # 5 requests a second for the executor, on two engines: 20 calls cannot take less than
+    # 3 s (4 windows), where each engine's own window alone would let 10 a second through.
+    calls: list[float] = []
+
+    async def limited(task: Task) -> Any:
+        calls.append(time.monotonic())
+        return {}
+
+    wf = Workflow("limited", on_failure=FAIL, steps=[Step("s", executor="lim", next=END)])
+    limits = {"lim": RateLimit(requests=5, per=1.0)}
+
+    def make() -> Engine:
+        return Engine(postgres_url, [wf], {"lim": limited}, rate_limits=limits,
+                      lease_time=LEASE)
+
+    async with make() as a, make() as b:
+        await balanced(a, b)
+        began = time.monotonic()
+        runs = [await (a if i % 2 else b).start("limited", {"i": i}) for i in range(20)]
+        for run_id in runs:
+            assert (await a.wait(run_id, timeout=30)).status == "completed"
+        took = time.monotonic() - began
+    assert len(calls) == 20
+    assert took >= 2.9, took  # the shared windows held the pace
+    print(f"20 calls at 5/s across 2 engines took {took:.2f} s")

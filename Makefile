@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-pg clean
 
 $(STAMP): pyproject.toml requirements/dev.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,7 @@ test: $(STAMP) lint
 
 # Benchmarks against the peers (not part of `make test`): a separate venv, so the peers' own
 # dependencies never touch .venv. BENCH_REPEAT=5 / BENCH_ARGS="--workloads W1,W2" to vary.
+# `make bench-pg`: only PG, 1/2/4 engine processes on one throwaway PostgreSQL beside DBOS.
 BENCH_VENV := .venv-bench
 BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.installed
@@ -49,6 +50,9 @@ $(BENCH_STAMP): pyproject.toml requirements/bench.lock
 
 bench: $(BENCH_STAMP)
 	$(BENCH_PY) benchmarks/run.py $(BENCH_ARGS)
+
+bench-pg: $(BENCH_STAMP)
+	$(BENCH_PY) benchmarks/run.py --workloads PG $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) rulebound.db rulebound.db-wal rulebound.db-shm .pytest_cache .hypothesis

@@ -10,11 +10,13 @@ Apache Burr (SQLite persister), and the floors (bare asyncio, raw sqlite3). Work
     W3  200 runs at once, 5 steps each awaiting 10 ms, memory and SQLite -> wall vs 50 ms
     W4  a durable run SIGKILLed while step 4 runs; restart          -> steps 1-3 re-run, time
     replay (rulebound only): decode and fold a 10,240-event run
+    PG  200 runs at once x 5 x 10 ms on 1, 2 and 4 engine processes sharing one PostgreSQL,
+        rulebound beside DBOS (benchmarks/pg_cluster_bench.py) -> steps/s, RSS per process
 
 Every case runs in a fresh process; repetitions are interleaved (A B C A B C ...) so drift on
 a shared machine hits every system alike; the table gives the median with min and max. A case
 whose store does not hold what it claims (checked after every case) fails the whole run.
-Results: a table on stdout, JSON in benchmarks/results/peers.json.
+Results: a table on stdout, JSON in benchmarks/results/peers.json (PG: pg_cluster.json).
 """
 
 from __future__ import annotations
@@ -94,6 +96,8 @@ WORKLOADS = (
              ("events_per_s", "fold_ms", "decode_and_fold_ms")),
 )
 BY_KEY = {w.key: w for w in WORKLOADS}
+PG = "PG"  # several engine processes on one PostgreSQL: its own driver, pg_cluster_bench.py
+PG_SYSTEMS = ("rulebound", "dbos")
 
 
 def module(system: str) -> Any:
@@ -290,7 +294,9 @@ def main() -> None:
                         help="runs per case (env BENCH_RUNS, default 200)")
     parser.add_argument("--systems", default=os.environ.get("BENCH_SYSTEMS", ",".join(SYSTEMS)))
     parser.add_argument("--workloads", default=os.environ.get("BENCH_WORKLOADS",
-                                                              ",".join(BY_KEY)))
+                                                              ",".join([*BY_KEY, PG])))
+    parser.add_argument("--pg-engines", default=os.environ.get("BENCH_PG_ENGINES", "1,2,4"),
+                        help="PG: engine process counts (env BENCH_PG_ENGINES, default 1,2,4)")
     parser.add_argument("--out", default=str(RESULTS / "peers.json"))
     parser.add_argument("--case", nargs=2, metavar=("SYSTEM", "WORKLOAD"), help=argparse.SUPPRESS)
     parser.add_argument("--phase", nargs=3, metavar=("PHASE", "SYSTEM", "DIR"),
@@ -305,7 +311,7 @@ def main() -> None:
 
     wanted = set(args.systems.split(","))
     keys = [k for k in args.workloads.split(",") if k]
-    unknown = (wanted - set(SYSTEMS)) | (set(keys) - set(BY_KEY))
+    unknown = (wanted - set(SYSTEMS)) | (set(keys) - {*BY_KEY, PG})
     if unknown:
         parser.error(f"unknown systems or workloads: {', '.join(sorted(unknown))}")
     skipped = {s: why for s in wanted if (why := available(s))}
@@ -342,6 +348,27 @@ def main() -> None:
             print(f" {took:.1f}s  {workload.headline}={fmt(head) if head is not None else '?'}"
                   f"  (elapsed {time.monotonic() - began:.0f}s)", file=sys.stderr, flush=True)
 
+    if plan:
+        report(args, plan, samples, errors, skipped)
+    pg_ok = True
+    if PG in keys:  # its own cases (a PostgreSQL server, N processes each), after the others
+        from benchmarks import pg_cluster_bench
+
+        pg_ok = pg_cluster_bench.bench(
+            args.repeat, args.runs, [int(n) for n in args.pg_engines.split(",")],
+            [s for s in PG_SYSTEMS if s in wanted and s not in skipped], 10.0,
+            RESULTS / "pg_cluster.json")
+    if errors or not pg_ok:
+        print(f"\n{len(errors) + (not pg_ok)} case(s) FAILED: "
+              + ", ".join([*(f"{k}/{s}" for k, s in errors), *([] if pg_ok else ["PG"])]),
+              file=sys.stderr)
+        raise SystemExit(1)
+
+
+def report(args: argparse.Namespace, plan: list[tuple[Workload, str]],
+           samples: dict[tuple[str, str], list[dict[str, Any]]],
+           errors: dict[tuple[str, str], str], skipped: dict[str, str]) -> None:
+    """The peers' table on stdout and benchmarks/results/peers.json (or --out)."""
     results: dict[str, Any] = {}
     for workload, system in plan:
         entry = results.setdefault(workload.key, {})
@@ -371,10 +398,6 @@ def main() -> None:
             print(f"  {goal['target']:<48} {goal['value']:>14}   "
                   f"{'met' if goal['met'] else 'MISSED'}")
     print(f"\nJSON: {args.out}")
-    if errors:
-        print(f"\n{len(errors)} case(s) FAILED: "
-              + ", ".join(f"{k}/{s}" for k, s in errors), file=sys.stderr)
-        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from .conditions import MISSING, resolve
 from .definitions import END, FAIL, Map, Parallel, Step, WaitForSignal, Workflow
 from .events import trusted
 from .state import RunState, StepState, evolve
+from .wording import counted
 
 _MAX_DECISIONS = 100_000  # a safety net; real batches are a handful of events
 # How a re-run of an abandoned attempt's StepScheduled reason begins (explain reads it).
@@ -198,7 +199,7 @@ def _after_failed_attempt(
             at=now, step=st.key, kind="task", visit=st.visit, attempt=st.attempt + 1,
             parent=st.parent, item=st.item, not_before=not_before, reason=reason,
             max_cost=task.cost, max_tokens=task.max_tokens)]
-    why = "not retryable" if not retryable else f"{policy.attempts} attempts used"
+    why = "not retryable" if not retryable else f"{counted(policy.attempts, 'attempt')} used"
     return [ev.StepFailed(at=now, step=st.key, visit=st.visit, error_type=kind,
                           message=f"{error.get('message')} ({why})")]
 
@@ -216,8 +217,10 @@ def _after_abandoned_attempt(
     if st.abandoned > cap:
         return [ev.StepFailed(
             at=now, step=st.key, visit=st.visit, error_type="abandoned",
-            message=f"attempt {st.attempt} abandoned ({why}); {st.abandoned} attempts of this "
-                    f"visit were abandoned, more than max_abandoned={cap}")]
+            message=f"attempt {st.attempt} abandoned ({why}); "
+                    f"{counted(st.abandoned, 'attempt')} of this visit "
+                    f"{'was' if st.abandoned == 1 else 'were'} abandoned, more than "
+                    f"max_abandoned={cap}")]
     blocked = _over_budget(s, task)
     if blocked is not None:
         limit, limit_value, used = blocked

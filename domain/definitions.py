@@ -22,7 +22,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import (
@@ -637,11 +637,25 @@ def _check(wf: Workflow) -> None:
             raise DefinitionError(f"{what} reads {path!r}, but the output schema of {head!r} "
                                   f"has no field {'.'.join(parts[1:])!r}")
 
+    def type_at(path: str) -> Any:
+        """The declared type of the value at `path` (None: not known when building)."""
+        parts = path.split(".")
+        kind: Any = (wf.input_schema if parts[0] == "input"
+                     else outputs.get(parts[0]) if parts[0] not in CONTEXT_ROOTS else None)
+        for part in parts[1:]:
+            if not _is_model(kind) or part not in kind.model_fields:
+                return None
+            kind = kind.model_fields[part].annotation
+        return kind
+
     def check_task_inputs(s: Step, item_ok: bool) -> None:
         spec = s.input
         paths = [spec] if isinstance(spec, str) else list((spec or {}).values())
         for p in paths:
             check_path(p, f"the input of step {s.name!r}", item_ok=item_ok)
+        prompt = s.config.get("prompt")
+        if isinstance(prompt, str):
+            _check_prompt(s, prompt, type_at, run_input=not item_ok)
 
     check_target(wf.start, "the workflow's start")
     check_target(wf.on_failure, "the workflow's on_failure")
@@ -706,6 +720,66 @@ def _check(wf: Workflow) -> None:
             raise DefinitionError(
                 f"steps {sorted(component)} form a cycle; set max_visits on {unbounded}"
             )
+
+
+_SCALARS = (str, int, float, bool)
+
+
+def _is_model(kind: Any) -> bool:
+    return isinstance(kind, type) and issubclass(kind, BaseModel)
+
+
+def _has(kind: Any, parts: list[str]) -> bool:
+    """Whether a value of type `kind` has the field `parts` (unknown type: it may)."""
+    if _is_model(kind):
+        return _schema_has(kind, parts)
+    return not (parts and kind in _SCALARS)  # a str or a number has no fields
+
+
+def _placeholders(template: str) -> list[str]:
+    """The placeholders of a prompt template, read as the model executors fill it: each
+    `{` up to the next `}` (`{ticket.subject}` gives 'ticket.subject')."""
+    found, i = [], 0
+    while (start := template.find("{", i)) >= 0 and (end := template.find("}", start)) >= 0:
+        found.append(template[start + 1:end])
+        i = end + 1
+    return found
+
+
+def _check_prompt(s: Step, prompt: str, type_at: Callable[[str], Any], *,
+                  run_input: bool) -> None:
+    """A prompt placeholder must name a field of the step's input wherever the input's
+    shape is known when building: the run's input with an `input_schema`, the keys of an
+    `input={...}` mapping, or the declared type at an `input="path"`."""
+    spec = s.input
+    for name in _placeholders(prompt):
+        parts = name.split(".")
+        field = ".".join(parts[1:])
+        if isinstance(spec, dict):
+            if parts[0] not in spec:
+                keys = ", ".join(repr(k) for k in spec) or "none"
+                why = f"its input={{...}} has only {keys}"
+            elif not _has(type_at(spec[parts[0]]), parts[1:]):
+                why = f"{parts[0]!r} is {spec[parts[0]]!r}, which has no field {field!r}"
+            else:
+                continue
+        elif spec is None and not run_input:  # a map item: its type is not declared
+            continue
+        else:
+            kind = type_at(spec or "input")
+            if kind in _SCALARS:  # one value, not a dict: the executor names it {input}
+                if name == "input":
+                    continue
+                why = f"its input {spec!r} is one value, which a prompt names {{input}}"
+            elif _has(kind, parts):
+                continue
+            elif spec is None:
+                why = (f"it gets the run's input, and {kind.__name__} has no field "
+                       f"{parts[0]!r} (pass input={{...}} to give it other data)")
+            else:
+                why = f"its input {spec!r} has no field {name!r}"
+        raise DefinitionError(f"the prompt of step {s.name!r} names {{{name}}}, which its "
+                              f"input does not have: {why}")
 
 
 def _check_child(s: Step, what: str) -> None:

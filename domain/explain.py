@@ -15,16 +15,7 @@ from typing import Any
 from . import events as ev
 from .decider import RERUN
 from .definitions import Workflow
-
-
-def counted(n: int, noun: str, plural: str | None = None) -> str:
-    """`1 retry`, `2 retries`, `0 events`: a count with its noun in the right number."""
-    if n == 1:
-        return f"{n} {noun}"
-    if plural is None:
-        plural = noun[:-1] + "ies" if noun.endswith("y") and noun[-2:-1] not in "aeiou" \
-            else noun + "s"
-    return f"{n} {plural}"
+from .wording import counted as counted  # where the CLI and demo import it from
 
 
 @dataclass

@@ -404,7 +404,11 @@ def test_an_anchor_inside_the_log_names_the_uncovered_events(
     out = capsys.readouterr().out
     assert code == 2
     assert f"event 11: anchor: the --head anchor is the hash of event 10; the log goes on " \
-           f"for {len(rows) - 10} more event(s)" in out
+           f"for {len(rows) - 10} more events the anchor does not cover" in out
+    assert main(["verify", str(recorded["export"]), "--app", recorded["app"],
+                 "--head", rows[-2]["hash"]]) == 2
+    assert f"the --head anchor is the hash of event {len(rows) - 1}; the log goes on for " \
+           "1 more event the anchor" in capsys.readouterr().out
 
 
 def test_an_anchor_stands_in_for_a_lost_manifest(recorded: dict[str, Any],

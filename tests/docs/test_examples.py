@@ -42,6 +42,19 @@ def test_the_readme_picture_is_the_demo_workflow() -> None:
     assert pictures == [triage.mermaid()]
 
 
+def test_the_readme_is_a_short_front_door_with_every_part() -> None:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    picture = len(triage.mermaid().splitlines())
+    assert len(text.splitlines()) - picture <= 180  # prose and code; the picture is extra
+    for part in ["## Install and try it", "pip install", "## A first workflow", "asyncio.run",
+                 "**How data flows.**", "## The demo", "```mermaid", "## Model steps",
+                 '"prompt"', "DefinitionError", "## Serving", "curl ", "--app app:registry",
+                 "Registry(", "console at `/`", 'pip install "rulebound[otel]"',
+                 "RULEBOUND_OTEL=1", "## Guarantees", "docs/executors.md", "docs/serving.md",
+                 "docs/auditing.md", "docs/testing.md", "benchmarks/README.md", "LICENSE"]:
+        assert part in text, part
+
+
 def _recipe() -> dict[str, object]:
     block = next(b for b in BLOCKS if b.doc == "docs/auditing.md" and "def canonical" in b.code)
     namespace: dict[str, object] = {"__name__": "recipe"}

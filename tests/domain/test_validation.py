@@ -156,6 +156,74 @@ def test_valid_definitions_build() -> None:
        task("late", delay=5.0), on_limit="late")
 
 
+# --- a prompt names only fields its step's input has ------------------------------------
+
+
+def llm(name: str, prompt: str, **kw: Any) -> Step:
+    return Step(name, executor="llm", config={"prompt": prompt}, **kw)
+
+
+PROMPT_MISTAKES: list[tuple[str, Callable[[], Workflow], str]] = [
+    ("a field the run's input lacks", lambda: wf(
+        llm("a", "Answer {question}"), input_schema=Ticket),
+     "names {question}, which its input does not have: it gets the run's input, and Ticket "
+     "has no field 'question'"),
+    ("an earlier output the step is not given", lambda: wf(
+        task("classify", output=Label, next="answer"),
+        llm("answer", "Answer {text} as a {category} question"), input_schema=Ticket),
+     "names {category}"),
+    ("{input.x} for a field of the run's input", lambda: wf(
+        llm("a", "Answer {input.text}"), input_schema=Ticket), "names {input.text}"),
+    ("a key the input mapping lacks", lambda: wf(
+        llm("a", "Answer {text} as {label}", input={"text": "input.text"})),
+     "its input={...} has only 'text'"),
+    ("a field the mapped output lacks", lambda: wf(
+        task("classify", output=Label, next="answer"),
+        llm("answer", "{text} is {label.colour}",
+            input={"text": "input.text", "label": "classify"})),
+     "'label' is 'classify', which has no field 'colour'"),
+    ("a field of an input that is one string", lambda: wf(
+        llm("a", "Answer {text}", input="input.text"), input_schema=Ticket),
+     "its input 'input.text' is one value, which a prompt names {input}"),
+    ("a field the input path's model lacks", lambda: wf(
+        task("classify", output=Label, next="answer"),
+        llm("answer", "Say {text}", input="classify")), "its input 'classify' has no field"),
+    ("a parallel branch", lambda: wf(
+        Parallel("p", branches=[llm("b", "Answer {body}")]), input_schema=Ticket),
+     "step 'b' names {body}"),
+    ("a map item step's mapping", lambda: wf(
+        task("src", output=Items, next="m"),
+        Map("m", over="src.items", step=llm("each", "Say {it}", input={"x": "item"}))),
+     "names {it}"),
+]
+
+
+@pytest.mark.parametrize(("build", "message"), [(b, m) for _, b, m in PROMPT_MISTAKES],
+                         ids=[name for name, _, _ in PROMPT_MISTAKES])
+def test_a_prompt_naming_a_field_its_input_lacks_is_a_definition_error(
+    build: Callable[[], Workflow], message: str,
+) -> None:
+    with pytest.raises(DefinitionError) as caught:
+        build()
+    assert message in str(caught.value)
+
+
+def test_prompts_whose_fields_the_input_has_or_may_have_build() -> None:
+    wf(llm("a", "Answer {text}"), input_schema=Ticket)  # the run's input
+    wf(task("classify", output=Label, next="answer"),  # a mapping, nested fields
+       llm("answer", "{text} is {label.category} ({label.score})",
+           input={"text": "input.text", "label": "classify"}), input_schema=Ticket)
+    wf(llm("a", "Answer {input}", input="input.text"), input_schema=Ticket)  # one value
+    wf(task("classify", output=Label, next="answer"),
+       llm("answer", "Say {category}", input="classify"))  # a path to a model
+    wf(llm("a", "Answer {anything}"))  # no input_schema: the run's input is not known
+    wf(task("b", next="a"), llm("a", "Answer {anything.x}", input="b"))  # b has no output
+    wf(llm("a", "Answer {x.y}", input={"x": "error"}))  # error: shape not declared
+    wf(task("src", output=Items, next="m"),  # a map item's type is not declared
+       Map("m", over="src.items", step=llm("each", "Say {anything}")))
+    wf(Step("a", executor="llm", config={"template": "{nope}"}), input_schema=Ticket)
+
+
 # --- fuzzing: random definitions never raise anything but DefinitionError ----------------
 
 names = st.sampled_from(["a", "b", "c", "d", "input", "a b", "", "x" * 70, "ok-1", "_z"])

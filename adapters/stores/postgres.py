@@ -81,6 +81,39 @@ class FencedRecorder(PostgresApplicationRecorder):
 SNAPSHOTS = "rulebound_snapshots"
 
 
+# Composite-type adapters by (host, port, database, schema, type): psycopg caches the
+# classes it builds for a type by the CompositeInfo object, without bound, so an info fetched
+# anew by every datastore (every Engine opened) grew that cache for the process's life.
+_TYPE_INFOS: dict[tuple[str, int, str, str, str], Any] = {}
+_TYPE_INFOS_LOCK = threading.Lock()
+
+
+class _Datastore(PostgresDatastore):
+    """The library's datastore, sharing composite-type adapters per database and schema."""
+
+    types_key: tuple[str, int, str] = ("", 0, "")
+
+    def register_type_adapters(self) -> None:
+        from psycopg.types.composite import CompositeInfo, register_composite
+
+        names = [n for n in self.db_type_names if n not in self.psycopg_type_adapters]
+        if not names:
+            return
+        with self.get_connection() as conn:
+            for name in names:
+                key = (*self.types_key, self.schema, name)
+                with _TYPE_INFOS_LOCK:
+                    info = _TYPE_INFOS.get(key)
+                    if info is None:
+                        info = CompositeInfo.fetch(conn, f"{self.schema}.{name}")
+                        if info is None:
+                            continue
+                        _TYPE_INFOS[key] = info
+                register_composite(info, conn)
+                self.psycopg_type_adapters[name] = info
+                self.psycopg_python_types[name] = info.python_type
+
+
 class PostgresStore(RecorderStore):
     def __init__(self, *, dbname: str, host: str, port: int, user: str, password: str,
                  schema: str = "public", lock_timeout: int = 5, pool_size: int = 4,
@@ -88,10 +121,11 @@ class PostgresStore(RecorderStore):
         _probe(host=host, port=port, dbname=dbname, user=user, password=password,
                timeout=connect_timeout)
         try:
-            self.datastore = PostgresDatastore(
+            self.datastore = _Datastore(
                 dbname, host, port, user, password, schema=schema, lock_timeout=lock_timeout,
                 pool_size=pool_size, max_overflow=pool_size, connect_timeout=connect_timeout,
                 idle_in_transaction_session_timeout=60.0)
+            self.datastore.types_key = (host, port, dbname)  # before recorders register types
             # No pool_open_timeout: with it the library calls pool.wait() on every
             # connection, and psycopg-pool's wait() fails when two threads call it at once.
             recorder = FencedRecorder(self.datastore, events_table_name=EVENTS)

@@ -1097,7 +1097,7 @@ class Engine:
         if shards:
             self.ownership = Ownership(self.worker, shards, self._lease_time)
             self._feed_position = await self.storage.call(store.last_position)
-            await self._lease_cycle()  # our share first, so recovery knows what is ours
+            await self._lease_cycle(initial=True)  # our share first: recovery takes it up
             self._spawn(self._lease_loop())
             self._spawn(self._change_loop())
             return
@@ -1122,7 +1122,7 @@ class Engine:
                 refused[key] = now + timedelta(seconds=wait)
         return refused
 
-    async def _lease_cycle(self) -> None:
+    async def _lease_cycle(self, *, initial: bool = False) -> None:
         own = self.ownership
         assert own is not None and self._storage is not None
         now = asyncio.get_running_loop().time()
@@ -1139,7 +1139,7 @@ class Engine:
                 del self._leaving[shard]
         if lost:
             self._lose(lost)
-        if gained:
+        if gained and not initial:  # at open, recovery takes up what the first cycle gave
             self._spawn(self._take_up_shards(gained))
 
     async def _lease_loop(self) -> None:

@@ -115,11 +115,12 @@ def test_a_load_from_any_snapshot_equals_the_fold_from_scratch(
         data["fold"] = "0" * 16
     elif damage == "bytes":
         data["state"] = {"not": "a state"}
-    store = open_store("memory://")
-    store.append(records)
+    inner = open_store("memory://")
+    inner.append(records)
     version = len(records) + 5 if damage == "beyond" else k
-    # a snapshot beyond the log is refused by the store; plant it under the store's nose
-    store._snapshots[run_id] = Snapshot(run_id, version, orjson.dumps(data))  # type: ignore[attr-defined]
+    # A snapshot beyond the log is refused by a real store: a store of the port's shape hands
+    # out the planted one until a new snapshot is written.
+    store = _Planted(inner, Snapshot(run_id, version, orjson.dumps(data)))
     loaded = asyncio.run(_load(store, run_id, every=3))
     assert loaded == states[-1]
     newest = store.read_snapshot(run_id)
@@ -156,3 +157,23 @@ def test_a_long_run_loads_from_its_snapshot(sqlite_url: str) -> None:
         assert asyncio.run(_load(store, run_id, every=200)) == expected
     finally:
         store.close()
+
+
+class _Planted:
+    """A store (the port's shape, over a real one) whose snapshot of a run is `planted`
+    until a snapshot is written: a damaged or impossible snapshot, as a load would meet it."""
+
+    def __init__(self, inner: Any, planted: Snapshot) -> None:
+        self.inner, self.planted = inner, planted
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def read_snapshot(self, run_id: Any) -> Snapshot | None:
+        if self.planted is not None and run_id == self.planted.run_id:
+            return self.planted
+        return self.inner.read_snapshot(run_id)
+
+    def write_snapshot(self, snapshot: Snapshot) -> None:
+        self.planted = None  # type: ignore[assignment]
+        self.inner.write_snapshot(snapshot)

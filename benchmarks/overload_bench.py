@@ -93,15 +93,17 @@ async def main(rate: int, seconds: float, max_active: int) -> dict[str, Any]:
                     tasks.append(asyncio.create_task(start(i)))
                 await asyncio.gather(*tasks)
                 scraping.cancel()
-                ended = 0
+                ended: dict[str, int] = {}
                 deadline = time.monotonic() + 120
                 for run_id in accepted:
                     while time.monotonic() < deadline:
                         async with session.get(f"{base}/v1/runs/{run_id}") as resp:
-                            if (await resp.json())["status"] in ("completed", "failed"):
-                                ended += 1
-                                break
+                            status = (await resp.json())["status"]
+                        if status in ("completed", "failed", "cancelled"):
+                            ended[status] = ended.get(status, 0) + 1
+                            break
                         await asyncio.sleep(0.05)
+                took = time.perf_counter() - t0
         finally:
             proc.terminate()
             proc.wait(30)
@@ -109,6 +111,7 @@ async def main(rate: int, seconds: float, max_active: int) -> dict[str, Any]:
         "rate": rate, "seconds": seconds, "max_active_runs": max_active,
         "accepted": len(answers.get(201, [])), "overloaded": len(answers.get(503, [])),
         "errors": len(answers.get(0, [])), "accepted_runs_ended": ended,
+        "seconds_until_all_ended": round(took, 1),
         "accepted_ms": {"p50": pct(answers.get(201, []), .5),
                         "p99": pct(answers.get(201, []), .99)},
         "overloaded_ms": {"p50": pct(answers.get(503, []), .5),

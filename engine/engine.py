@@ -103,6 +103,9 @@ class Engine:
       without using one of the step's retries).
     read_only: inspect a store (get, events, explain, runs) without running anything: no
       recovery, no executors needed; start, signal and cancel are refused.
+    park_after: a run with nothing to do for at least this many seconds (a signal wait, a
+      long backoff, a far-off timer) and nobody waiting on it here leaves memory; it is
+      loaded again when a signal or a request comes, or its time is due (None: never).
     lease_time: on a store shared by several engines (PostgreSQL), the seconds a shard lease
       lasts: another engine takes a dead engine's runs within about this time. A SQLite file
       takes one writing engine: a second one is refused at open (StoreInUse).
@@ -125,6 +128,7 @@ class Engine:
         keep_finished: int = 10_000,
         read_only: bool = False,
         lease_time: float = 10.0,
+        park_after: float | None = 30.0,
     ) -> None:
         self.registry = registry or Registry()
         for workflow in workflows:
@@ -156,6 +160,8 @@ class Engine:
         self._limits: dict[str, dict[str, Any]] = {}
         self.results_pending = 0  # results waiting for the store to come back
         self._lease_time = lease_time
+        self._park_after = park_after
+        self.parked = 0  # runs this engine moved out of memory
         self.ownership: Ownership | None = None  # None: one engine owns every run
         self._leaving: dict[int, float] = {}  # shards being handed over -> since (monotonic)
         self._coordination: ThreadPoolExecutor | None = None  # leases and the change feed
@@ -213,6 +219,8 @@ class Engine:
                 await self._claim_store(store)
             if self._recover_on_start:
                 await self._recover()
+            if not self._read_only and self._parks(store):
+                self._spawn(self._unpark_due_loop())
         except BaseException:
             # Left as it was: a store the caller handed in stays open for the next try.
             await self._stop(opened, close_store=isinstance(self._store_spec, str))
@@ -453,6 +461,10 @@ class Engine:
 
     async def _take_up(self, run_id: UUID) -> LiveRun | None:
         """Drive a stored, going run here: load it and reconcile it (None if it has ended)."""
+        store = self.storage.store
+        if not self._read_only and self._parks(store) and run_id not in self.runs_table.live:
+            # Before it can be parked again, so a new parking is never the one undone.
+            await self.storage.call(store.unpark, run_id)  # type: ignore[attr-defined]
         run = await self.runs_table.adopt(self.storage, run_id)
         if run is not None and run.reconcile and not run.held:
             await self._reconcile(run)
@@ -486,9 +498,9 @@ class Engine:
         """Wait until the run ends (or is held); raises TimeoutError after `timeout` s."""
         run_id = _uuid(run_id)
         run = self.runs_table.live.get(run_id)
-        if run is None and self.ownership is not None and self.state is EngineState.OPEN and (
+        if run is None and self.state is EngineState.OPEN and not self._read_only and (
                 run_id not in self.runs_table.finished):
-            with contextlib.suppress(RunNotFound):  # another engine's run: follow its end here
+            with contextlib.suppress(RunNotFound):  # parked, or another engine's: wait here
                 run = await self._live_or_none(run_id)
         if run is None or run.state.terminal or run.held:
             return await self.get(run_id)
@@ -739,6 +751,7 @@ class Engine:
             self.timers.arm(run, now=now)  # nothing was written: `now` is current
             if self.dispatch.waiting and self.dispatch.free > 0:
                 self.dispatch.wake_waiting()
+            self._maybe_park(run)
             return
         records: list[Record] = []
         stamps: list[tuple[str, str]] = []
@@ -817,6 +830,7 @@ class Engine:
         self.timers.arm(run)  # after the write: read the clock again
         if self.dispatch.waiting and self.dispatch.free > 0:
             self.dispatch.wake_waiting()
+        self._maybe_park(run)
 
     async def _append_request(self, run: LiveRun, triggers: list[ev.Event]) -> None:
         """Append a request's events to a run another engine owns: no decisions here (the
@@ -1039,12 +1053,17 @@ class Engine:
         await self.storage.project()
         offset, page = 0, 500
         run_ids: list[UUID] = []
+        store = self.storage.store
         while True:
-            rows = await self.storage.call(
-                lambda o=offset: self.storage.store.list_runs(status="running", limit=page,
-                                                              offset=o))
-            run_ids += [row.run_id for row in rows]
-            if len(rows) < page:
+            if self._parks(store):  # parked runs stay where they are (the poll wakes them)
+                found = await self.storage.call(store.runs_to_recover,  # type: ignore[attr-defined]
+                                                -1.0, page, offset)
+            else:
+                rows = await self.storage.call(
+                    lambda o=offset: store.list_runs(status="running", limit=page, offset=o))
+                found = [row.run_id for row in rows]
+            run_ids += found
+            if len(found) < page:
                 break
             offset += page
         if run_ids:
@@ -1258,6 +1277,71 @@ class Engine:
             with contextlib.suppress(Exception):
                 await self._reload(run)
 
+    # --- parked runs ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _parks(store: Any) -> bool:
+        return callable(getattr(store, "park", None))
+
+    def _maybe_park(self, run: LiveRun) -> None:
+        """Move a run out of memory if it has nothing to do for a while and nobody here is
+        waiting on it; its due time goes to the store, which the poll reads back."""
+        after = self._park_after
+        current = asyncio.current_task()  # an attempt committing its own result is ending
+        busy = any(task is not current for task in run.attempts.values())
+        if (after is None or busy or run.waiters or run.watchers or run.held
+                or run.timer_at is None or run.state.terminal or not self._driving
+                or run.run_id in self.dispatch.waiting or not self._parks(self.storage.store)):
+            return
+        if (run.timer_at - self._clock.now()).total_seconds() < after:
+            return
+        self._spawn(self._park(run))
+
+    async def _park(self, run: LiveRun) -> None:
+        await asyncio.sleep(0)  # let an attempt that committed its result finish first
+        async with run.lock:
+            due = run.timer_at
+            if (due is None or run.attempts or run.waiters or run.watchers or run.dirty
+                    or run.state.terminal or self.runs_table.live.get(run.run_id) is not run
+                    or not self._owns(run.run_id)):
+                return
+            store = self.storage.store
+            try:
+                await self.storage.call(store.park, run.run_id, _epoch(due))  # type: ignore[attr-defined]
+                if run.waiters or run.watchers:  # someone came while the parking was written
+                    await self.storage.call(store.unpark, run.run_id)  # type: ignore[attr-defined]
+                    return
+            except Exception as exc:
+                log.debug("run %s: not parked (%s)", run.run_id, short(exc))
+                return
+            self.timers.cancel(run)
+            self.runs_table.live.pop(run.run_id, None)
+            self.parked += 1
+
+    async def _unpark_due_loop(self) -> None:
+        """Load parked runs whose time has come (their timers live in the store)."""
+        store = self.storage.store
+        interval = min(1.0, self._park_after or 1.0)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                due = await self.storage.call(store.parked_due,  # type: ignore[attr-defined]
+                                              _epoch(self._clock.now()) + interval, 500)
+            except Exception as exc:
+                log.debug("parked runs: %s", short(exc))
+                continue
+            for run_id in due:
+                if run_id in self.runs_table.live or not self._owns(run_id):
+                    continue
+                try:
+                    async with self.runs_table.alone_with(run_id):
+                        await self._take_up(run_id)
+                except RunNotFound:  # removed meanwhile (archived): forget its parking
+                    with contextlib.suppress(Exception):
+                        await self.storage.call(store.unpark, run_id)  # type: ignore[attr-defined]
+                except Exception as exc:
+                    log.warning("run %s: cannot wake it yet (%s)", run_id, short(exc))
+
     def _poke_projector(self) -> None:
         if self._project_wanted is not None:
             self._project_wanted.set()
@@ -1323,6 +1407,10 @@ def _finished_request(requests: set[asyncio.Task[Any]]) -> Any:
         if not task.cancelled():
             task.exception()  # retrieved: a caller that stopped waiting never sees it
     return done
+
+
+def _epoch(when: datetime) -> float:
+    return when.timestamp()
 
 
 def _being_cancelled() -> bool:

@@ -53,7 +53,8 @@ from .store import (
 
 METHODS = ("append", "read", "read_all", "last_position", "apply_run_changes",
            "run_changes_position", "list_runs", "count_runs", "delete_runs", "read_snapshot",
-           "write_snapshot", "lease_cycle", "wait_for_change", "rate_claim")
+           "write_snapshot", "lease_cycle", "wait_for_change", "rate_claim", "park", "unpark",
+           "parked_due", "runs_to_recover")
 LostAck = Literal["unavailable", "conflict"]
 
 
@@ -283,6 +284,22 @@ class FaultyStore:
     def lease_cycle(self, *args: Any, **kwargs: Any) -> Any:
         self._before("lease_cycle")
         return self.inner.lease_cycle(*args, **kwargs)  # type: ignore[attr-defined]
+
+    def park(self, run_id: UUID, until: float) -> None:
+        self._before("park")
+        self.inner.park(run_id, until)  # type: ignore[attr-defined]
+
+    def unpark(self, run_id: UUID) -> None:
+        self._before("unpark")
+        self.inner.unpark(run_id)  # type: ignore[attr-defined]
+
+    def parked_due(self, until: float, limit: int = 1000) -> list[UUID]:
+        self._before("parked_due")
+        return list(self.inner.parked_due(until, limit))  # type: ignore[attr-defined]
+
+    def runs_to_recover(self, now: float, limit: int = 500, offset: int = 0) -> list[UUID]:
+        self._before("runs_to_recover")
+        return list(self.inner.runs_to_recover(now, limit, offset))  # type: ignore[attr-defined]
 
     def rate_claim(self, *args: Any, **kwargs: Any) -> float:
         self._before("rate_claim")

@@ -123,6 +123,7 @@ class MemoryStore(RecorderStore):
         self._position = 0
         self._rm_lock = threading.Lock()
         self._snapshots: dict[UUID, Snapshot] = {}
+        self._parked: dict[UUID, float] = {}  # run -> when it is due (epoch seconds)
 
     def append(self, records: Sequence[Record], fence: Fence | None = None) -> None:
         # No lock timeouts in memory: skip the retry wrapper, call the recorder directly.
@@ -169,6 +170,28 @@ class MemoryStore(RecorderStore):
     def count_runs(self) -> dict[str, int]:
         with self._rm_lock:
             return dict(Counter(r.status for r in self._runs.values()))
+
+    # --- parked runs: nothing to do until a signal or a far-off timer ---------------------
+
+    def park(self, run_id: UUID, until: float) -> None:
+        with self._rm_lock:
+            self._parked[run_id] = until
+
+    def unpark(self, run_id: UUID) -> None:
+        with self._rm_lock:
+            self._parked.pop(run_id, None)
+
+    def parked_due(self, until: float, limit: int = 1000) -> list[UUID]:
+        with self._rm_lock:
+            return sorted((r for r, at in self._parked.items() if at <= until),
+                          key=self._parked.__getitem__)[:limit]
+
+    def runs_to_recover(self, now: float, limit: int = 500, offset: int = 0) -> list[UUID]:
+        with self._rm_lock:
+            going = [r.run_id for r in sorted(self._runs.values(),
+                                              key=lambda r: (r.created_at, str(r.run_id)))
+                     if r.status == "running" and self._parked.get(r.run_id, 0.0) <= now]
+        return going[offset:offset + limit]
 
     def delete_runs(self, runs: Mapping[UUID, int]) -> list[UUID]:
         assert isinstance(self.recorder, LeanPOPORecorder)

@@ -43,6 +43,7 @@ TRACKING = "rulebound_runs_position"
 LEASES = "rulebound_leases"
 ENGINES = "rulebound_engines"
 RATES = "rulebound_rate_windows"
+PARKED = "rulebound_parked"
 
 
 class _FencedError(Exception):
@@ -214,6 +215,10 @@ class PostgresStore(RecorderStore):
                 Identifier(f"{RUNS}_status"), self._table(RUNS)))
             c.execute(SQL("CREATE TABLE IF NOT EXISTS {} (id int PRIMARY KEY CHECK (id = 1), "
                           "position bigint NOT NULL)").format(self._table(TRACKING)))
+            c.execute(SQL("CREATE TABLE IF NOT EXISTS {} (run_id uuid PRIMARY KEY, until "
+                          "double precision NOT NULL)").format(self._table(PARKED)))
+            c.execute(SQL("CREATE INDEX IF NOT EXISTS {} ON {} (until)").format(
+                Identifier(f"{PARKED}_until"), self._table(PARKED)))
 
     def apply_run_changes(self, changes: Sequence[RunChange], position: int) -> None:
         def apply() -> None:
@@ -428,6 +433,42 @@ class PostgresStore(RecorderStore):
                 return False
 
     # --- retention and snapshots ------------------------------------------------------
+
+    # --- parked runs: nothing to do until a signal or a far-off timer ---------------------
+
+    def park(self, run_id: UUID, until: float) -> None:
+        def write() -> None:
+            with self.datastore.transaction(commit=True) as c:
+                c.execute(SQL("INSERT INTO {} VALUES (%s, %s) ON CONFLICT (run_id) DO UPDATE "
+                              "SET until = excluded.until").format(self._table(PARKED)),
+                          (run_id, until))
+        self._retrying(write)
+
+    def unpark(self, run_id: UUID) -> None:
+        def write() -> None:
+            with self.datastore.transaction(commit=True) as c:
+                c.execute(SQL("DELETE FROM {} WHERE run_id = %s").format(self._table(PARKED)),
+                          (run_id,))
+        self._retrying(write)
+
+    def parked_due(self, until: float, limit: int = 1000) -> list[UUID]:
+        def read() -> list[UUID]:
+            with self.datastore.transaction(commit=False) as c:
+                c.execute(SQL("SELECT run_id FROM {} WHERE until <= %s ORDER BY until LIMIT "
+                              "%s").format(self._table(PARKED)), (until, limit))
+                return [_uuid(r["run_id"]) for r in c.fetchall()]
+        return self._retrying(read)
+
+    def runs_to_recover(self, now: float, limit: int = 500, offset: int = 0) -> list[UUID]:
+        def read() -> list[UUID]:
+            with self.datastore.transaction(commit=False) as c:
+                c.execute(SQL("SELECT r.run_id FROM {} AS r LEFT JOIN {} AS p ON p.run_id = "
+                              "r.run_id WHERE r.status = 'running' AND (p.until IS NULL OR "
+                              "p.until <= %s) ORDER BY r.created_at, r.run_id LIMIT %s OFFSET "
+                              "%s").format(self._table(RUNS), self._table(PARKED)),
+                          (now, limit, offset))
+                return [_uuid(r["run_id"]) for r in c.fetchall()]
+        return self._retrying(read)
 
     def delete_runs(self, runs: Mapping[UUID, int]) -> list[UUID]:
         """One transaction. Notification ids come from a sequence, never handed out twice,

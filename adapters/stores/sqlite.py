@@ -30,6 +30,7 @@ from .base import KEEPER_ID, KEEPER_TOPIC, RecorderStore, _uuid
 EVENTS = "rulebound_events"
 RUNS = "rulebound_runs"
 TRACKING = "rulebound_runs_position"
+PARKED = "rulebound_parked"
 SNAPSHOTS = "rulebound_snapshots"
 
 
@@ -82,6 +83,9 @@ class SQLiteStore(RecorderStore):
                       "(workflow, created_at)")
             c.execute(f"CREATE TABLE IF NOT EXISTS {TRACKING} (id INTEGER PRIMARY KEY "
                       "CHECK (id = 1), position INTEGER NOT NULL)")
+            c.execute(f"CREATE TABLE IF NOT EXISTS {PARKED} (run_id TEXT PRIMARY KEY, "
+                      "until REAL NOT NULL)")
+            c.execute(f"CREATE INDEX IF NOT EXISTS {PARKED}_until ON {PARKED} (until)")
 
     # --- the read model ---------------------------------------------------------------
 
@@ -176,6 +180,39 @@ class SQLiteStore(RecorderStore):
         self._writer_lock = fd
 
     # --- retention and snapshots ------------------------------------------------------
+
+    # --- parked runs: nothing to do until a signal or a far-off timer ---------------------
+
+    def park(self, run_id: UUID, until: float) -> None:
+        def write() -> None:
+            with self.datastore.transaction(commit=True) as c:
+                c.execute(f"INSERT INTO {PARKED} VALUES (?, ?) ON CONFLICT(run_id) DO UPDATE "
+                          "SET until = excluded.until", (run_id.hex, until))
+        self._retrying(write)
+
+    def unpark(self, run_id: UUID) -> None:
+        def write() -> None:
+            with self.datastore.transaction(commit=True) as c:
+                c.execute(f"DELETE FROM {PARKED} WHERE run_id = ?", (run_id.hex,))
+        self._retrying(write)
+
+    def parked_due(self, until: float, limit: int = 1000) -> list[UUID]:
+        def read() -> list[UUID]:
+            with self.datastore.transaction(commit=False) as c:
+                c.execute(f"SELECT run_id FROM {PARKED} WHERE until <= ? ORDER BY until "
+                          "LIMIT ?", (until, limit))
+                return [UUID(r[0]) for r in c.fetchall()]
+        return self._retrying(read)
+
+    def runs_to_recover(self, now: float, limit: int = 500, offset: int = 0) -> list[UUID]:
+        def read() -> list[UUID]:
+            with self.datastore.transaction(commit=False) as c:
+                c.execute(f"SELECT r.run_id FROM {RUNS} AS r LEFT JOIN {PARKED} AS p ON "
+                          "p.run_id = r.run_id WHERE r.status = 'running' AND (p.until IS "
+                          "NULL OR p.until <= ?) ORDER BY r.created_at, r.run_id LIMIT ? "
+                          "OFFSET ?", (now, limit, offset))
+                return [UUID(r[0]) for r in c.fetchall()]
+        return self._retrying(read)
 
     def delete_runs(self, runs: Mapping[UUID, int]) -> list[UUID]:
         """One transaction. SQLite hands a new row the largest rowid + 1, so removing the

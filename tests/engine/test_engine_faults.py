@@ -213,7 +213,7 @@ async def test_a_failed_open_leaves_nothing_running_and_can_be_retried(
         await waiting_for_go(engine, run_id)
     store = faulty(durable_url)
     engine = Engine(store, [approval()], {"work": Calls()})
-    store.fail_next(1, method="list_runs")  # recovery cannot list the unfinished runs
+    store.fail_next(1, method="runs_to_recover")  # recovery cannot list the unfinished runs
     with pytest.raises(StoreUnavailable):
         await engine.open()
     with pytest.raises(EngineClosed):
@@ -228,7 +228,8 @@ async def test_a_failed_open_leaves_nothing_running_and_can_be_retried(
 
 async def test_a_run_that_cannot_be_recovered_is_quarantined_and_the_others_recover(
         durable_url: str) -> None:
-    async with Engine(durable_url, [approval()], {"work": Calls()}) as engine:
+    # Kept in memory (park_after=None), so that a restart recovers both runs at open.
+    async with Engine(durable_url, [approval()], {"work": Calls()}, park_after=None) as engine:
         good = await engine.start("approval")
         await waiting_for_go(engine, good)
         bad = await engine.start("approval")
@@ -236,7 +237,7 @@ async def test_a_run_that_cannot_be_recovered_is_quarantined_and_the_others_reco
     store = open_store(durable_url)
     events = len(store.read(bad))
     store.append([Record(bad, events + 1, "SignalReceived", b"{not json")])
-    async with Engine(store, [approval()], {"work": Calls()}) as engine:
+    async with Engine(store, [approval()], {"work": Calls()}, park_after=None) as engine:
         assert set(engine.quarantined) == {bad}
         with pytest.raises(CorruptRun):
             await engine.get(bad)

@@ -9,6 +9,7 @@ edited, removed, reordered or inserted event breaks every hash after it.
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any
 from uuid import UUID
 
@@ -97,12 +98,27 @@ def decode(data: bytes | str, *, run_id: object = None, seq: int | None = None) 
 
 
 def check_json(value: Any) -> str | None:
-    """Why `value` cannot be stored as JSON (e.g. an integer beyond 64 bits), or None."""
+    """Why `value` cannot be stored as JSON (an integer beyond 64 bits, a set, an infinite
+    or NaN float, which orjson would quietly write as null), or None."""
     try:
         orjson.dumps(value, option=_OPTS)
     except (orjson.JSONEncodeError, TypeError) as exc:
         return str(exc)
+    if _has_non_finite(value):
+        return "an infinite or NaN number (JSON has none; it would be stored as null)"
     return None
+
+
+def _has_non_finite(value: Any) -> bool:
+    if type(value) is float:
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_non_finite(v) for v in value)
+    if isinstance(value, BaseModel):
+        return _has_non_finite(value.__dict__)
+    return False
 
 
 def to_json(value: Any) -> bytes:

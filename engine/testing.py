@@ -242,7 +242,10 @@ def check_workflow(definition: Workflow, outputs: Mapping[str, Any] | None = Non
         if outputs and name in outputs:
             out_strategies[name] = strategy(outputs[name])
         elif task.output is not None:
-            out_strategies[name] = st.builds(task.output).map(lambda m: m.model_dump(mode="json"))
+            # Only outputs the log can hold: the engine fails an attempt whose output it cannot
+            # store (an infinite float, say) instead of recording it as a success.
+            out_strategies[name] = st.builds(task.output).map(
+                lambda m: m.model_dump(mode="json")).filter(lambda o: codec.check_json(o) is None)
         else:
             out_strategies[name] = st.just({})
     signal_names = sorted({s.signal for s in definition.steps if isinstance(s, WaitForSignal)})

@@ -631,3 +631,19 @@ async def test_reading_events_after_an_impossible_position_is_invalid_input(
             async for _ in engine.watch(run_id, after=after):
                 pass
         assert len(await engine.events(run_id, after=2**53)) == 0
+
+
+async def test_an_infinite_float_is_refused_not_stored_as_null(store_url: str) -> None:
+    # orjson writes inf and NaN as null: stored, they would replay to another state than the
+    # live one. Refused as input; as an executor's output, a failed attempt (not retried).
+    async def infinite(task: Task) -> Any:
+        return {"x": float("inf")}
+
+    wf = Workflow("inf", on_failure=FAIL, steps=[Step("s", executor="inf",
+                                                      retry=Retry(attempts=3, backoff=0))])
+    async with Engine(store_url, [wf], {"inf": infinite}) as engine:
+        with pytest.raises(InvalidInput, match="infinite or NaN"):
+            await engine.start("inf", {"x": float("nan")})
+        run_id = await engine.start("inf", {})
+        view = await engine.wait(run_id, timeout=5)
+        assert view.status == "failed" and view.error_type == "unstorable_output"

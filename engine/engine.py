@@ -65,7 +65,7 @@ from .metrics import EngineMetrics
 from .ownership import Ownership
 from .ratelimit import RateLimit
 from .registry import Registry
-from .runs import RunTable
+from .runs import RunTable, held_reason
 from .storage import StoreWorker
 from .store import ConcurrencyConflict, EventStore, Fenced, Record, RunRow, StoreError
 from .stores import open_store
@@ -487,8 +487,11 @@ class Engine:
         state = self.runs_table.finished.get(run_id)
         if state is None:
             state, _hash, _ = await self.runs_table.load(self.storage, run_id)
-        return RunView.of(run_id, state, waiting_for=_waiting_for(
-            self.registry.by_hash(state.definition_hash), state))
+        definition = self.registry.by_hash(state.definition_hash)
+        if definition is None and not state.terminal and not self._read_only:
+            reason = held_reason(run_id, state)  # a parked run on a version not registered
+            return RunView.of(run_id, state, status="held", reason=reason)
+        return RunView.of(run_id, state, waiting_for=_waiting_for(definition, state))
 
     async def wait(
         self,

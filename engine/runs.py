@@ -100,10 +100,7 @@ class RunTable:
         run = LiveRun(run_id, definition, state, last_hash)
         run.reconcile = True
         if definition is None:
-            run.held = (f"run {run_id} is held: workflow {state.workflow!r} version "
-                        f"{state.definition_hash[:12]} is not registered; register that "
-                        "version to resume it (register(..., newest=False) keeps new runs "
-                        "on the current version)")
+            run.held = held_reason(run_id, state)
             log.warning(run.held)
         self.live[run_id] = run
         return run
@@ -182,3 +179,10 @@ def _load_sync(storage: StoreWorker, run_id: UUID, after: int, state: RunState,
         last_hash = event.hash or last_hash
         events.append(event)
     return state, last_hash, events
+
+
+def held_reason(run_id: UUID, state: RunState) -> str:
+    """Why a going run cannot go on here: the version it started on is not registered."""
+    return (f"run {run_id} is held: workflow {state.workflow!r} version "
+            f"{state.definition_hash[:12]} is not registered; register that version to "
+            "resume it (register(..., newest=False) keeps new runs on the current version)")

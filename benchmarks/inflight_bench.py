@@ -1,0 +1,98 @@
+"""10,000 attempts in flight at once: how late the event loop runs, and memory per run.
+
+Starts N runs of one step whose executor sleeps 1 s, all at once (max_concurrency = N), on
+memory and on SQLite. A probe on the same loop asks for a 10 ms sleep over and over and
+records how late it wakes (loop lag); RSS is read before the runs and at the peak.
+
+    .venv/bin/python benchmarks/inflight_bench.py [--runs 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+async def case(url: str, runs: int) -> dict[str, Any]:
+    from rulebound import END, FAIL, Engine, Step, Workflow
+
+    started = asyncio.Event()
+    count = 0
+
+    async def sleepy(input: Any) -> Any:
+        nonlocal count
+        count += 1
+        if count == runs:
+            started.set()
+        await asyncio.sleep(1.0)
+        return {"ok": True}
+
+    wf = Workflow("sleepy", on_failure=FAIL, steps=[Step("s", executor="sleepy", next=END)])
+    lags: list[float] = []
+    stop = asyncio.Event()
+
+    async def probe() -> None:
+        while not stop.is_set():
+            began = time.perf_counter()
+            await asyncio.sleep(0.01)
+            lags.append(time.perf_counter() - began - 0.01)
+
+    async with Engine(url, [wf], {"sleepy": sleepy}, max_concurrency=runs,
+                      max_active_runs=runs + 1, keep_finished=0, park_after=None) as engine:
+        rss0 = _rss_kb()
+        probing = asyncio.create_task(probe())
+        began = time.perf_counter()
+        ids = await asyncio.gather(*(engine.start("sleepy", {"i": i}) for i in range(runs)))
+        await asyncio.wait_for(started.wait(), 120)
+        during_starts = len(lags)  # lags measured while the starts were being taken
+        peak = max(_rss_kb(), rss0)
+        in_flight = engine.attempts_in_flight
+        await asyncio.gather(*(engine.wait(r, timeout=120) for r in ids))
+        took = time.perf_counter() - began
+        peak = max(peak, _rss_kb())
+        stop.set()
+        await probing
+    starting, running = sorted(lags[:during_starts]), sorted(lags[during_starts:])
+
+    def ms(values: list[float], p: float) -> float | None:
+        return round(values[int(p * (len(values) - 1))] * 1000, 2) if values else None
+
+    return {"runs": runs, "in_flight_at_peak": in_flight, "seconds": round(took, 2),
+            "loop_lag_ms_while_starting": {"p50": ms(starting, .5), "p99": ms(starting, .99),
+                                           "max": ms(starting, 1.0), "n": len(starting)},
+            "loop_lag_ms_while_in_flight": {"p50": ms(running, .5), "p99": ms(running, .99),
+                                            "max": ms(running, 1.0), "n": len(running)},
+            "rss_mb_before": round(rss0 / 1024, 1), "rss_mb_peak": round(peak / 1024, 1),
+            "kb_per_run_in_flight": round((peak - rss0) / runs, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=10_000)
+    args = parser.parse_args()
+    out = {"memory": asyncio.run(case("memory://", args.runs))}
+    with tempfile.TemporaryDirectory() as tmp:
+        out["sqlite"] = asyncio.run(case(f"sqlite:///{tmp}/inflight.db", args.runs))
+    print(json.dumps(out, indent=2))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "inflight.json").write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -32,7 +32,17 @@ lint: $(STAMP)
 		--config-file $(CURDIR)/pyproject.toml --strict --follow-imports=silent *.py
 
 # lint (ruff, and mypy over the package and the docs' examples) takes seconds, so it gates the tests.
-test: $(STAMP) lint
+# The console's browser tests drive Debian's chromium through Playwright (a browser download
+# does not work here): install it when it is missing (root, or sudo).
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	@echo "installing Debian's chromium for the console's browser tests"
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo) \
+		apt-get install -y -qq chromium >/dev/null
+
+test: $(STAMP) lint $(CHROMIUM)
 	$(PY) -m pytest
 
 # Benchmarks against the peers (not part of `make test`): a separate venv, so the peers' own

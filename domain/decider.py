@@ -177,15 +177,9 @@ def _after_failed_attempt(
     # started before the abandoned rule have st.abandoned == 0: the old arithmetic exactly.)
     reported = st.attempt - st.abandoned
     if retryable and reported < policy.attempts:
-        blocked = _over_budget(s, task)
-        if blocked is not None:
-            limit, limit_value, used = blocked
-            return [
-                ev.LimitReached(at=now, limit=limit, limit_value=limit_value, used=used,
-                                step=st.key),
-                ev.StepFailed(at=now, step=st.key, visit=st.visit, error_type=f"{limit}_limit",
-                              message=f"retry after {kind} would exceed the {limit} limit"),
-            ]
+        refused = _refused_by_budget(s, task, st, now, f"retry after {kind}")
+        if refused:
+            return refused
         wait = policy.delay(reported, s.seed, f"{st.key}:{st.visit}")
         not_before = now + timedelta(seconds=wait)
         hint = error.get("retry_after")
@@ -202,6 +196,21 @@ def _after_failed_attempt(
     why = "not retryable" if not retryable else f"{counted(policy.attempts, 'attempt')} used"
     return [ev.StepFailed(at=now, step=st.key, visit=st.visit, error_type=kind,
                           message=f"{error.get('message')} ({why})")]
+
+
+def _refused_by_budget(s: RunState, task: Step, st: StepState, now: datetime,
+                       what: str) -> list[ev.Event]:
+    """LimitReached and StepFailed if another attempt of `task` would break a run limit
+    (`what` would exceed it), else nothing."""
+    blocked = _over_budget(s, task)
+    if blocked is None:
+        return []
+    limit, limit_value, used = blocked
+    return [
+        ev.LimitReached(at=now, limit=limit, limit_value=limit_value, used=used, step=st.key),
+        ev.StepFailed(at=now, step=st.key, visit=st.visit, error_type=f"{limit}_limit",
+                      message=f"{what} would exceed the {limit} limit"),
+    ]
 
 
 def _after_abandoned_attempt(
@@ -221,16 +230,10 @@ def _after_abandoned_attempt(
                     f"{counted(st.abandoned, 'attempt')} of this visit "
                     f"{'was' if st.abandoned == 1 else 'were'} abandoned, more than "
                     f"max_abandoned={cap}")]
-    blocked = _over_budget(s, task)
-    if blocked is not None:
-        limit, limit_value, used = blocked
-        return [
-            ev.LimitReached(at=now, limit=limit, limit_value=limit_value, used=used,
-                            step=st.key),
-            ev.StepFailed(at=now, step=st.key, visit=st.visit, error_type=f"{limit}_limit",
-                          message=f"re-running abandoned attempt {st.attempt} would exceed "
-                                  f"the {limit} limit"),
-        ]
+    refused = _refused_by_budget(s, task, st, now,
+                                 f"re-running abandoned attempt {st.attempt}")
+    if refused:
+        return refused
     return [ev.StepScheduled(
         at=now, step=st.key, kind="task", visit=st.visit, attempt=st.attempt + 1,
         parent=st.parent, item=st.item, not_before=now,

@@ -6,8 +6,9 @@ codec does not import the engine, its executors' protocol and the domain with it
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from rulebound._lazy import lazy_names
 
 _HOMES = {
     **dict.fromkeys(("Clock", "SystemClock"), ".clock"),
@@ -55,13 +56,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(home, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _HOMES)
 
 
 if TYPE_CHECKING:

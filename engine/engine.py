@@ -161,6 +161,7 @@ class Engine:
         self.results_pending = 0  # results waiting for the store to come back
         self._lease_time = lease_time
         self._park_after = park_after
+        self._parking = False  # the store keeps parked runs (set at open)
         self.parked = 0  # runs this engine moved out of memory
         self.ownership: Ownership | None = None  # None: one engine owns every run
         self._leaving: dict[int, float] = {}  # shards being handed over -> since (monotonic)
@@ -204,6 +205,7 @@ class Engine:
                 store = await asyncio.get_running_loop().run_in_executor(None, open_store,
                                                                          store)
             self._storage = StoreWorker(store)
+            self._parking = not self._read_only and self._parks(store)
             self._storage.start()
             self.timers.stopped = False
             self.dispatch.set_rate_limits(self.registry.rate_limits)
@@ -219,7 +221,7 @@ class Engine:
                 await self._claim_store(store)
             if self._recover_on_start:
                 await self._recover()
-            if not self._read_only and self._parks(store):
+            if self._parking:
                 self._spawn(self._unpark_due_loop())
         except BaseException:
             # Left as it was: a store the caller handed in stays open for the next try.
@@ -461,10 +463,10 @@ class Engine:
 
     async def _take_up(self, run_id: UUID) -> LiveRun | None:
         """Drive a stored, going run here: load it and reconcile it (None if it has ended)."""
-        store = self.storage.store
-        if not self._read_only and self._parks(store) and run_id not in self.runs_table.live:
+        if self._parking and run_id not in self.runs_table.live:
             # Before it can be parked again, so a new parking is never the one undone.
-            await self.storage.call(store.unpark, run_id)  # type: ignore[attr-defined]
+            await self.storage.call(self.storage.store.unpark,  # type: ignore[attr-defined]
+                                    run_id)
         run = await self.runs_table.adopt(self.storage, run_id)
         if run is not None and run.reconcile and not run.held:
             await self._reconcile(run)
@@ -1054,26 +1056,10 @@ class Engine:
         """Take up every unfinished run. One run that cannot be loaded is quarantined and
         logged; it never stops the others. A store that cannot list runs fails open()."""
         await self.storage.project()
-        offset, page = 0, 500
-        run_ids: list[UUID] = []
-        store = self.storage.store
-        while True:
-            if self._parks(store):  # parked runs stay where they are (the poll wakes them)
-                found = await self.storage.call(store.runs_to_recover,  # type: ignore[attr-defined]
-                                                -1.0, page, offset)
-            else:
-                rows = await self.storage.call(
-                    lambda o=offset: store.list_runs(status="running", limit=page, offset=o))
-                found = [row.run_id for row in rows]
-            run_ids += found
-            if len(found) < page:
-                break
-            offset += page
+        run_ids = [r for r in await self._runs_to_recover() if self._owns(r)]
         if run_ids:
             log.info("recovering %d unfinished runs", len(run_ids))
         gate = asyncio.Semaphore(16)
-
-        run_ids = [r for r in run_ids if self._owns(r)]
 
         async def recover_one(run_id: UUID) -> None:
             async with gate:
@@ -1093,6 +1079,22 @@ class Engine:
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
+
+    async def _runs_to_recover(self) -> list[UUID]:
+        """Going runs that are not parked (a parked run waits in the store for its time)."""
+        store, page, offset, found = self.storage.store, 500, 0, []
+        while True:
+            if self._parks(store):
+                ids = await self.storage.call(store.runs_to_recover,  # type: ignore[attr-defined]
+                                              -1.0, page, offset)
+            else:  # a store without parking: every going run
+                rows = await self.storage.call(
+                    lambda o=offset: store.list_runs(status="running", limit=page, offset=o))
+                ids = [row.run_id for row in rows]
+            found += ids
+            if len(ids) < page:
+                return found
+            offset += page
 
     # --- many engines: ownership, leases, the change feed --------------------------------------
 
@@ -1209,15 +1211,7 @@ class Engine:
         assert own is not None
         try:
             await self.storage.project()
-            offset, page, found = 0, 500, []
-            while True:
-                rows = await self.storage.call(
-                    lambda o=offset: self.storage.store.list_runs(
-                        status="running", limit=page, offset=o))
-                found += [r.run_id for r in rows if own.shard(r.run_id) in shards]
-                if len(rows) < page:
-                    break
-                offset += page
+            found = [r for r in await self._runs_to_recover() if own.shard(r) in shards]
         except Exception as exc:
             log.warning("cannot list the runs of shards taken over (%s); the change feed "
                         "will bring them", short(exc))
@@ -1245,11 +1239,14 @@ class Engine:
 
     async def _change_loop(self) -> None:
         """The change feed: what other engines append reaches the runs here. The store says
-        when something was appended (LISTEN/NOTIFY on PostgreSQL); at worst, once a second."""
+        when something was appended (LISTEN/NOTIFY on PostgreSQL; a poll once a second while
+        it cannot listen), and only then is the log read."""
         store = self.storage.store
         while True:
             try:
-                await self._coordinate(store.wait_for_change, 1.0)  # type: ignore[attr-defined]
+                if not await self._coordinate(store.wait_for_change,  # type: ignore[attr-defined]
+                                              1.0):
+                    continue
                 notes = await self.storage.call(store.read_all, self._feed_position, 2000)
             except Exception as exc:
                 log.warning("change feed: %s", short(exc))
@@ -1294,7 +1291,7 @@ class Engine:
         busy = any(task is not current for task in run.attempts.values())
         if (after is None or busy or run.waiters or run.watchers or run.held
                 or run.timer_at is None or run.state.terminal or not self._driving
-                or run.run_id in self.dispatch.waiting or not self._parks(self.storage.store)):
+                or run.run_id in self.dispatch.waiting or not self._parking):
             return
         if (run.timer_at - self._clock.now()).total_seconds() < after:
             return

@@ -13,8 +13,9 @@ what a program touches.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from rulebound._lazy import lazy_names
 
 # Where each public name lives, grouped by who reaches for it.
 _HOMES: dict[str, str] = {
@@ -85,13 +86,7 @@ _HOMES: dict[str, str] = {
 __all__ = list(_HOMES)
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'rulebound' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value  # found once; later lookups skip this function
-    return value
+__getattr__ = lazy_names(__name__, _HOMES)
 
 
 def __dir__() -> list[str]:

@@ -6,8 +6,9 @@ program (or a CLI command) that uses only the scripted model or functions never 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from rulebound._lazy import lazy_names
 
 _HOMES = {
     "FunctionExecutor": ".function",
@@ -22,13 +23,7 @@ __all__ = ["AnthropicMessages", "FunctionExecutor", "HttpTool", "OpenAIChat", "S
            "ScriptedModel"]
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(home, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _HOMES)
 
 
 if TYPE_CHECKING:

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from rulebound.engine.store import EventStore, StoreError
 
+from rulebound._lazy import lazy_names
+
 __all__ = ["MemoryStore", "SQLiteStore", "open_store", "redact"]
 
 
-def __getattr__(name: str) -> Any:
-    """The store classes, imported on first use (a command opens one kind of store)."""
-    if name == "MemoryStore":
-        from .memory import MemoryStore
-
-        return MemoryStore
-    if name == "SQLiteStore":
-        from .sqlite import SQLiteStore
-
-        return SQLiteStore
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# The store classes, imported on first use (a command opens one kind of store).
+__getattr__ = lazy_names(__name__, {"MemoryStore": ".memory", "SQLiteStore": ".sqlite"})
 
 
 if TYPE_CHECKING:

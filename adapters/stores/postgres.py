@@ -409,10 +409,14 @@ class PostgresStore(RecorderStore):
         return self._retrying(cycle)
 
     def wait_for_change(self, timeout: float) -> bool:
-        """Block until an append is notified (LISTEN) or `timeout` passes; True if notified.
+        """Block until an append is notified (LISTEN) or `timeout` passes: True when the
+        caller should read what was appended, False when nothing was.
 
-        Its own connection, opened on first use and reopened after an error; a caller that
-        cannot listen falls back to polling (this returns False after the timeout)."""
+        Its own connection, opened on first use and reopened after an error. While it cannot
+        listen, it waits `timeout` and answers True, so the caller polls once per timeout
+        and misses nothing appended while it was not listening."""
+        import time
+
         import psycopg
 
         with self._listen_lock:
@@ -422,17 +426,15 @@ class PostgresStore(RecorderStore):
                     conn.execute(SQL("LISTEN {}").format(
                         Identifier(self.recorder.channel_name)))  # type: ignore[attr-defined]
                     self._listener = conn
-                got = False
-                for _ in self._listener.notifies(timeout=timeout, stop_after=1):
-                    got = True
-                return got
+                    return True  # anything appended before we listened is read now
+                return any(True for _ in self._listener.notifies(timeout=timeout,
+                                                                 stop_after=1))
             except (psycopg.Error, OSError):
                 if self._listener is not None:
                     self._listener.close()
                 self._listener = None
-                return False
-
-    # --- retention and snapshots ------------------------------------------------------
+                time.sleep(timeout)
+                return True
 
     # --- parked runs: nothing to do until a signal or a far-off timer ---------------------
 
@@ -469,6 +471,8 @@ class PostgresStore(RecorderStore):
                           (now, limit, offset))
                 return [_uuid(r["run_id"]) for r in c.fetchall()]
         return self._retrying(read)
+
+    # --- retention and snapshots ------------------------------------------------------
 
     def delete_runs(self, runs: Mapping[UUID, int]) -> list[UUID]:
         """One transaction. Notification ids come from a sequence, never handed out twice,

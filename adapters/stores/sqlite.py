@@ -179,8 +179,6 @@ class SQLiteStore(RecorderStore):
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self._writer_lock = fd
 
-    # --- retention and snapshots ------------------------------------------------------
-
     # --- parked runs: nothing to do until a signal or a far-off timer ---------------------
 
     def park(self, run_id: UUID, until: float) -> None:
@@ -213,6 +211,8 @@ class SQLiteStore(RecorderStore):
                           "OFFSET ?", (now, limit, offset))
                 return [UUID(r[0]) for r in c.fetchall()]
         return self._retrying(read)
+
+    # --- retention and snapshots ------------------------------------------------------
 
     def delete_runs(self, runs: Mapping[UUID, int]) -> list[UUID]:
         """One transaction. SQLite hands a new row the largest rowid + 1, so removing the

@@ -107,9 +107,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 @pytest.fixture(scope="module")  # not longer: while Playwright's sync API is open it keeps
 def browser() -> Iterator[Any]:     # an event loop set, and every async test after it fails
     if not Path(CHROMIUM).exists() or shutil.which(CHROMIUM) is None:
-        if os.environ.get("RULEBOUND_REQUIRE_BROWSER"):
-            pytest.fail(f"no chromium at {CHROMIUM} (.ci/run installs Debian's chromium)")
-        pytest.skip(f"no chromium at {CHROMIUM}: apt-get install chromium (.ci/run does)")
+        pytest.fail(f"no chromium at {CHROMIUM}: `make test` installs Debian's chromium "
+                    "(apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

@@ -1,8 +1,8 @@
 """The Python blocks of README.md and docs/*.md, for the tests that run them and for `make lint`.
 
-A block preceded by `<!-- not run: REASON -->` is skipped (and counted); every other block is
-a complete program. `python tests/docs/examples.py DIR` writes each block to DIR as a module,
-so mypy can check them.
+Every block is a complete program that runs as it is (no block is exempt).
+`python tests/docs/examples.py DIR` writes each block to DIR as a module, so mypy can check
+them.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-_BLOCK = re.compile(r"(?:<!-- not run: (?P<reason>[^>]*?) -->\s*\n)?```python\n(?P<code>.*?)```",
-                    re.S)
+_BLOCK = re.compile(r"```python\n(?P<code>.*?)```", re.S)
 
 
 @dataclass(frozen=True)
@@ -23,7 +22,6 @@ class Block:
     index: int  # 1-based, within its document
     line: int
     code: str
-    not_run: str | None  # the reason given, if the block is marked not to run
 
     @property
     def name(self) -> str:
@@ -44,8 +42,7 @@ def blocks() -> list[Block]:
         text = path.read_text(encoding="utf-8")
         for index, m in enumerate(_BLOCK.finditer(text), start=1):
             line = text.count("\n", 0, m.start("code"))
-            found.append(Block(str(path.relative_to(ROOT)), index, line, m.group("code"),
-                               m.group("reason")))
+            found.append(Block(str(path.relative_to(ROOT)), index, line, m.group("code")))
     return found
 
 

@@ -463,8 +463,9 @@ class Engine:
 
     async def _take_up(self, run_id: UUID) -> LiveRun | None:
         """Drive a stored, going run here: load it and reconcile it (None if it has ended)."""
-        if self._parking and run_id not in self.runs_table.live:
-            # Before it can be parked again, so a new parking is never the one undone.
+        if self._parking and run_id not in self.runs_table.live and self._owns(run_id):
+            # Before it can be parked again, so a new parking is never the one undone. Only
+            # the owner: the parking row is its timer, and only it loads the run at that time.
             await self.storage.call(self.storage.store.unpark,  # type: ignore[attr-defined]
                                     run_id)
         run = await self.runs_table.adopt(self.storage, run_id)
@@ -863,6 +864,7 @@ class Engine:
             except BaseException:
                 run.dirty = True
                 raise
+            await self._wake_parked(run.run_id)
             state = run.state
             for event in triggers:
                 state = evolve(state, event)
@@ -876,6 +878,18 @@ class Engine:
             return
         raise ConcurrencyConflict(f"run {run.run_id}: its log kept moving; try again",
                                   [run.run_id])
+
+    async def _wake_parked(self, run_id: UUID) -> None:
+        """A request appended to another engine's run: if its owner parked it, make it due
+        now in the store, so the owner of the moment loads it at its next poll whether or
+        not its change feed told it (a note can arrive while the shard changes hands)."""
+        wake = getattr(self.storage.store, "wake_parked", None)
+        if wake is None:
+            return
+        try:
+            await self.storage.call(wake, run_id, _epoch(self._clock.now()))
+        except Exception as exc:  # the request stands; the owner's change feed remains
+            log.warning("run %s: cannot mark its parking due (%s)", run_id, short(exc))
 
     def _finish(self, run: LiveRun) -> None:
         self.timers.cancel(run)
@@ -1212,6 +1226,10 @@ class Engine:
         try:
             await self.storage.project()
             found = [r for r in await self._runs_to_recover() if own.shard(r) in shards]
+            # and the copies kept here while another engine owned them (for a request, a
+            # waiter or a follower): the list above leaves out runs parked in the store
+            found += [r for r in list(self.runs_table.live) if own.shard(r) in shards
+                      and r not in found]
         except Exception as exc:
             log.warning("cannot list the runs of shards taken over (%s); the change feed "
                         "will bring them", short(exc))
@@ -1308,8 +1326,17 @@ class Engine:
             store = self.storage.store
             try:
                 await self.storage.call(store.park, run.run_id, _epoch(due))  # type: ignore[attr-defined]
-                if run.waiters or run.watchers:  # someone came while the parking was written
+                # Someone came while the parking was written, or another engine appended to
+                # the run (the change feed marked it dirty and its wake-up waits for the
+                # lock; or the append landed before the parking row, so the appender found
+                # no parking to make due): the run stays, and the wake-up decides.
+                moved = self.ownership is not None and bool(
+                    await self.storage.read(run.run_id, run.state.version))
+                if run.waiters or run.watchers or run.dirty or moved:
                     await self.storage.call(store.unpark, run.run_id)  # type: ignore[attr-defined]
+                    if moved and not run.dirty:
+                        run.dirty = True
+                        self._spawn(self._wake(run))
                     return
             except Exception as exc:
                 log.debug("run %s: not parked (%s)", run.run_id, short(exc))
@@ -1331,7 +1358,11 @@ class Engine:
                 log.debug("parked runs: %s", short(exc))
                 continue
             for run_id in due:
-                if run_id in self.runs_table.live or not self._owns(run_id):
+                if not self._owns(run_id):
+                    continue
+                run = self.runs_table.live.get(run_id)
+                if run is not None:  # a copy kept here: drive it, or its parking lingers
+                    self._spawn(self._resume_parked_copy(run))
                     continue
                 try:
                     async with self.runs_table.alone_with(run_id):
@@ -1341,6 +1372,22 @@ class Engine:
                         await self.storage.call(store.unpark, run_id)  # type: ignore[attr-defined]
                 except Exception as exc:
                     log.warning("run %s: cannot wake it yet (%s)", run_id, short(exc))
+
+    async def _resume_parked_copy(self, run: LiveRun) -> None:
+        """A run parked in the store (its parking now due) that has a copy in memory here:
+        one kept while another engine owned it, or one being parked right now."""
+        async with run.lock:
+            if self.runs_table.live.get(run.run_id) is not run or run.state.terminal:
+                return  # parked away meanwhile: the next poll takes it up from the store
+            try:
+                await self.storage.call(self.storage.store.unpark,  # type: ignore[attr-defined]
+                                        run.run_id)
+                if run.held or not self._owns(run.run_id):
+                    return
+                run.dirty = run.reconcile = True
+                await self._commit(run, [])
+            except Exception as exc:
+                log.warning("run %s: cannot wake it yet (%s)", run.run_id, short(exc))
 
     def _poke_projector(self) -> None:
         if self._project_wanted is not None:

@@ -54,7 +54,7 @@ from .store import (
 METHODS = ("append", "read", "read_all", "last_position", "apply_run_changes",
            "run_changes_position", "list_runs", "count_runs", "delete_runs", "read_snapshot",
            "write_snapshot", "lease_cycle", "wait_for_change", "rate_claim", "park", "unpark",
-           "parked_due", "runs_to_recover")
+           "wake_parked", "parked_due", "runs_to_recover")
 LostAck = Literal["unavailable", "conflict"]
 
 
@@ -292,6 +292,10 @@ class FaultyStore:
     def unpark(self, run_id: UUID) -> None:
         self._before("unpark")
         self.inner.unpark(run_id)  # type: ignore[attr-defined]
+
+    def wake_parked(self, run_id: UUID, now: float) -> None:
+        self._before("wake_parked")
+        self.inner.wake_parked(run_id, now)  # type: ignore[attr-defined]
 
     def parked_due(self, until: float, limit: int = 1000) -> list[UUID]:
         self._before("parked_due")

@@ -453,6 +453,16 @@ class PostgresStore(RecorderStore):
                           (run_id,))
         self._retrying(write)
 
+    def wake_parked(self, run_id: UUID, now: float) -> None:
+        """Make a parked run due at `now` (nothing if it is not parked): another engine
+        appended a request to it, and whichever engine owns it then loads it at its next
+        poll, even if the owner's change feed missed the append or its shard changed hands."""
+        def write() -> None:
+            with self.datastore.transaction(commit=True) as c:
+                c.execute(SQL("UPDATE {} SET until = %s WHERE run_id = %s AND until > %s")
+                          .format(self._table(PARKED)), (now, run_id, now))
+        self._retrying(write)
+
     def parked_due(self, until: float, limit: int = 1000) -> list[UUID]:
         def read() -> list[UUID]:
             with self.datastore.transaction(commit=False) as c:

@@ -40,6 +40,7 @@ APP = f"{Path(__file__).with_name('cluster_app.py')}:registry"
 RUNS = 200
 LEASE = 2.0
 REPLICAS = 3
+STALL = 120  # seconds after the faults end by which every run must have ended
 TERMINAL = {"completed", "failed", "cancelled"}
 
 
@@ -196,15 +197,19 @@ async def test_a_cluster_of_three_survives_kills_and_pauses(postgres_url: str,
             approving = asyncio.create_task(approve())
             await chaos()
             await starting
-            async with asyncio.timeout(300):
-                await approving
-                for run_id in ids.values():
-                    while True:
-                        _, body = await cluster.call("GET", f"/v1/runs/{run_id}")
-                        if body["status"] in TERMINAL:
-                            assert body["status"] == "completed", body
-                            break
-                        await asyncio.sleep(0.2)
+            try:
+                async with asyncio.timeout(STALL):
+                    await approving
+                    for run_id in ids.values():
+                        while True:
+                            _, body = await cluster.call("GET", f"/v1/runs/{run_id}")
+                            if body["status"] in TERMINAL:
+                                assert body["status"] == "completed", body
+                                break
+                            await asyncio.sleep(0.2)
+            except TimeoutError:
+                raise AssertionError(await _stalled(cluster, seed, ids.values(),
+                                                    postgres_url)) from None
             logs = {}
             for run_id in ids.values():
                 _, events = await cluster.call("GET", f"/v1/runs/{run_id}/events")
@@ -220,6 +225,36 @@ async def test_a_cluster_of_three_survives_kills_and_pauses(postgres_url: str,
         takeovers=sum(m.get("rulebound_takeovers_total", 0) for _, m in metrics),
         client_retries=cluster.refused)
     print(f"cluster figures: {json.dumps(figures)}")
+
+
+async def _stalled(cluster: Cluster, seed: int, run_ids: Any, url: str) -> str:
+    """What a stall looks like: each run not ended, its last events, its parking and its
+    shard's lease, and the replicas' logs."""
+    import psycopg
+
+    lines = [f"seed {seed}: runs not ended {STALL} s after the faults stopped"]
+    pids = {r.n: r.pid for r in cluster.replicas}
+    lines.append(f"replica pids: {pids}")
+    with psycopg.connect(url) as conn:
+        for run_id in run_ids:
+            _, body = await cluster.call("GET", f"/v1/runs/{run_id}")
+            if body.get("status") in TERMINAL:
+                continue
+            _, events = await cluster.call("GET", f"/v1/runs/{run_id}/events")
+            tail = [{k: e.get(k) for k in ("type", "step", "attempt", "worker", "at")}
+                    for e in events[-6:]]
+            shard = int(run_id.replace("-", ""), 16) % 64
+            parked = conn.execute("SELECT until FROM rulebound_parked WHERE run_id = %s",
+                                  (run_id,)).fetchall()
+            lease = conn.execute("SELECT owner, epoch, expires_at > now() FROM "
+                                 "rulebound_leases WHERE shard = %s", (shard,)).fetchall()
+            lines.append(f"{run_id} {body.get('status')} waiting_for={body.get('waiting_for')}"
+                         f" parked={parked} shard {shard} lease={lease} "
+                         f"last events: {json.dumps(tail)}")
+    for replica in cluster.replicas:
+        lines.append(f"--- replica {replica.n} (pid {replica.pid}) {replica.log.name}:")
+        lines.append(replica.log.read_text()[-3000:])
+    return "\n".join(lines)
 
 
 async def _metrics(session: aiohttp.ClientSession, replica: Replica

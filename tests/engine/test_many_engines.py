@@ -23,6 +23,8 @@ from rulebound import (
     Engine,
     FaultyStore,
     RateLimit,
+    Retry,
+    RetryableError,
     Step,
     StoreError,
     Task,
@@ -178,6 +180,126 @@ async def test_a_paused_owners_late_write_is_refused_by_fencing(postgres_url: st
     succeeded = [e for e in events if e.type == "AttemptSucceeded"]
     assert len(succeeded) == 1  # the new owner's re-run; the paused one's never landed
     assert succeeded[0].attempt == 2 and work.count[(str(run_id), "prepare")] == 1
+
+
+@pytest.mark.postgres
+async def test_a_signal_appended_by_another_replica_while_its_owner_parks_the_run_is_answered(
+        postgres_url: str) -> None:
+    # The owner parks a run that waits for a signal (moves it out of memory); a signal that
+    # another replica appends while that parking is being written must still be answered,
+    # not left in the log until the wait's timeout.
+    work = Work()
+    parking = FaultyStore(open_store(postgres_url), announce=None)
+    async with engine(parking, work, park_after=0.2) as a, engine(postgres_url, work) as b:
+        await balanced(a, b)
+        parking.hold("park")
+        run_id = None
+        for i in range(50):  # a run the parking engine owns
+            candidate = await a.start("approval", {"i": i})
+            if a.ownership.owns(candidate):  # type: ignore[union-attr]
+                run_id = candidate
+                break
+            await a.cancel(candidate)
+        assert run_id is not None
+        assert await asyncio.to_thread(parking.wait_held, 1, 10.0)  # its parking in flight
+        await b.signal(run_id, "go", id="go-1")
+        await asyncio.sleep(1.0)  # the owner's change feed hears of it meanwhile
+        parking.release()
+        assert (await b.wait(run_id, timeout=10)).status == "completed"
+        assert (await a.wait(run_id, timeout=10)).status == "completed"
+
+
+@pytest.mark.postgres
+async def test_a_signal_to_a_parked_run_is_answered_even_if_its_owner_misses_the_change(
+        postgres_url: str) -> None:
+    # The change feed is how an owner hears of a request another replica appended, but a
+    # note can be missed (the shard changing hands as it arrives, here a feed that cannot
+    # read): the request also makes the run's parking due, so the owner's poll loads it.
+    work = Work()
+    blind = FaultyStore(open_store(postgres_url), announce=None)
+    async with engine(blind, work, park_after=0.2) as a, engine(postgres_url, work) as b:
+        await balanced(a, b)
+        run_id = None
+        for i in range(50):  # a run the blind engine owns
+            candidate = await a.start("approval", {"i": i})
+            if a.ownership.owns(candidate):  # type: ignore[union-attr]
+                run_id = candidate
+                break
+            await a.cancel(candidate)
+        assert run_id is not None
+        async with asyncio.timeout(10):
+            while a.parked == 0:
+                await asyncio.sleep(0.02)
+        blind.fail_next(10_000, method="read_all")  # its change feed reads nothing now
+        await b.signal(run_id, "go", id="go-1")
+        assert (await b.wait(run_id, timeout=10)).status == "completed"
+        blind.heal()
+
+
+@pytest.mark.postgres
+async def test_a_parked_run_signalled_through_the_engine_that_takes_it_over_is_answered(
+        postgres_url: str) -> None:
+    # B signals a run A owns and parked; A misses it (its feed and its poll fail) and hands
+    # its shards over on close. B kept a copy of the run for the request: on taking the shard
+    # it must drive that copy, though the store lists the run as parked.
+    work = Work()
+    blind = FaultyStore(open_store(postgres_url), announce=None)
+    async with engine(postgres_url, work) as b:
+        async with engine(blind, work, park_after=0.2) as a:
+            await balanced(a, b)
+            run_id = None
+            for i in range(50):
+                candidate = await a.start("approval", {"i": i})
+                if a.ownership.owns(candidate):  # type: ignore[union-attr]
+                    run_id = candidate
+                    break
+                await a.cancel(candidate)
+            assert run_id is not None
+            async with asyncio.timeout(10):
+                while a.parked == 0:
+                    await asyncio.sleep(0.02)
+            blind.fail_next(10_000, method="read_all")
+            blind.fail_next(10_000, method="parked_due")
+            await b.signal(run_id, "go", id="go-1")
+            await asyncio.sleep(0.5)
+            assert "go" in (await b.get(run_id)).waiting_for  # nobody decided yet
+        blind.heal()
+        assert (await b.wait(run_id, timeout=10)).status == "completed"
+
+
+@pytest.mark.postgres
+async def test_a_replica_that_waits_on_a_run_parked_by_its_owner_leaves_it_parked(
+        postgres_url: str) -> None:
+    # A parked run's due time lives in the store's parking row. A wait (or a follow) on
+    # another replica must not take that row away: the owner would then never wake the run.
+    calls: Counter[str] = Counter()
+
+    async def flaky(task: Task) -> Any:
+        calls[str(task.run_id)] += 1
+        if calls[str(task.run_id)] == 1:
+            raise RetryableError("not yet", retry_after=1.5)  # a backoff past park_after
+        return {"ok": True}
+
+    wf = Workflow("later", on_failure=FAIL, steps=[
+        Step("s", executor="flaky", retry=Retry(attempts=3, on=("error",)), next=END)])
+
+    def make(**options: Any) -> Engine:
+        return Engine(postgres_url, [wf], {"flaky": flaky}, lease_time=LEASE, **options)
+
+    async with make(park_after=0.5) as a, make() as b:
+        await balanced(a, b)
+        run_id = None
+        for i in range(50):  # a run the parking engine owns
+            candidate = await a.start("later", {"i": i})
+            if a.ownership.owns(candidate):  # type: ignore[union-attr]
+                run_id = candidate
+                break
+        assert run_id is not None
+        async with asyncio.timeout(10):
+            while a.parked == 0:  # its retry is 1.5 s away: the owner parked it
+                await asyncio.sleep(0.02)
+        assert (await b.wait(run_id, timeout=10)).status == "completed"
+        assert calls[str(run_id)] == 2
 
 
 @pytest.mark.postgres

@@ -325,8 +325,10 @@ async def test_a_graceful_close_hands_its_shards_over_at_once(postgres_url: str)
 
 @pytest.mark.postgres
 async def test_a_rate_limit_holds_across_engines(postgres_url: str) -> None:
-    # 5 requests a second for the executor, on two engines: 20 calls cannot take less than
-    # 3 s (4 windows), where each engine's own window alone would let 10 a second through.
+    # 5 requests a second for the executor, on two engines. The shared windows are fixed
+    # seconds of the database clock, so 20 calls need 4 of them: the first call falls
+    # anywhere in its window, and the last window starts more than 2 s after it. Each
+    # engine's own window alone would let 10 a second through: about 1 s for all 20.
     calls: list[float] = []
 
     async def limited(task: Task) -> Any:
@@ -348,7 +350,8 @@ async def test_a_rate_limit_holds_across_engines(postgres_url: str) -> None:
             assert (await a.wait(run_id, timeout=30)).status == "completed"
         took = time.monotonic() - began
     assert len(calls) == 20
-    assert took >= 2.9, took  # the shared windows held the pace
+    assert took > 1.9, took  # the shared windows held the pace (a little slack for
+    # the time between a claim and its executor's call)
     print(f"20 calls at 5/s across 2 engines took {took:.2f} s")
 
 

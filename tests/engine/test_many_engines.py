@@ -57,7 +57,8 @@ def approval() -> Workflow:
 
 
 def engine(url_or_store: Any, work: Work, **options: Any) -> Engine:
-    return Engine(url_or_store, [approval()], {"work": work}, lease_time=LEASE, **options)
+    options.setdefault("lease_time", LEASE)
+    return Engine(url_or_store, [approval()], {"work": work}, **options)
 
 
 async def balanced(*engines: Engine) -> None:
@@ -304,13 +305,18 @@ async def test_a_replica_that_waits_on_a_run_parked_by_its_owner_leaves_it_parke
 
 @pytest.mark.postgres
 async def test_a_graceful_close_hands_its_shards_over_at_once(postgres_url: str) -> None:
-    work = Work()
-    async with engine(postgres_url, work) as b:
-        async with engine(postgres_url, work) as a:
-            await balanced(a, b)
+    # A long lease, so that "at once" (b's next renewal, every lease / 4) and "when the
+    # leases expire" (at least 3/4 of a lease after a's last renewal) are far apart.
+    work, lease = Work(), 6.0
+    async with engine(postgres_url, work, lease_time=lease) as b:
+        async with engine(postgres_url, work, lease_time=lease) as a:
+            async with asyncio.timeout(5 * lease):
+                while not (a.ownership and b.ownership and len(a.ownership.held) == 32
+                           and len(b.ownership.held) == 32):
+                    await asyncio.sleep(0.05)
             runs = [await a.start("approval", {"i": i}) for i in range(8)]
         closed = time.monotonic()
-        async with asyncio.timeout(10 * LEASE):
+        async with asyncio.timeout(2 * lease):
             while b.ownership is None or len(b.ownership.held) < 64:
                 await asyncio.sleep(0.02)
         took = time.monotonic() - closed
@@ -320,7 +326,8 @@ async def test_a_graceful_close_hands_its_shards_over_at_once(postgres_url: str)
                     await asyncio.sleep(0.02)
             await b.signal(run_id, "go")
             assert (await b.wait(run_id, timeout=10)).status == "completed"
-    assert took < LEASE, took  # at its next renewal, not when the leases would expire
+    print(f"hand-over on close: {took:.2f} s with a {lease:g} s lease")
+    assert took < lease / 2, took  # at b's next renewal, not when the leases would expire
 
 
 @pytest.mark.postgres

@@ -267,3 +267,24 @@ async def test_turns_measure_their_own_commits_not_a_busy_neighbour(ms_turns: Tu
         views = [await engine.wait(r, timeout=10) for r in runs]
     assert all(v.status == "completed" for v in views)
     assert iterations <= RUNS // 2, (iterations, ms_turns.fit)
+
+
+async def test_results_queued_for_their_turn_at_close_are_written_once(
+    sqlite_url: str, ms_turns: Turns
+) -> None:
+    # Results that wait in the turn queue when the engine closes are not lost: the drain
+    # waits for their attempts, and each is committed once (no attempt is run again).
+    gate = Gate()
+    engine = Engine(sqlite_url, [gate.workflow], {"gated": gate})
+    engine.turns = ms_turns
+    async with engine:
+        runs = await gate.start_all(engine)
+        gate.release.set()
+        await asyncio.sleep(0)  # the executors return: a turn's worth (3) goes, the rest wait
+        assert ms_turns.queued >= RUNS // 2  # still waiting for their turns at close
+    async with Engine(sqlite_url, [gate.workflow], {"gated": gate}) as again:
+        views = [await again.get(r) for r in runs]
+        logs = [[e.type for e in await again.events(r)] for r in runs]
+    assert all(v.status == "completed" for v in views), [v.status for v in views]
+    assert all(t.count("AttemptStarted") == 1 and t.count("AttemptSucceeded") == 1
+               for t in logs), logs

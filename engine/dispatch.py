@@ -210,6 +210,8 @@ class Dispatcher:
 
     def _failed(self, step: Step, task: Task, claim: Claim, began: float,
                 error: Exception) -> ev.AttemptFailed:
+        """What the executor raised, as AttemptFailed: its deadline, its own report of what
+        went wrong (ExecutorError), or anything else (not retried)."""
         if isinstance(error, TimeoutError):
             # Cancelled at the deadline: what the executor reported round by round is all we
             # know of its spend, and it must reach the log (the budget is a fold of facts).

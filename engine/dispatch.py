@@ -158,31 +158,25 @@ class Dispatcher:
 
     # --- calling the executor -----------------------------------------------------------
 
-    async def call(self, executor: Any, step: Step, task: Task, claim: Claim,
-                   began: float) -> ev.Event:
-        """Run the executor for one attempt; its result, or its failure, as an event."""
+    async def call(self, executor: Any, task: Task, claim: Claim
+                   ) -> tuple[Any, Exception | None]:
+        """Run the executor for one attempt under its deadline: (its result, None) or (None,
+        what it raised). Nothing more happens here, so that what turns the outcome into an
+        event (`outcome`) can wait for the loop's turn first (see Engine._attempt)."""
         budget = (task.deadline - self._clock.now()).total_seconds()
         if claim.limiter is not None and claim.admission is not None:
             claim.limiter.called(claim.admission, self._clock.monotonic())
         try:
             async with asyncio.timeout(max(0.0, budget)):
-                result = await executor(task)
-        except TimeoutError:
-            # Cancelled at the deadline: what the executor reported round by round is all we
-            # know of its spend, and it must reach the log (the budget is a fold of facts).
-            spent = _spent(task)
-            self._check_grant(step, task, spent)
-            return self.failure(claim, "timeout", f"no result within {step.timeout:g}s",
-                                True, began, usage=spent)
-        except ExecutorError as exc:
-            retry_after = (self._clock.now() + timedelta(seconds=exc.retry_after)
-                           if exc.retry_after is not None else None)
-            usage = exc.usage if exc.usage != ev.NO_USAGE else _spent(task)
-            self._check_grant(step, task, usage)
-            return self.failure(claim, exc.kind, exc.message, exc.retryable, began,
-                                usage=usage, retry_after=retry_after)
-        except Exception as exc:
-            return self.failure(claim, "error", short(exc), False, began, usage=_spent(task))
+                return await executor(task), None
+        except Exception as exc:  # a cancellation (BaseException) goes to the caller
+            return None, exc
+
+    def outcome(self, step: Step, task: Task, claim: Claim, began: float, result: Any,
+                error: Exception | None) -> ev.Event:
+        """What `call` came back with, as the attempt's result event."""
+        if error is not None:
+            return self._failed(step, task, claim, began, error)
         if isinstance(result, Result):
             output, usage = result.output, result.usage
         else:  # a bare output: skip building a Result and a default Usage per attempt
@@ -213,6 +207,26 @@ class Dispatcher:
         return ev.trusted(
             ev.AttemptSucceeded, at=self._clock.now(), step=task.step, attempt=task.attempt,
             output=output, usage=usage, latency=round(self._clock.monotonic() - began, 6))
+
+    def _failed(self, step: Step, task: Task, claim: Claim, began: float,
+                error: Exception) -> ev.AttemptFailed:
+        """What the executor raised, as AttemptFailed: its deadline, its own report of what
+        went wrong (ExecutorError), or anything else (not retried)."""
+        if isinstance(error, TimeoutError):
+            # Cancelled at the deadline: what the executor reported round by round is all we
+            # know of its spend, and it must reach the log (the budget is a fold of facts).
+            spent = _spent(task)
+            self._check_grant(step, task, spent)
+            return self.failure(claim, "timeout", f"no result within {step.timeout:g}s",
+                                True, began, usage=spent)
+        if isinstance(error, ExecutorError):
+            retry_after = (self._clock.now() + timedelta(seconds=error.retry_after)
+                           if error.retry_after is not None else None)
+            usage = error.usage if error.usage != ev.NO_USAGE else _spent(task)
+            self._check_grant(step, task, usage)
+            return self.failure(claim, error.kind, error.message, error.retryable, began,
+                                usage=usage, retry_after=retry_after)
+        return self.failure(claim, "error", short(error), False, began, usage=_spent(task))
 
     def _check_grant(self, step: Step, task: Task, usage: ev.Usage) -> None:
         """Usage is recorded as reported (the spend happened), but an executor that overruns

@@ -716,16 +716,19 @@ class Engine:
 
     # --- the commit path: fold, decide, claim, stamp, append, launch ------------------------
 
-    async def _commit(self, run: LiveRun, triggers: list[ev.Event]) -> None:
+    async def _commit(self, run: LiveRun, triggers: list[ev.Event], *,
+                      took_turn: bool = False) -> None:
         """Append `triggers` and everything they lead to, atomically. Caller holds run.lock.
 
         If the write fails, the run is marked dirty (its stored tail is unknown) and woken
         again shortly, so the next holder of its lock reloads and reconciles it.
+        took_turn: the caller already waited for its turn (an attempt's result).
         """
-        waiter = self.turns.gate()
-        if waiter is not None:
-            await waiter  # let through by the turn's end: this iteration's turn counts it
-            self.turns.admitted()
+        if not took_turn:
+            waiter = self.turns.gate()
+            if waiter is not None:
+                await waiter  # let through by the turn's end: this iteration's turn counts it
+                self.turns.admitted()
         owned = self._owns(run.run_id)
         if run.dirty or (not owned and run.state.version):  # another's run moves without us
             await self._reload(run)
@@ -967,8 +970,18 @@ class Engine:
                 input=build_input(definition, run.state, claim.key), config=step.config,
                 output_schema=step.output, timeout=step.timeout,
                 deadline=claim.event.deadline, max_tokens=st.max_tokens, max_cost=st.max_cost)
-            event = await dispatch.call(self.registry.executors[step.executor], step, task,
-                                        claim, began)
+            result, error = await dispatch.call(self.registry.executors[step.executor], task,
+                                                claim)
+            # Results that end together take turns with the rest of the loop, like commits:
+            # 10,000 executors whose sleeps end in one iteration would otherwise all build
+            # their events (and commit) in it. The turn covers the commit below as well.
+            waiter = self.turns.gate()
+            if waiter is not None:
+                queued = self._clock.monotonic()
+                await waiter
+                self.turns.admitted()
+                began += self._clock.monotonic() - queued  # latency: the executor's alone
+            event = dispatch.outcome(step, task, claim, began, result, error)
         except asyncio.CancelledError:
             claim.release()  # no-op once the call was made
             dispatch.release_slot()
@@ -978,7 +991,7 @@ class Engine:
             event = dispatch.failure(claim, "error", short(exc), False, began)
         dispatch.release_slot()
         try:
-            await self._deliver(run, claim, event)
+            await self._deliver(run, claim, event, took_turn=True)
         except Exception as exc:  # never an unretrieved task exception
             log.error("run %s: the result of %s attempt %d was not delivered: %s",
                       run.run_id, claim.key, claim.event.attempt, short(exc))
@@ -986,12 +999,15 @@ class Engine:
             # Only this attempt's own entry: the same commit may have launched its retry.
             _forget_attempt(run, claim.key)
 
-    async def _deliver(self, run: LiveRun, claim: Claim, event: ev.Event) -> None:
+    async def _deliver(self, run: LiveRun, claim: Claim, event: ev.Event, *,
+                       took_turn: bool = False) -> None:
         """Write an attempt's result; while the store is down, keep it and try again.
 
         The result is never dropped while this process lives: it is retried with backoff
         until it is written, the run moves on without it, or the run's deadline passes (the
-        deadline then decides the run when the store answers again).
+        deadline then decides the run when the store answers again). took_turn: the first
+        try commits in the turn the result already took (no second place in the queue);
+        a retry queues for a turn of its own.
         """
         delay = 0.05
         waiting = False
@@ -1007,7 +1023,7 @@ class Engine:
                                 or run.attempts.get(claim.key) is not asyncio.current_task()
                                 or self.runs_table.live.get(run.run_id) is not run):
                             return  # a late result for an attempt the run no longer waits for
-                        await self._commit(run, [event])
+                        await self._commit(run, [event], took_turn=took_turn)
                     return
                 except (StoreError, CorruptRun) as exc:
                     transient = isinstance(exc, StoreError) and exc.transient
@@ -1032,6 +1048,7 @@ class Engine:
                                 "in %.2fs", run.run_id, claim.key, short(exc), delay)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, _RESULT_BACKOFF_MAX)
+                    took_turn = False
         finally:
             if waiting:
                 self.results_pending -= 1

@@ -54,6 +54,7 @@ from .store import (
 log = logging.getLogger("rulebound.storage")
 T = TypeVar("T")
 _STOP = object()
+_LOOP_SLICE = 128  # status changes a store called on the loop projects between two yields
 _TERMINAL_STATUS = {"RunCompleted": "completed", "RunFailed": "failed",
                     "RunCancelled": "cancelled"}
 STATUS_TOPICS = ("RunStarted", *_TERMINAL_STATUS)
@@ -323,21 +324,40 @@ class StoreWorker:
         """Bring the runs table up to date with the log; returns the position reached.
 
         `progress(position, last)` is called after each batch (from a reader thread).
+        A store called on the loop (memory) is projected a slice at a time, the loop getting
+        its turn between slices: 10,000 runs that started together took one 350 ms iteration.
         """
-        return await self.call(self._project_sync, batch, progress)
+        if self.blocking:
+            return await self.call(self._project_sync, batch, progress)
+        if self._closed:
+            raise StoreError("the store is closed")
+        last = self.store.last_position()
+        while True:
+            position = self._project_batch(min(batch, _LOOP_SLICE), last, progress)
+            if position >= last:
+                return position
+            await asyncio.sleep(0)
 
     def _project_sync(self, batch: int,
                       progress: Callable[[int, int], None] | None = None) -> int:
-        position = self.store.run_changes_position()
         last = self.store.last_position()
-        while position < last:
-            # Only starts and ends change a run's row: let the store filter by topic.
-            notes = self.store.read_all(position, batch, topics=STATUS_TOPICS, stop=last)
-            changes = [c for n in notes if (c := run_change(n)) is not None]
-            position = notes[-1].position if len(notes) == batch else last
-            self.store.apply_run_changes(changes, position)
-            if progress is not None:
-                progress(position, last)
+        while (position := self._project_batch(batch, last, progress)) < last:
+            pass
+        return position
+
+    def _project_batch(self, batch: int, last: int,
+                       progress: Callable[[int, int], None] | None) -> int:
+        """Project up to `batch` status changes towards `last`; the position reached."""
+        position = self.store.run_changes_position()
+        if position >= last:
+            return position
+        # Only starts and ends change a run's row: let the store filter by topic.
+        notes = self.store.read_all(position, batch, topics=STATUS_TOPICS, stop=last)
+        changes = [c for n in notes if (c := run_change(n)) is not None]
+        position = notes[-1].position if len(notes) == batch else last
+        self.store.apply_run_changes(changes, position)
+        if progress is not None:
+            progress(position, last)
         return position
 
 

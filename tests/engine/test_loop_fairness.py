@@ -11,6 +11,7 @@ import itertools
 from typing import Any
 
 import pytest
+from pydantic import BaseModel, field_validator
 from rulebound.domain import END, FAIL, Step, Workflow
 from rulebound.engine import Engine, Task
 from rulebound.engine.turns import Turns
@@ -28,22 +29,23 @@ def ms_turns() -> Turns:
 class Gate:
     """An executor whose attempts all wait for one release, so their results land at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, runs: int = RUNS, output: type[BaseModel] | None = None) -> None:
+        self.runs = runs
         self.release = asyncio.Event()
         self.all_started = asyncio.Event()
         self.started = 0
-        self.workflow = Workflow("burst", on_failure=FAIL,
-                                 steps=[Step("only", executor="gated", next=END)])
+        self.workflow = Workflow("burst", on_failure=FAIL, steps=[
+            Step("only", executor="gated", output=output, next=END)])
 
     async def __call__(self, task: Task) -> Any:
         self.started += 1
-        if self.started == RUNS:
+        if self.started == self.runs:
             self.all_started.set()
         await self.release.wait()
         return {"n": 1}
 
     async def start_all(self, engine: Engine) -> list[Any]:
-        runs = [await engine.start("burst") for _ in range(RUNS)]
+        runs = [await engine.start("burst") for _ in range(self.runs)]
         await asyncio.wait_for(self.all_started.wait(), 10)
         return runs
 
@@ -83,6 +85,97 @@ async def test_a_burst_of_results_is_committed_over_several_iterations(
     # (3 here: 0, 1 and 2 ms into the turn) is written between two runs of the probe.
     assert max(per_iteration) <= 3, per_iteration
     assert len([n for n in per_iteration if n]) >= RUNS // 3
+
+
+def counting_model(checked: list[int]) -> type[BaseModel]:
+    """An output model that records each check of an output: the engine checks a result's
+    output after the executor returns and before it commits, so this counts results as the
+    engine processes them."""
+
+    class Counted(BaseModel):
+        n: int
+
+        @field_validator("n")
+        @classmethod
+        def count(cls, value: int) -> int:
+            checked.append(value)
+            return value
+
+    return Counted
+
+
+async def test_results_that_end_together_are_processed_over_several_iterations(
+    ms_turns: Turns
+) -> None:
+    # Not only the commit: everything the engine does with a result (here, checking its
+    # output) waits for a turn, so 20 executors that return in the same iteration do not
+    # make that iteration do all of their work.
+    checked: list[int] = []
+    gate = Gate(output=counting_model(checked))
+    engine = Engine("memory://", [gate.workflow], {"gated": gate})
+    engine.turns = ms_turns
+    async with engine:
+        runs = await gate.start_all(engine)
+        per_iteration: list[int] = []
+        done = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def probe(last: int) -> None:  # runs once per loop iteration
+            per_iteration.append(len(checked) - last)
+            if len(checked) < RUNS:
+                loop.call_soon(probe, len(checked))
+            else:
+                done.set()
+
+        gate.release.set()  # every executor returns in the next iteration
+        loop.call_soon(probe, 0)
+        await asyncio.wait_for(done.wait(), 10)
+        views = [await engine.wait(r, timeout=10) for r in runs]
+
+    assert all(v.status == "completed" for v in views)
+    assert sum(per_iteration) == RUNS
+    # Without a turn for results all 20 outputs are checked in one iteration.
+    assert max(per_iteration) <= 3, per_iteration
+    assert len([n for n in per_iteration if n]) >= RUNS // 3
+
+
+async def test_a_heartbeat_runs_while_a_burst_of_results_is_processed(store_url: str) -> None:
+    # The engine's own turns (2 ms of work, then the loop's other callbacks): a heartbeat
+    # task on the same loop gets to run between the first result processed and the last.
+    # Counted, not timed: 400 results cannot all be processed within one 2 ms turn, and a
+    # slower machine only spreads them over more turns.
+    runs = 400
+    beats = 0
+    at_check: list[int] = []  # the heartbeat's count at each output checked
+
+    class Recorded(list[int]):
+        def append(self, value: int) -> None:
+            at_check.append(beats)
+            super().append(value)
+
+    checks = Recorded()
+    gate = Gate(runs, output=counting_model(checks))
+    async with Engine(store_url, [gate.workflow], {"gated": gate},
+                      max_concurrency=runs) as engine:
+        ids = await gate.start_all(engine)
+        stop = asyncio.Event()
+
+        async def heartbeat() -> None:
+            nonlocal beats
+            while not stop.is_set():
+                beats += 1
+                await asyncio.sleep(0)
+
+        beating = asyncio.create_task(heartbeat())
+        gate.release.set()
+        views = await asyncio.wait_for(
+            asyncio.gather(*(engine.wait(r, timeout=30) for r in ids)), 60)
+        stop.set()
+        await beating
+    assert all(v.status == "completed" for v in views)
+    assert len(at_check) == runs
+    # Without turns for results, all 400 are checked in one iteration: no beat in between.
+    assert at_check[-1] > at_check[0], (at_check[0], at_check[-1])
 
 
 async def test_a_cancelled_waiter_does_not_hold_up_the_queue(ms_turns: Turns) -> None:
@@ -174,3 +267,24 @@ async def test_turns_measure_their_own_commits_not_a_busy_neighbour(ms_turns: Tu
         views = [await engine.wait(r, timeout=10) for r in runs]
     assert all(v.status == "completed" for v in views)
     assert iterations <= RUNS // 2, (iterations, ms_turns.fit)
+
+
+async def test_results_queued_for_their_turn_at_close_are_written_once(
+    sqlite_url: str, ms_turns: Turns
+) -> None:
+    # Results that wait in the turn queue when the engine closes are not lost: the drain
+    # waits for their attempts, and each is committed once (no attempt is run again).
+    gate = Gate()
+    engine = Engine(sqlite_url, [gate.workflow], {"gated": gate})
+    engine.turns = ms_turns
+    async with engine:
+        runs = await gate.start_all(engine)
+        gate.release.set()
+        await asyncio.sleep(0)  # the executors return: a turn's worth (3) goes, the rest wait
+        assert ms_turns.queued >= RUNS // 2  # still waiting for their turns at close
+    async with Engine(sqlite_url, [gate.workflow], {"gated": gate}) as again:
+        views = [await again.get(r) for r in runs]
+        logs = [[e.type for e in await again.events(r)] for r in runs]
+    assert all(v.status == "completed" for v in views), [v.status for v in views]
+    assert all(t.count("AttemptStarted") == 1 and t.count("AttemptSucceeded") == 1
+               for t in logs), logs

@@ -2,7 +2,8 @@
 
 Starts N runs of one step whose executor sleeps 1 s, all at once (max_concurrency = N), on
 memory and on SQLite. A probe on the same loop asks for a 10 ms sleep over and over and
-records how late it wakes (loop lag); RSS is read before the runs and at the peak.
+records how late it wakes (loop lag); RSS is read before the runs and at the peak. Each
+store's case runs in a fresh process, which also reports its peak RSS (ru_maxrss).
 
     .venv/bin/python benchmarks/inflight_bench.py [--runs 10000]
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,14 +22,14 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import memory  # noqa: E402
 
 
-def _rss_kb() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+def _rss_kb() -> float:
+    return memory.rss_mib() * 1024
 
 
 async def case(url: str, runs: int) -> dict[str, Any]:
@@ -79,16 +82,27 @@ async def case(url: str, runs: int) -> dict[str, Any]:
             "loop_lag_ms_while_in_flight": {"p50": ms(running, .5), "p99": ms(running, .99),
                                             "max": ms(running, 1.0), "n": len(running)},
             "rss_mb_before": round(rss0 / 1024, 1), "rss_mb_peak": round(peak / 1024, 1),
-            "kb_per_run_in_flight": round((peak - rss0) / runs, 2)}
+            "kb_per_run_in_flight": round((peak - rss0) / runs, 2),
+            "peak_rss_mib": memory.process_peak()["peak_rss_mib"],
+            "memory_how": "ru_maxrss of this case's fresh process"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10_000)
+    parser.add_argument("--case", choices=["memory", "sqlite"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    out = {"memory": asyncio.run(case("memory://", args.runs))}
-    with tempfile.TemporaryDirectory() as tmp:
-        out["sqlite"] = asyncio.run(case(f"sqlite:///{tmp}/inflight.db", args.runs))
+    if args.case:  # one store's case, in this fresh process
+        with tempfile.TemporaryDirectory() as tmp:
+            url = "memory://" if args.case == "memory" else f"sqlite:///{tmp}/inflight.db"
+            print(json.dumps(asyncio.run(case(url, args.runs))))
+        return
+    out = {}
+    for store in ("memory", "sqlite"):
+        done = subprocess.run([sys.executable, __file__, "--case", store, "--runs",
+                               str(args.runs)], capture_output=True, text=True, check=True,
+                              cwd=ROOT)
+        out[store] = json.loads(done.stdout.strip().splitlines()[-1])
     print(json.dumps(out, indent=2))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "inflight.json").write_text(json.dumps(out, indent=2) + "\n")

@@ -4,7 +4,7 @@ Creates N runs of a one-step workflow that end at once, then runs the same pass 
 `rulebound archive` (export, read back, verify with the definition, remove), and reports the
 rate in runs per second and the store's size before, after, and after VACUUM (SQLite reuses
 freed pages but does not give them back to the file system by itself). The runs are created
-in a fresh process (its peak RSS from os.wait4); the archive pass runs in this one, its peak
+in a fresh process (it reports its own peak RSS); the archive pass runs in this one, its peak
 RSS the high-water mark reset when the pass begins (benchmarks/memory.py).
 
     .venv/bin/python benchmarks/archive_bench.py [--runs 100000]
@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -68,7 +69,8 @@ def main() -> None:
     parser.add_argument("--create", help=argparse.SUPPRESS)  # a store URL: create, print secs
     args = parser.parse_args()
     if args.create:
-        print(json.dumps(asyncio.run(create(args.create, args.runs))))
+        seconds = asyncio.run(create(args.create, args.runs))
+        print(json.dumps({"seconds": seconds, **memory.process_peak()}))
         return
     from rulebound.adapters.stores import open_store
     from rulebound.engine.archive import archive
@@ -77,11 +79,11 @@ def main() -> None:
     tmp = tempfile.mkdtemp()
     path = f"{tmp}/archive.db"
     url = f"sqlite:///{path}"
-    made, create_mem = memory.run_child([sys.executable, __file__, "--create", url, "--runs",
-                                         str(args.runs)], stderr=None, cwd=ROOT)
-    if made.returncode != 0:
-        raise SystemExit(f"creating the runs failed ({made.returncode})")
-    created = json.loads(made.stdout.strip().splitlines()[-1])
+    made = subprocess.run([sys.executable, __file__, "--create", url, "--runs",
+                           str(args.runs)], stdout=subprocess.PIPE, text=True, check=True,
+                          cwd=ROOT)
+    create_mem = json.loads(made.stdout.strip().splitlines()[-1])
+    created = create_mem["seconds"]
     before = size_mb(path)
     with memory.Peak() as pass_mem:  # the archive pass alone: high-water mark reset here
         store = open_store(url)

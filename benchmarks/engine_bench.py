@@ -200,7 +200,7 @@ def main() -> None:
     (RESULTS / "engine.json").write_text(json.dumps({"meta": meta, "results": results},
                                                     indent=2))
     print(f"\nrulebound engine benchmarks — {meta['machine']}, Python {meta['python']}, "
-          f"{meta['date']}, median of {args.repeat} (min-max); peak_rss_mib: ru_maxrss of "
+          f"{meta['date']}, median of {args.repeat} (min-max); peak_rss_mib: VmHWM of "
           "the case's fresh process, interpreter and imports included\n")
     for name, metrics in results.items():
         print(name)

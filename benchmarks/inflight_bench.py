@@ -3,7 +3,7 @@
 Starts N runs of one step whose executor sleeps 1 s, all at once (max_concurrency = N), on
 memory and on SQLite. A probe on the same loop asks for a 10 ms sleep over and over and
 records how late it wakes (loop lag); RSS is read before the runs and at the peak. Each
-store's case runs in a fresh process, which also reports its peak RSS (ru_maxrss).
+store's case runs in a fresh process, which also reports its peak RSS (VmHWM).
 
     .venv/bin/python benchmarks/inflight_bench.py [--runs 10000]
 """
@@ -84,7 +84,7 @@ async def case(url: str, runs: int) -> dict[str, Any]:
             "rss_mb_before": round(rss0 / 1024, 1), "rss_mb_peak": round(peak / 1024, 1),
             "kb_per_run_in_flight": round((peak - rss0) / runs, 2),
             "peak_rss_mib": memory.process_peak()["peak_rss_mib"],
-            "memory_how": "ru_maxrss of this case's fresh process"}
+            "memory_how": "VmHWM of this case's fresh process"}
 
 
 def main() -> None:

@@ -1,35 +1,42 @@
 """Peak memory beside every benchmark figure: the one place that measures it.
 
-Three honest ways, each named in what it returns (`how`) so no figure hides which it is:
+Each way says which it is in what it returns (`memory_how`), and the README repeats it:
 
-- `process_peak()`: the peak resident set size of this whole process (getrusage ru_maxrss).
-  Use it when the case ran in a fresh process that did nothing else: it includes the
-  interpreter and the imports (about 20-40 MiB of any Python process here).
-- `Peak()`: a case that shares its process with others. On Linux it resets the process's
-  high-water mark (`/proc/self/clear_refs` = 5) when the case begins and reads it (VmHWM)
-  when it ends, so the peak is the case's own; it also gives the RSS at the start and the
-  peak above it. Without that reset (another OS) it says so and reports the process's peak
-  so far, which may come from an earlier case.
-- `wait_child(proc)`: the peak of a child process (a server, a CLI call), from the rusage
-  the kernel hands back when it is reaped (os.wait4); the child's own children not counted.
+- `process_peak()`: the peak resident set size of this whole process, VmHWM from
+  /proc/self/status. Use it in a case that runs in a fresh process: it includes the
+  interpreter and the imports. Not getrusage's ru_maxrss: on Linux a process started by
+  fork (or vfork) and exec inherits the high-water mark of the process that started it, so
+  a small case started by a large driver would report the driver's peak. VmHWM belongs to
+  the process's own address space, made new by exec. (ru_maxrss where /proc is missing.)
+- `Peak()`: a case that shares its process with others. It resets the process's high-water
+  mark (`/proc/self/clear_refs` = 5, Linux 4.0+) when the case begins and reads VmHWM when
+  it ends, so the peak is the case's own; it also gives the RSS at the start and the peak
+  above it. Without the reset it says so and reports the process's peak so far.
+- `peak_of(pid)`: VmHWM of a child that is still alive (a server about to be stopped, a
+  process about to be SIGKILLed), read from /proc/<pid>/status.
+- `command_peak(argv)`: a command that exits by itself (a CLI call), run once under GNU
+  time (`/usr/bin/time -f %M`): time is a small C program, so the ru_maxrss it reports for
+  its child carries no large parent's mark. None when /usr/bin/time is missing.
 
 All in MiB (2**20 bytes).
 """
 
 from __future__ import annotations
 
-import os
 import resource
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 _KIB = 1024.0
+FRESH = "VmHWM of the case's fresh process"
 
 
-def _status_kib(field: str) -> int | None:
+def _status_kib(field: str, pid: int | str = "self") -> int | None:
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])
@@ -45,11 +52,15 @@ def rss_mib() -> float:
 
 
 def process_peak() -> dict[str, Any]:
-    """This process's peak RSS over its whole life (ru_maxrss: KiB on Linux)."""
+    """This process's peak RSS over its life since exec (VmHWM)."""
+    kib = _status_kib("VmHWM")
+    if kib is not None:
+        return {"peak_rss_mib": round(kib / _KIB, 1), "memory_how": FRESH}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if sys.platform == "darwin":  # bytes there
         peak //= 1024
-    return {"peak_rss_mib": round(peak / _KIB, 1), "memory_how": "ru_maxrss of a fresh process"}
+    return {"peak_rss_mib": round(peak / _KIB, 1),
+            "memory_how": "ru_maxrss of the case's process (may include its parent's mark)"}
 
 
 def reset_peak() -> bool:
@@ -81,69 +92,41 @@ class Peak:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        hwm = _status_kib("VmHWM") if self.reset else None
-        if hwm is not None:
-            self.peak_mib = hwm / _KIB
-        else:
-            self.peak_mib = process_peak()["peak_rss_mib"]
+        self.peak_mib = process_peak()["peak_rss_mib"]
 
     def result(self) -> dict[str, Any]:
         how = ("VmHWM of this process, reset when the case began" if self.reset else
-               "ru_maxrss of the process so far (no reset here: may include earlier cases)")
+               "the process's peak so far (no reset here: may include earlier cases)")
         return {"peak_rss_mib": round(self.peak_mib, 1),
                 "rss_at_start_mib": round(self.start_mib, 1),
                 "peak_above_start_mib": round(self.peak_mib - self.start_mib, 1),
                 "memory_how": how}
 
 
-def wait_child(proc: subprocess.Popen[Any], timeout: float | None = None) -> dict[str, Any]:
-    """Reap `proc` and return its peak RSS (the kernel's rusage for that child alone).
-
-    For pipes, read them before calling this (or use `run_child`). `timeout` polls; the
-    child is killed when it runs out.
-    """
-    import time
-
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG if deadline else 0)
-        if pid:
-            break
-        if deadline is not None and time.monotonic() > deadline:
-            proc.kill()
-            deadline = None
-        time.sleep(0.01)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"peak_rss_mib": round(usage.ru_maxrss / _KIB, 1),
-            "memory_how": "ru_maxrss of the child process (os.wait4)"}
+def peak_of(pid: int) -> dict[str, Any]:
+    """VmHWM of a live process (read it just before stopping the process)."""
+    kib = _status_kib("VmHWM", pid)
+    return {"peak_rss_mib": None if kib is None else round(kib / _KIB, 1),
+            "memory_how": "VmHWM of the child process, read just before it was stopped"}
 
 
-def run_child(argv: list[str], **kwargs: Any) -> tuple[subprocess.CompletedProcess[str],
-                                                       dict[str, Any]]:
-    """subprocess.run with text output captured, plus the child's peak RSS."""
-    import threading
-
-    proc = subprocess.Popen(argv, stdout=kwargs.pop("stdout", subprocess.PIPE),
-                            stderr=kwargs.pop("stderr", subprocess.PIPE), text=True, **kwargs)
-    texts: dict[str, str] = {}
-
-    def drain(name: str, pipe: Any) -> None:  # communicate() would reap the child first
-        texts[name] = pipe.read()
-        pipe.close()
-
-    readers = [threading.Thread(target=drain, args=(name, pipe)) for name, pipe in
-               (("out", proc.stdout), ("err", proc.stderr)) if pipe is not None]
-    for reader in readers:
-        reader.start()
-    for reader in readers:
-        reader.join()
-    memory = wait_child(proc)
-    return subprocess.CompletedProcess(argv, proc.returncode, texts.get("out", ""),
-                                       texts.get("err", "")), memory
+def command_peak(argv: list[str], **kwargs: Any) -> dict[str, Any]:
+    """Peak RSS of one run of a command that exits by itself, under GNU time."""
+    time_bin = Path("/usr/bin/time")
+    if not time_bin.exists():
+        return {"peak_rss_mib": None, "memory_how": "not measured: /usr/bin/time missing"}
+    with tempfile.NamedTemporaryFile("r", suffix=".txt") as out:
+        subprocess.run([str(time_bin), "-f", "%M", "-o", out.name, *argv], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
+        kib = int(Path(out.name).read_text().split()[-1])
+    return {"peak_rss_mib": round(kib / _KIB, 1),
+            "memory_how": "ru_maxrss of the command under /usr/bin/time"}
 
 
 def line(memory: dict[str, Any]) -> str:
     """One line for a report: the peak and how it was measured."""
+    if memory.get("peak_rss_mib") is None:
+        return f"peak RSS not measured [{memory['memory_how']}]"
     text = f"peak RSS {memory['peak_rss_mib']:.1f} MiB"
     if "peak_above_start_mib" in memory:
         text += f" ({memory['peak_above_start_mib']:+.1f} over {memory['rss_at_start_mib']:.1f})"

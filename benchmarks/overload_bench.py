@@ -3,8 +3,8 @@
 Open-loop starts over HTTP (default 300 runs/s for 10 s, 3-step runs of 10-50 ms function
 steps, SQLite) against one `rulebound serve`, with `/metrics` scraped every second. Reports
 how long the answers took (201 accepted, 503 overloaded) at p50/p99/max, the scrape times,
-whether every accepted run completed, and the peak RSS of the server process (ru_maxrss
-from os.wait4 when it is reaped) and of this client process. The issue's figures before
+whether every accepted run completed, and the peak RSS of the server process (VmHWM, read
+just before it is stopped) and of this client process. The issue's figures before
 this work: 503s took about 21 s to arrive and a scrape 1.7 s at 300 starts/s.
 
     .venv/bin/python benchmarks/overload_bench.py [--rate 300] [--seconds 10]
@@ -111,12 +111,13 @@ async def main(rate: int, seconds: float, max_active: int) -> dict[str, Any]:
                         await asyncio.sleep(0.05)
                 took = time.perf_counter() - t0
         finally:
+            server = memory.peak_of(proc.pid)
             proc.terminate()
-            server = memory.wait_child(proc, timeout=30)
+            proc.wait(30)
     return {
         "server_peak_rss_mib": server["peak_rss_mib"],
         "client_peak_rss_mib": memory.process_peak()["peak_rss_mib"],
-        "memory_how": "ru_maxrss of the server process (os.wait4) and of this client process",
+        "memory_how": "VmHWM of the server process before it is stopped, and of this client",
         "rate": rate, "seconds": seconds, "max_active_runs": max_active,
         "accepted": len(answers.get(201, [])), "overloaded": len(answers.get(503, [])),
         "errors": len(answers.get(0, [])), "accepted_runs_ended": ended,

@@ -3,7 +3,7 @@
 Creates N runs of a one-signal workflow (they park: nothing to do until the signal), then
 measures, in a fresh process: RSS of an empty engine vs one opened on the N-run store,
 open() time, and the time from a signal to the run's completion for a sample of runs while
-all the others keep waiting. Peak RSS: ru_maxrss of the measuring process (fresh: an empty
+all the others keep waiting. Peak RSS: VmHWM of the measuring process (fresh: an empty
 engine, then the N-run store) and of the creating process (this one). The issue's figures
 before parking: 5.7-7.2 KB RSS per waiting run (777 MB at 100,000) and open() about 1.1 ms
 per run (112 s at 100,000).

@@ -470,7 +470,7 @@ def bench(repeat: int, runs: int, engines: list[int], systems: list[str], lease_
           f"{runs * STEPS / (STEPS * STEP_SLEEP):,.0f} steps/s) - rulebound {commit}, "
           f"DBOS {versions.get('dbos', '?')}, {meta['machine']}, Python "
           f"{versions['python']}, {meta['date']}; median of {repeat} fresh sets of processes "
-          "(min-max); peak RSS: the largest ru_maxrss among a case's engine processes")
+          "(min-max); peak RSS: the largest VmHWM among a case's engine processes")
     print(text)
     print(f"JSON: {out}")
     if errors:

@@ -159,14 +159,15 @@ def crash_case(system: str, tmp: Path) -> dict[str, Any]:
                                f"{child.stderr.read()[-2000:] if child.stderr else ''}")
         check(time.monotonic() < deadline, f"{system} W4 phase 1 never reached step 4")
         time.sleep(0.002)
+    killed = memory.peak_of(child.pid)  # its VmHWM, read before the kill
     child.send_signal(signal.SIGKILL)
-    killed = memory.wait_child(child)
+    child.wait()
     before = len(ledger.lines())
     first = [p[0] for p in ledger.lines() if p[1:2] == ["start"]]
     check(first == ["1", "2", "3", "4"], f"{system} W4 phase 1 ran steps {first}")
     spawned = time.time()
     out = subprocess.run(argv("restart"), cwd=ROOT, capture_output=True, text=True, timeout=180)
-    # The restart prints its own peak (ru_maxrss of that fresh process) in its JSON line.
+    # The restart prints its own peak (VmHWM of that fresh process) in its JSON line.
     if out.returncode != 0:
         raise NotPersisted(f"{system} W4 restart failed: {out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -403,7 +404,7 @@ def report(args: argparse.Namespace, plan: list[tuple[Workload, str]],
     print(f"\nrulebound ({v['rulebound']}) beside its peers - {meta['machine']}, "
           f"Python {v['python']}, SQLite {v['sqlite']}, {meta['date']}; median of "
           f"{args.repeat} fresh processes (min-max); lower is better except steps_per_s")
-    print("peak RSS: median ru_maxrss of each case's fresh process, interpreter and imports "
+    print("peak RSS: median VmHWM of each case's fresh process, interpreter and imports "
           "included (W4: the restarted process)")
     print("peers: " + ", ".join(f"{k} {v[k]}" for k in VERSIONS if k in v))
     print(table(results, rat))

@@ -4,8 +4,9 @@
 
 Command start-up: each figure is the median wall time of `repeat` fresh processes (spawn to
 exit, output discarded), run through the installed `rulebound` script next to this
-interpreter, with the median peak RSS of those processes (ru_maxrss from os.wait4). The demo
-store is made once in a temporary directory by `rulebound demo` (offline, scripted model).
+interpreter; beside it the peak RSS of one more run under /usr/bin/time
+(benchmarks/memory.py). The demo store is made once in a temporary directory by
+`rulebound demo` (offline, scripted model).
 Targets (issue 15): --help under 150 ms, runs under 300 ms.
 
 Recovery (issue 15: a recovered run's next step within 5 ms of `open()` returning, for a
@@ -15,7 +16,7 @@ flight. Then `recover` fresh processes each open an engine on their own copy of 
 (the imports done before the clock starts) and record when `open()` was called, when it
 returned, and when the recovered run's executor was called (the abandoned attempt run
 again); a negative "after open() returned" means the executor was called before open()
-returned. Median and p95 over the processes, each with its peak RSS (ru_maxrss of that
+returned. Median and p95 over the processes, each with its peak RSS (VmHWM of that
 fresh process).
 """
 
@@ -48,19 +49,14 @@ def command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "rulebound"]
 
 
-def timed(args: list[str], cwd: Path, repeat: int) -> tuple[list[float], list[float]]:
-    """Wall ms and peak RSS MiB of `repeat` fresh runs of the command."""
-    times, peaks = [], []
+def timed(args: list[str], cwd: Path, repeat: int) -> list[float]:
+    times = []
     for _ in range(repeat):
         began = time.perf_counter()
-        proc = subprocess.Popen([*command(), *args], cwd=cwd, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        peak = memory.wait_child(proc)
+        subprocess.run([*command(), *args], cwd=cwd, check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
         times.append((time.perf_counter() - began) * 1000)
-        if proc.returncode != 0:
-            raise SystemExit(f"rulebound {' '.join(args)} exited {proc.returncode}")
-        peaks.append(peak["peak_rss_mib"])
-    return times, peaks
+    return times
 
 
 def p95(values: list[float]) -> float:
@@ -122,7 +118,8 @@ async def recover(path: Path, run_id: str) -> dict[str, Any]:
     return {"open_ms": (opened - began) * 1e3,
             "step_after_open_returned_ms": (called[0] - opened) * 1e3,
             "step_after_open_called_ms": (called[0] - began) * 1e3,
-            "executor_calls": len(called)}
+            "executor_calls": len(called),
+            "peak_rss_mib": memory.process_peak()["peak_rss_mib"]}
 
 
 def recovery(ended: int, samples: int) -> dict[str, Any]:
@@ -137,8 +134,9 @@ def recovery(ended: int, samples: int) -> dict[str, Any]:
             lines.append(text.strip())
             if "in flight" in lines and any(t.startswith("run ") for t in lines):
                 break
+        built = memory.peak_of(child.pid)  # VmHWM, read before the kill
         child.send_signal(signal.SIGKILL)
-        built = memory.wait_child(child)
+        child.wait()
         if "in flight" not in lines:
             raise SystemExit(f"phase 1 never had its attempt in flight: {lines}")
         run_id = next(text.split()[1] for text in lines if text.startswith("run "))
@@ -148,12 +146,11 @@ def recovery(ended: int, samples: int) -> dict[str, Any]:
             for suffix in ("", "-wal", "-shm"):
                 if Path(f"{base}{suffix}").exists():
                     shutil.copyfile(f"{base}{suffix}", f"{copy}{suffix}")
-            done, peak = memory.run_child([sys.executable, __file__, "--phase", "recover",
-                                           str(copy), "--run", run_id], cwd=ROOT)
+            done = subprocess.run([sys.executable, __file__, "--phase", "recover", str(copy),
+                                   "--run", run_id], cwd=ROOT, capture_output=True, text=True)
             if done.returncode != 0:
                 raise SystemExit(f"recovery sample failed: {done.stderr[-2000:]}")
-            out.append({**json.loads(done.stdout.strip().splitlines()[-1]),
-                        "peak_rss_mib": peak["peak_rss_mib"]})
+            out.append(json.loads(done.stdout.strip().splitlines()[-1]))
     keys = ("open_ms", "step_after_open_returned_ms", "step_after_open_called_ms",
             "peak_rss_mib")
     return {"ended_runs": ended, "processes": samples,
@@ -187,15 +184,14 @@ def main() -> int:
         for label, argv, target in (("rulebound --help", ["--help"], 150),
                                     ("rulebound runs (demo store)", ["runs"], 300)):
             timed(argv, cwd, 1)  # warm the file cache
-            times, peaks = timed(argv, cwd, args.repeat)
+            times = timed(argv, cwd, args.repeat)
+            peak = memory.command_peak([*command(), *argv], cwd=cwd)
             result["commands"][label] = {"median_ms": statistics.median(times),
                                          "min_ms": min(times), "max_ms": max(times),
-                                         "target_ms": target,
-                                         "peak_rss_mib": statistics.median(peaks)}
+                                         "target_ms": target, **peak}
             print(f"{label:<30} median {statistics.median(times):6.0f} ms  "
                   f"(min {min(times):.0f}, max {max(times):.0f}; target < {target} ms)  "
-                  f"peak RSS {statistics.median(peaks):.1f} MiB (median ru_maxrss of the "
-                  "processes)", flush=True)
+                  f"{memory.line(peak)}", flush=True)
     if args.recover:
         rec = recovery(args.ended, args.recover)
         result["recovery"] = rec
@@ -210,7 +206,7 @@ def main() -> int:
               f"  step called after open() was called median {total['median']:7.2f} ms"
               f"  p95 {total['p95']:7.2f} ms\n"
               f"  peak RSS per process            median {rec['peak_rss_mib']['median']:.1f} MiB"
-              f" (ru_maxrss of each fresh process); the process that built the store "
+              f" (VmHWM of each fresh process); the process that built the store "
               f"{rec['build_process_peak_rss_mib']:.1f} MiB", flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "startup.json").write_text(json.dumps(result, indent=2) + "\n")

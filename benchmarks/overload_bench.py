@@ -145,4 +145,10 @@ if __name__ == "__main__":
     result = asyncio.run(main(args.rate, args.seconds, args.max_active_runs))
     print(json.dumps(result, indent=2))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "overload.json").write_text(json.dumps(result, indent=2) + "\n")
+    path = RESULTS / "overload.json"  # one entry per case, so runs of other cases stay
+    cases = json.loads(path.read_text()) if path.exists() else {}
+    if "rate" in cases:  # the older layout: one case at the top level
+        cases = {}
+    cases[f"rate {args.rate}/s for {args.seconds:g} s, max_active_runs "
+          f"{args.max_active_runs}"] = result
+    path.write_text(json.dumps(cases, indent=2) + "\n")

@@ -16,8 +16,10 @@ flight. Then `recover` fresh processes each open an engine on their own copy of 
 (the imports done before the clock starts) and record when `open()` was called, when it
 returned, and when the recovered run's executor was called (the abandoned attempt run
 again); a negative "after open() returned" means the executor was called before open()
-returned. Median and p95 over the processes, each with its peak RSS (VmHWM of that
-fresh process).
+returned. Then as many fresh processes time the store's parts of open() alone on fresh
+copies (opening the file, the runs table brought up to date, the going runs listed), to show
+where open() spends its time. Median and p95 over the processes, each with its peak RSS
+(VmHWM of that fresh process).
 """
 
 from __future__ import annotations
@@ -122,6 +124,37 @@ async def recover(path: Path, run_id: str) -> dict[str, Any]:
             "peak_rss_mib": memory.process_peak()["peak_rss_mib"]}
 
 
+def parts(path: Path) -> dict[str, Any]:
+    """Where open()'s time goes, the store's parts timed alone (a fresh process per sample):
+    opening the file the kill left, bringing the runs table up to date with the log, and
+    listing the runs to recover, as open() does them (engine/storage.py, the SQLite store)."""
+    from rulebound.adapters.stores import open_store
+    from rulebound.engine.storage import StoreWorker
+
+    began = time.perf_counter()
+    store = open_store(f"sqlite:///{path}")
+    opened = time.perf_counter()
+
+    async def rest() -> tuple[float, float, int]:
+        worker = StoreWorker(store)
+        worker.start()
+        t0 = time.perf_counter()
+        await worker.project()
+        t1 = time.perf_counter()
+        going = store.runs_to_recover(-1.0, 500, 0)  # type: ignore[attr-defined]
+        t2 = time.perf_counter()
+        await worker.close(close_store=False)
+        return t1 - t0, t2 - t1, len(going)
+
+    project, listing, going = asyncio.run(rest())
+    store.close()
+    again = time.perf_counter()
+    open_store(f"sqlite:///{path}").close()  # the same file after a clean close
+    return {"open_store_ms": (opened - began) * 1e3, "project_ms": project * 1e3,
+            "list_going_ms": listing * 1e3, "going_runs": going,
+            "open_store_after_clean_close_ms": (time.perf_counter() - again) * 1e3}
+
+
 def recovery(ended: int, samples: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base.db"
@@ -151,6 +184,15 @@ def recovery(ended: int, samples: int) -> dict[str, Any]:
             if done.returncode != 0:
                 raise SystemExit(f"recovery sample failed: {done.stderr[-2000:]}")
             out.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        split: list[dict[str, Any]] = []
+        for i in range(samples):  # the store's parts alone, on fresh copies again
+            copy = Path(tmp) / f"parts{i}.db"
+            for suffix in ("", "-wal", "-shm"):
+                if Path(f"{base}{suffix}").exists():
+                    shutil.copyfile(f"{base}{suffix}", f"{copy}{suffix}")
+            done = subprocess.run([sys.executable, __file__, "--phase", "parts", str(copy)],
+                                  cwd=ROOT, capture_output=True, text=True, check=True)
+            split.append(json.loads(done.stdout.strip().splitlines()[-1]))
     keys = ("open_ms", "step_after_open_returned_ms", "step_after_open_called_ms",
             "peak_rss_mib")
     return {"ended_runs": ended, "processes": samples,
@@ -158,7 +200,10 @@ def recovery(ended: int, samples: int) -> dict[str, Any]:
             **{k: {"median": statistics.median(s[k] for s in out),
                    "p95": p95([s[k] for s in out]), "min": min(s[k] for s in out),
                    "max": max(s[k] for s in out)} for k in keys},
-            "samples": out}
+            "parts": {k: {"median": statistics.median(s[k] for s in split),
+                          "p95": p95([s[k] for s in split])}
+                      for k in split[0] if k != "going_runs"},
+            "samples": out, "parts_samples": split}
 
 
 def main() -> int:
@@ -173,6 +218,8 @@ def main() -> int:
     if args.phase:
         if args.phase[0] == "build":
             asyncio.run(build(Path(args.phase[1]), args.ended))
+        elif args.phase[0] == "parts":
+            print(json.dumps(parts(Path(args.phase[1]))))
         else:
             print(json.dumps(asyncio.run(recover(Path(args.phase[1]), args.run))))
         return 0
@@ -208,6 +255,9 @@ def main() -> int:
               f"  peak RSS per process            median {rec['peak_rss_mib']['median']:.1f} MiB"
               f" (VmHWM of each fresh process); the process that built the store "
               f"{rec['build_process_peak_rss_mib']:.1f} MiB", flush=True)
+        print("  where open() goes, the store's parts alone (median / p95 of fresh processes): "
+              + ", ".join(f"{k} {v['median']:.1f} / {v['p95']:.1f}"
+                          for k, v in rec["parts"].items()), flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "startup.json").write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -141,7 +141,7 @@ def parts(path: Path) -> dict[str, Any]:
         t0 = time.perf_counter()
         await worker.project()
         t1 = time.perf_counter()
-        going = store.runs_to_recover(-1.0, 500, 0)  # type: ignore[attr-defined]
+        going = store.runs_to_recover(-1.0, 500, 0)
         t2 = time.perf_counter()
         await worker.close(close_store=False)
         return t1 - t0, t2 - t1, len(going)

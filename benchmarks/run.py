@@ -16,6 +16,8 @@ Apache Burr (SQLite persister), and the floors (bare asyncio, raw sqlite3). Work
 Every case runs in a fresh process; repetitions are interleaved (A B C A B C ...) so drift on
 a shared machine hits every system alike; the table gives the median with min and max. A case
 whose store does not hold what it claims (checked after every case) fails the whole run.
+Every case also reports its peak memory: VmHWM of its fresh process (benchmarks/memory.py;
+W4: the restarted process, and the killed one's as killed_peak_rss_mib).
 Results: a table on stdout, JSON in benchmarks/results/peers.json (PG: pg_cluster.json).
 """
 

@@ -3,7 +3,9 @@
 Creates N runs of a one-step workflow that end at once, then runs the same pass as
 `rulebound archive` (export, read back, verify with the definition, remove), and reports the
 rate in runs per second and the store's size before, after, and after VACUUM (SQLite reuses
-freed pages but does not give them back to the file system by itself).
+freed pages but does not give them back to the file system by itself). The runs are created
+in a fresh process (it reports its own peak RSS); the archive pass runs in this one, its peak
+RSS the high-water mark reset when the pass begins (benchmarks/memory.py).
 
     .venv/bin/python benchmarks/archive_bench.py [--runs 100000]
 """
@@ -15,6 +17,7 @@ import asyncio
 import json
 import os
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +27,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import memory  # noqa: E402
 
 
 def _workflow() -> Any:
@@ -59,7 +66,12 @@ def size_mb(path: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=100_000)
+    parser.add_argument("--create", help=argparse.SUPPRESS)  # a store URL: create, print secs
     args = parser.parse_args()
+    if args.create:
+        seconds = asyncio.run(create(args.create, args.runs))
+        print(json.dumps({"seconds": seconds, **memory.process_peak()}))
+        return
     from rulebound.adapters.stores import open_store
     from rulebound.engine.archive import archive
     from rulebound.engine.storage import StoreWorker
@@ -67,22 +79,27 @@ def main() -> None:
     tmp = tempfile.mkdtemp()
     path = f"{tmp}/archive.db"
     url = f"sqlite:///{path}"
-    created = asyncio.run(create(url, args.runs))
+    made = subprocess.run([sys.executable, __file__, "--create", url, "--runs",
+                           str(args.runs)], stdout=subprocess.PIPE, text=True, check=True,
+                          cwd=ROOT)
+    create_mem = json.loads(made.stdout.strip().splitlines()[-1])
+    created = create_mem["seconds"]
     before = size_mb(path)
-    store = open_store(url)
+    with memory.Peak() as pass_mem:  # the archive pass alone: high-water mark reset here
+        store = open_store(url)
 
-    async def project() -> None:
-        worker = StoreWorker(store)
-        worker.start()
-        await worker.project()
-        await worker.close(close_store=False)
+        async def project() -> None:
+            worker = StoreWorker(store)
+            worker.start()
+            await worker.project()
+            await worker.close(close_store=False)
 
-    asyncio.run(project())
-    wf = _workflow()
-    result = archive(store, f"{tmp}/archive", ended_before=datetime.now(UTC)
-                     + timedelta(minutes=1),
-                     definition_for=lambda h, n: wf if h == wf.hash else None)
-    store.close()
+        asyncio.run(project())
+        wf = _workflow()
+        result = archive(store, f"{tmp}/archive", ended_before=datetime.now(UTC)
+                         + timedelta(minutes=1),
+                         definition_for=lambda h, n: wf if h == wf.hash else None)
+        store.close()
     after = size_mb(path)
     db = sqlite3.connect(path, isolation_level=None)
     try:  # VACUUM writes through the WAL: checkpoint after it to see the file's real size
@@ -97,7 +114,9 @@ def main() -> None:
            "archive_seconds": round(result.seconds, 1),
            "runs_per_second": round(result.rate, 1), "events": result.events,
            "store_mb_before": before, "store_mb_after": after,
-           "store_mb_after_vacuum": vacuumed, "archive_files_mb": round(files / 2**20, 1)}
+           "store_mb_after_vacuum": vacuumed, "archive_files_mb": round(files / 2**20, 1),
+           "create_peak_rss_mib": create_mem["peak_rss_mib"],
+           "archive_pass_memory": pass_mem.result()}
     print(json.dumps(out, indent=2))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "archive.json").write_text(json.dumps(out, indent=2) + "\n")

@@ -172,8 +172,11 @@ def main() -> None:
     parser.add_argument("--case", help="run one case in this process (internal)")
     args = parser.parse_args()
     if args.case:
+        from benchmarks import memory
+
         kind, store, n, _ = CASES[args.case]
-        print(json.dumps(run_case(kind, store, n)))
+        result = run_case(kind, store, n)
+        print(json.dumps({**result, "peak_rss_mib": memory.process_peak()["peak_rss_mib"]}))
         return
     results: dict[str, Any] = {}
     all_samples: dict[str, list[dict[str, float]]] = {name: [] for name in CASES}
@@ -197,7 +200,8 @@ def main() -> None:
     (RESULTS / "engine.json").write_text(json.dumps({"meta": meta, "results": results},
                                                     indent=2))
     print(f"\nrulebound engine benchmarks — {meta['machine']}, Python {meta['python']}, "
-          f"{meta['date']}, median of {args.repeat} (min-max)\n")
+          f"{meta['date']}, median of {args.repeat} (min-max); peak_rss_mib: VmHWM of "
+          "the case's fresh process, interpreter and imports included\n")
     for name, metrics in results.items():
         print(name)
         targets = metrics.pop("targets")

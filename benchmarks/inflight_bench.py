@@ -5,7 +5,8 @@ memory and on SQLite; each run's caller starts it and then waits for it, so the 
 burst (10,000 coroutines and tasks) happens while starting, not while in flight. A probe on
 the same loop asks for a 10 ms sleep over and over and records how late it wakes (loop lag);
 RSS is read before the runs and at the peak. Garbage-collector pauses are recorded too (a
-full collection of 10,000 runs' objects stalls the loop, whatever the engine does).
+full collection of 10,000 runs' objects stalls the loop, whatever the engine does). Each
+store's case runs in a fresh process, which also reports its peak RSS (VmHWM).
 
     .venv/bin/python benchmarks/inflight_bench.py [--runs 10000] [--freeze-gc]
 
@@ -20,6 +21,8 @@ import argparse
 import asyncio
 import gc
 import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,14 +30,14 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import memory  # noqa: E402
 
 
-def _rss_kb() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+def _rss_kb() -> float:
+    return memory.rss_mib() * 1024
 
 
 async def case(url: str, runs: int, freeze_gc: bool = False) -> dict[str, Any]:
@@ -114,7 +117,9 @@ async def case(url: str, runs: int, freeze_gc: bool = False) -> dict[str, Any]:
             "full_gc_ms_while_starting": full(pauses[:gc_starting]),
             "full_gc_ms_while_in_flight": full(pauses[gc_starting:]),
             "rss_mb_before": round(rss0 / 1024, 1), "rss_mb_peak": round(peak / 1024, 1),
-            "kb_per_run_in_flight": round((peak - rss0) / runs, 2)}
+            "kb_per_run_in_flight": round((peak - rss0) / runs, 2),
+            "peak_rss_mib": memory.process_peak()["peak_rss_mib"],
+            "memory_how": "VmHWM of this case's fresh process"}
 
 
 def main() -> None:
@@ -123,11 +128,20 @@ def main() -> None:
     parser.add_argument("--freeze-gc", action="store_true",
                         help="gc.freeze() once every attempt is in flight (a diagnostic)")
     parser.add_argument("--out", default=str(RESULTS / "inflight.json"))
+    parser.add_argument("--case", choices=["memory", "sqlite"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    out = {"memory": asyncio.run(case("memory://", args.runs, args.freeze_gc))}
-    with tempfile.TemporaryDirectory() as tmp:
-        out["sqlite"] = asyncio.run(case(f"sqlite:///{tmp}/inflight.db", args.runs,
-                                         args.freeze_gc))
+    if args.case:  # one store's case, in this fresh process
+        with tempfile.TemporaryDirectory() as tmp:
+            url = "memory://" if args.case == "memory" else f"sqlite:///{tmp}/inflight.db"
+            print(json.dumps(asyncio.run(case(url, args.runs, args.freeze_gc))))
+        return
+    out = {}
+    for store in ("memory", "sqlite"):
+        argv = [sys.executable, __file__, "--case", store, "--runs", str(args.runs)]
+        if args.freeze_gc:
+            argv.append("--freeze-gc")
+        done = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=ROOT)
+        out[store] = json.loads(done.stdout.strip().splitlines()[-1])
     print(json.dumps(out, indent=2))
     Path(args.out).parent.mkdir(exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

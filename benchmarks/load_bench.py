@@ -14,7 +14,10 @@ store each time (a run not live nor cached: a fold of its log):
   folds without writing a newer one): the run's log is stored up to that point, loaded
   once (writing the snapshot), then the rest is appended before the timed loads.
 
-Prints the median and p90 in milliseconds per case, and the snapshot's size.
+Prints the median and p90 in milliseconds per case, and the snapshot's size. The cases share
+this process, so each line's peak RSS is the case's own: the high-water mark is reset when
+the case's engine is opened and read when it closes (benchmarks/memory.py), beside the RSS
+at that start (the histories built so far included).
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ from rulebound.engine.snapshots import SNAPSHOT_EVERY
 from rulebound.engine.store import Record
 
 from rulebound import FAIL, Engine, Limits, Route, Step, Workflow, field
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import memory  # noqa: E402
 
 LOOP = Workflow("loop", on_failure=FAIL,
                 limits=Limits(max_steps=100_000, max_cost=1e9, deadline=1e9), steps=[
@@ -60,6 +69,14 @@ def history(events: int) -> list[Record]:
     return records
 
 
+def measured(url: str, run_id: str, repeat: int, snapshots: bool
+             ) -> tuple[list[float], dict[str, object]]:
+    """The timed loads and the case's own peak RSS."""
+    with memory.Peak() as mem:
+        times = asyncio.run(timed(url, run_id, repeat, snapshots))
+    return times, mem.result()
+
+
 async def timed(url: str, run_id: str, repeat: int, snapshots: bool) -> list[float]:
     registry = Registry(workflows=[LOOP])
     async with Engine(url, registry=registry, read_only=True) as engine:
@@ -74,10 +91,11 @@ async def timed(url: str, run_id: str, repeat: int, snapshots: bool) -> list[flo
         return times
 
 
-def report(events: int, label: str, times: list[float]) -> None:
+def report(events: int, label: str, measure: tuple[list[float], dict[str, object]]) -> None:
+    times, mem = measure
     p90 = statistics.quantiles(times, n=10)[-1] if len(times) > 1 else times[0]
-    print(f"{events:>6} events  {label}  {statistics.median(times):8.2f} ms  ({p90:.2f})",
-          flush=True)
+    print(f"{events:>6} events  {label}  {statistics.median(times):8.2f} ms  ({p90:.2f})  "
+          f"{memory.line(mem)}", flush=True)
 
 
 def main() -> int:
@@ -98,7 +116,7 @@ def main() -> int:
             store.close()
             for snapshots in (False, True):
                 report(len(records), "with snapshot   " if snapshots else "without snapshot",
-                       asyncio.run(timed(url, run_id, args.repeat, snapshots)))
+                       measured(url, run_id, args.repeat, snapshots))
             store = open_store(url)
             snap = store.read_snapshot(records[0].run_id)  # type: ignore[attr-defined]
             store.close()
@@ -116,7 +134,7 @@ def main() -> int:
             store.append(worst[cut:])
             store.close()
             report(len(worst), f"worst case ({len(worst) - cut} after)",
-                   asyncio.run(timed(url, str(worst[0].run_id), args.repeat, True)))
+                   measured(url, str(worst[0].run_id), args.repeat, True))
     return 0
 
 

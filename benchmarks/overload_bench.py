@@ -3,8 +3,9 @@
 Open-loop starts over HTTP (default 300 runs/s for 10 s, 3-step runs of 10-50 ms function
 steps, SQLite) against one `rulebound serve`, with `/metrics` scraped every second. Reports
 how long the answers took (201 accepted, 503 overloaded) at p50/p99/max, the scrape times,
-and whether every accepted run completed. The issue's figures before this work: 503s took
-about 21 s to arrive and a scrape 1.7 s at 300 starts/s.
+whether every accepted run completed, and the peak RSS of the server process (VmHWM, read
+just before it is stopped) and of this client process. The issue's figures before
+this work: 503s took about 21 s to arrive and a scrape 1.7 s at 300 starts/s.
 
     .venv/bin/python benchmarks/overload_bench.py [--rate 300] [--seconds 10]
 """
@@ -26,6 +27,11 @@ from typing import Any
 import aiohttp
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import memory  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -105,9 +111,13 @@ async def main(rate: int, seconds: float, max_active: int) -> dict[str, Any]:
                         await asyncio.sleep(0.05)
                 took = time.perf_counter() - t0
         finally:
+            server = memory.peak_of(proc.pid)
             proc.terminate()
             proc.wait(30)
     return {
+        "server_peak_rss_mib": server["peak_rss_mib"],
+        "client_peak_rss_mib": memory.process_peak()["peak_rss_mib"],
+        "memory_how": "VmHWM of the server process before it is stopped, and of this client",
         "rate": rate, "seconds": seconds, "max_active_runs": max_active,
         "accepted": len(answers.get(201, [])), "overloaded": len(answers.get(503, [])),
         "errors": len(answers.get(0, [])), "accepted_runs_ended": ended,
@@ -135,4 +145,10 @@ if __name__ == "__main__":
     result = asyncio.run(main(args.rate, args.seconds, args.max_active_runs))
     print(json.dumps(result, indent=2))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "overload.json").write_text(json.dumps(result, indent=2) + "\n")
+    path = RESULTS / "overload.json"  # one entry per case, so runs of other cases stay
+    cases = json.loads(path.read_text()) if path.exists() else {}
+    if "rate" in cases:  # the older layout: one case at the top level
+        cases = {}
+    cases[f"rate {args.rate}/s for {args.seconds:g} s, max_active_runs "
+          f"{args.max_active_runs}"] = result
+    path.write_text(json.dumps(cases, indent=2) + "\n")

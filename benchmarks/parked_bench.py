@@ -3,8 +3,10 @@
 Creates N runs of a one-signal workflow (they park: nothing to do until the signal), then
 measures, in a fresh process: RSS of an empty engine vs one opened on the N-run store,
 open() time, and the time from a signal to the run's completion for a sample of runs while
-all the others keep waiting. The issue's figures before parking: 5.7-7.2 KB RSS per waiting
-run (777 MB at 100,000) and open() about 1.1 ms per run (112 s at 100,000).
+all the others keep waiting. Peak RSS: VmHWM of the measuring process (fresh: an empty
+engine, then the N-run store) and of the creating process (this one). The issue's figures
+before parking: 5.7-7.2 KB RSS per waiting run (777 MB at 100,000) and open() about 1.1 ms
+per run (112 s at 100,000).
 
     .venv/bin/python benchmarks/parked_bench.py [--runs 100000] [--sample 200]
 """
@@ -15,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,6 +27,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import memory  # noqa: E402
 
 
 def _workflow() -> Any:
@@ -35,12 +40,8 @@ def _workflow() -> Any:
         WaitForSignal("ok", signal="go", timeout=30 * 86400, next=END)])
 
 
-def _rss_kb() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def _rss_kb() -> float:
+    return memory.rss_mib() * 1024
 
 
 async def create(url: str, runs: int) -> dict[str, Any]:
@@ -92,7 +93,8 @@ async def measure(url: str, sample: list[str]) -> dict[str, Any]:
             "signal_to_end_ms_p99": round(
                 latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000, 2),
             "signal_to_end_ms_mean": round(statistics.mean(latencies) * 1000, 2),
-            "live_runs_after": live}
+            "live_runs_after": live,
+            "measure_peak_rss_mib": memory.process_peak()["peak_rss_mib"]}
 
 
 def main() -> None:
@@ -109,6 +111,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp()
     url = args.store or f"sqlite:///{tmp}/parked.db"
     made = asyncio.run(create(url, args.runs))
+    made["create_peak_rss_mib"] = memory.process_peak()["peak_rss_mib"]
     sample_file = Path(tmp) / "sample.json"
     sample_file.write_text(json.dumps(made.pop("sample")))
     out = subprocess.run([sys.executable, __file__, "--phase", "measure", "--store", url,

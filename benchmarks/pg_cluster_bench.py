@@ -43,7 +43,6 @@ import json
 import os
 import platform
 import queue
-import resource
 import statistics
 import subprocess
 import sys
@@ -57,6 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks import memory  # noqa: E402
 from benchmarks.common import STEP_SLEEP, STEPS, NotPersisted, check  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -182,7 +182,7 @@ async def worker(system: str, url: str, index: int, count: int, runs: int,
         run_ms=sorted(t * 1e3 for t in took), **w.extra())
     check(await readline() == "close", "worker: expected close")
     await w.close()
-    say("closed", rss_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    say("closed", **memory.process_peak())  # each engine process is a fresh one
 
 
 # --- the driver -----------------------------------------------------------------------------
@@ -336,8 +336,8 @@ def run_case(server: Any, system: str, count: int, runs: int, lease_time: float,
         "steps_per_s": steps / window, "wall_ms": window * 1e3,
         "ratio_to_ideal": window / (STEPS * STEP_SLEEP),
         "run_p50_ms": percentile(run_ms, 0.5), "run_p99_ms": percentile(run_ms, 0.99),
-        "peak_rss_mib_max": max(c["rss_kib"] for c in closed) / 1024,
-        "peak_rss_mib_mean": statistics.mean(c["rss_kib"] for c in closed) / 1024,
+        "peak_rss_mib_max": max(c["peak_rss_mib"] for c in closed),
+        "peak_rss_mib_mean": statistics.mean(c["peak_rss_mib"] for c in closed),
         "engines_cpu_us_per_step": engines_cpu / steps * 1e6,
         "postgres_cpu_us_per_step": (pg1 - pg0) / steps * 1e6,
         "machine_busy_pct": 100 * (busy1 - busy0) / max(1, total1 - total0),
@@ -470,7 +470,7 @@ def bench(repeat: int, runs: int, engines: list[int], systems: list[str], lease_
           f"{runs * STEPS / (STEPS * STEP_SLEEP):,.0f} steps/s) - rulebound {commit}, "
           f"DBOS {versions.get('dbos', '?')}, {meta['machine']}, Python "
           f"{versions['python']}, {meta['date']}; median of {repeat} fresh sets of processes "
-          "(min-max)")
+          "(min-max); peak RSS: the largest VmHWM among a case's engine processes")
     print(text)
     print(f"JSON: {out}")
     if errors:

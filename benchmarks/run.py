@@ -16,6 +16,8 @@ Apache Burr (SQLite persister), and the floors (bare asyncio, raw sqlite3). Work
 Every case runs in a fresh process; repetitions are interleaved (A B C A B C ...) so drift on
 a shared machine hits every system alike; the table gives the median with min and max. A case
 whose store does not hold what it claims (checked after every case) fails the whole run.
+Every case also reports its peak memory: VmHWM of its fresh process (benchmarks/memory.py;
+W4: the restarted process, and the killed one's as killed_peak_rss_mib).
 Results: a table on stdout, JSON in benchmarks/results/peers.json (PG: pg_cluster.json).
 """
 
@@ -45,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks import memory  # noqa: E402
 from benchmarks.common import Ledger, NotPersisted, check  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -119,7 +122,15 @@ def available(system: str) -> str | None:
 
 
 def run_case(system: str, key: str, runs: int) -> dict[str, Any]:
-    """One repetition of one workload for one system, in this (fresh) process."""
+    """One repetition of one workload for one system, in this (fresh) process, with the
+    process's peak RSS (W4: the restarted process's, and the killed one's beside it)."""
+    result = _run_case(system, key, runs)
+    if BY_KEY[key].kind != "crash":
+        result.update(memory.process_peak())
+    return result
+
+
+def _run_case(system: str, key: str, runs: int) -> dict[str, Any]:
     workload = BY_KEY[key]
     mod = module(system)
     # DBOS has no in-memory mode: its "memory" cases use a SQLite file on tmpfs.
@@ -150,6 +161,7 @@ def crash_case(system: str, tmp: Path) -> dict[str, Any]:
                                f"{child.stderr.read()[-2000:] if child.stderr else ''}")
         check(time.monotonic() < deadline, f"{system} W4 phase 1 never reached step 4")
         time.sleep(0.002)
+    killed = memory.peak_of(child.pid)  # its VmHWM, read before the kill
     child.send_signal(signal.SIGKILL)
     child.wait()
     before = len(ledger.lines())
@@ -157,6 +169,7 @@ def crash_case(system: str, tmp: Path) -> dict[str, Any]:
     check(first == ["1", "2", "3", "4"], f"{system} W4 phase 1 ran steps {first}")
     spawned = time.time()
     out = subprocess.run(argv("restart"), cwd=ROOT, capture_output=True, text=True, timeout=180)
+    # The restart prints its own peak (VmHWM of that fresh process) in its JSON line.
     if out.returncode != 0:
         raise NotPersisted(f"{system} W4 restart failed: {out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -167,7 +180,8 @@ def crash_case(system: str, tmp: Path) -> dict[str, Any]:
     engine = [float(p[1]) for p in after if p[0] == "engine"]
     check(bool(step4) and bool(engine), f"{system} W4 restart never started step 4")
     check([p[0] for p in starts][-2:] == ["4", "5"], f"{system} W4 restart ran {starts}")
-    result.update({"steps_1_3_rerun": rerun,
+    result.update({"killed_peak_rss_mib": killed["peak_rss_mib"],
+                   "steps_1_3_rerun": rerun,
                    "from_process_start_ms": (step4[0] - spawned) * 1e3,
                    "from_engine_start_ms": (step4[0] - engine[0]) * 1e3})
     return result
@@ -180,7 +194,7 @@ def run_phase(phase: str, system: str, tmp: Path) -> None:
     if phase == "child":
         asyncio.run(mod.crash_child(db, ledger))
         raise SystemExit("phase 1 finished: it should have been killed")
-    print(json.dumps(asyncio.run(mod.crash_restart(db, ledger))))
+    print(json.dumps({**asyncio.run(mod.crash_restart(db, ledger)), **memory.process_peak()}))
 
 
 # --- the driver -----------------------------------------------------------------------------
@@ -267,6 +281,8 @@ def table(results: dict[str, Any], rat: dict[str, dict[str, float]]) -> str:
                 if key in metrics:
                     m = metrics[key]
                     cells.append(f"{key} {fmt(m['median'])} ({fmt(m['min'])}-{fmt(m['max'])})")
+            if "peak_rss_mib" in metrics:  # every case: its own fresh process's peak
+                cells.append(f"peak RSS {fmt(metrics['peak_rss_mib']['median'])} MiB")
             ratio = rat.get(workload.key, {}).get(system)
             if ratio is not None:
                 cells.append(f"rulebound/{system} {ratio:.2f}x")
@@ -390,6 +406,8 @@ def report(args: argparse.Namespace, plan: list[tuple[Workload, str]],
     print(f"\nrulebound ({v['rulebound']}) beside its peers - {meta['machine']}, "
           f"Python {v['python']}, SQLite {v['sqlite']}, {meta['date']}; median of "
           f"{args.repeat} fresh processes (min-max); lower is better except steps_per_s")
+    print("peak RSS: median VmHWM of each case's fresh process, interpreter and imports "
+          "included (W4: the restarted process)")
     print("peers: " + ", ".join(f"{k} {v[k]}" for k in VERSIONS if k in v))
     print(table(results, rat))
     if goals:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -207,11 +208,13 @@ async def cmd_explain(args: argparse.Namespace) -> int:
 
 
 async def cmd_serve(args: argparse.Namespace) -> int:
-    """Bind first (a busy port fails before any run is touched), recover, serve; SIGTERM and
-    Ctrl-C both stop the same way: stop accepting, finish requests in flight, let running
-    attempts finish (up to --drain-timeout; those cut off are recorded as abandoned and
-    re-run by the next start), then exit 0."""
-    from rulebound.adapters.http.server import address, check_bind, listen, serve_socket
+    """Bind first (a busy port fails before any run is touched), answer /healthz at once,
+    open the engine (recovery) while /readyz and the run API say 503 not_ready, then print
+    the `serving ... on URL` line: the moment the run API takes requests. SIGTERM and Ctrl-C
+    both stop the same way: stop accepting, finish requests in flight, let running attempts
+    finish (up to --drain-timeout; those cut off are recorded as abandoned and re-run by the
+    next start), then exit 0. A signal during recovery stops it (the next start resumes)."""
+    from rulebound.adapters.http.server import address, check_bind, listen, serving
 
     token = os.environ.get("RULEBOUND_TOKEN") or None
     check_bind(args.host, token, args.insecure_no_auth)  # before the engine opens (recovery)
@@ -229,24 +232,45 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, on_signal, sig.name)
     from rulebound.engine.engine import Engine
 
+    engine = Engine(_store(args), registry=registry, max_active_runs=args.max_active_runs,
+                    drain_timeout=args.drain_timeout, lease_time=args.lease_time)
     try:
-        async with Engine(_store(args), registry=registry,
-                          max_active_runs=args.max_active_runs,
-                          drain_timeout=args.drain_timeout,
-                          lease_time=args.lease_time) as engine:
-            print(f"rulebound: serving {', '.join(registry.names())} on {address(sock)} "
-                  f"(store {_redact(_store(args))}, auth {'on' if token else 'off'})",
-                  file=sys.stderr, flush=True)
-            await serve_socket(engine, sock, token=token, stop=stop)
-            print(f"rulebound: {caught[0] if caught else 'stop'}: stopped accepting; letting "
-                  f"running attempts finish (up to {args.drain_timeout:g} s)", file=sys.stderr,
-                  flush=True)
+        async with serving(engine, sock, token=token):
+            if await _open_unless_stopped(engine, stop):
+                print(f"rulebound: serving {', '.join(registry.names())} on {address(sock)} "
+                      f"(store {_redact(_store(args))}, auth {'on' if token else 'off'})",
+                      file=sys.stderr, flush=True)
+                await stop.wait()
+        print(f"rulebound: {caught[0] if caught else 'stop'}: stopped accepting; letting "
+              f"running attempts finish (up to {args.drain_timeout:g} s)", file=sys.stderr,
+              flush=True)
+        await engine.close()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         sock.close()
+        await engine.close()  # a no-op when closed above; else (an error) the same drain
     print("rulebound: stopped", file=sys.stderr, flush=True)
     return 0
+
+
+async def _open_unless_stopped(engine: Engine, stop: asyncio.Event) -> bool:
+    """Open the engine; False if `stop` came first (open() is cut off and undoes itself:
+    the runs it was recovering are recovered by the next start). open()'s errors propagate."""
+    opening = asyncio.ensure_future(engine.open())
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({opening, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not opening.done():
+            opening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await opening
+    if opening.cancelled():
+        return False
+    opening.result()  # raises what open() raised
+    return True
 
 
 async def _stored_records(args: argparse.Namespace) -> list[Any]:

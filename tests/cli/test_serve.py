@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -109,3 +110,88 @@ def test_a_busy_port_fails_at_once_before_touching_the_store(tmp_path: Path) -> 
     assert "serving" not in done.stderr
     assert not db.exists()  # nothing recovered, no store opened
     assert time.monotonic() - started < 30
+
+
+def _get(url: str) -> tuple[int, Any, Any]:
+    """A GET that returns 4xx and 5xx answers instead of raising."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, json.loads(resp.read()), resp.headers
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read()), exc.headers
+
+
+def test_serve_is_live_at_once_and_prints_serving_when_ready(tmp_path: Path) -> None:
+    """The engine's open() is held (the --app's executor waits for a file in its `open`):
+    meanwhile /healthz answers, /readyz and the run API say 503 not ready, and the
+    `serving` line is not printed yet; once the file appears, it is, and /readyz says 200."""
+    gate = tmp_path / "gate"
+    with socket.socket() as probe:  # a free port: the address is printed only when ready
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rulebound", "serve", "--app",
+         f"{Path(__file__).with_name('gated_app.py')}:registry", "--store",
+         f"sqlite:///{tmp_path / 'gated.db'}", "--port", str(port)],
+        stderr=subprocess.PIPE, text=True, env={**_env(), "GATE_FILE": str(gate)}, cwd=ROOT)
+    try:
+        for _ in range(600):  # until it listens
+            try:
+                status, health, _ = _get(f"{base}/healthz")
+                break
+            except OSError:
+                assert proc.poll() is None
+                time.sleep(0.05)
+        else:
+            raise AssertionError("serve never answered /healthz")
+        assert status == 200 and health["status"] == "ok"
+        status, body, headers = _get(f"{base}/readyz")
+        assert status == 503 and body["ready"] is False and "recovering runs" in body["reason"]
+        assert int(headers["Retry-After"]) >= 1
+        status, body, headers = _get(f"{base}/v1/runs")
+        assert (status, body["error"]["type"]) == (503, "not_ready")
+        assert int(headers["Retry-After"]) >= 1
+
+        gate.touch()
+        assert _address(proc) == base  # the first line on stderr: serving, now ready
+        status, body, _ = _get(f"{base}/readyz")
+        assert (status, body) == (200, {"ready": True, "reason": None})
+        status, _ = _http("POST", f"{base}/v1/runs", {"workflow": "gated", "input": 1})
+        assert status == 201
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_stop_while_not_ready_exits_0_at_once(tmp_path: Path) -> None:
+    """SIGTERM during a long open (recovery) stops it: the next start recovers instead."""
+    gate = tmp_path / "never"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rulebound", "serve", "--app",
+         f"{Path(__file__).with_name('gated_app.py')}:registry", "--store",
+         f"sqlite:///{tmp_path / 'gated.db'}", "--port", str(port)],
+        stderr=subprocess.PIPE, text=True, env={**_env(), "GATE_FILE": str(gate)}, cwd=ROOT)
+    try:
+        for _ in range(600):
+            try:
+                assert _get(f"http://127.0.0.1:{port}/readyz")[0] == 503
+                break
+            except OSError:
+                assert proc.poll() is None
+                time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        err = proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in err, err
+    assert "serving" not in err and "SIGTERM" in err and "stopped" in err

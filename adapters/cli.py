@@ -218,6 +218,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
 
     token = os.environ.get("RULEBOUND_TOKEN") or None
     check_bind(args.host, token, args.insecure_no_auth)  # before the engine opens (recovery)
+    retention = _retention(args)
     registry = _registry(args)
     sock = listen(args.host, args.port)
     loop = asyncio.get_running_loop()
@@ -233,7 +234,8 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     from rulebound.engine.engine import Engine
 
     engine = Engine(_store(args), registry=registry, max_active_runs=args.max_active_runs,
-                    drain_timeout=args.drain_timeout, lease_time=args.lease_time)
+                    drain_timeout=args.drain_timeout, lease_time=args.lease_time,
+                    retention=retention)
     try:
         async with serving(engine, sock, token=token):
             if await _open_unless_stopped(engine, stop):
@@ -252,6 +254,48 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         await engine.close()  # a no-op when closed above; else (an error) the same drain
     print("rulebound: stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def _duration(raw: str, flag: str) -> timedelta:
+    """An age on the command line: a number of days, or a number with d, h, m or s."""
+    text = raw.strip().lower()
+    units = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "d")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        seconds = float("nan")
+    if not seconds >= 0 or seconds == float("inf"):
+        raise RuleboundError(f"{flag} {raw!r}: expected an age: days (30), or 30d, 12h, "
+                             "15m, 10s")
+    return timedelta(seconds=seconds)
+
+
+def _retention(args: argparse.Namespace) -> Any:
+    """serve's retention flags as an Engine setting (None: keep every run)."""
+    if args.retain_for is None and args.archive_dir is None:
+        return None
+    if args.retain_for is None or args.archive_dir is None:
+        raise RuleboundError("retention needs both --retain-for AGE and --archive-dir DIR")
+    from rulebound.engine.retention import Retention
+
+    folder = Path(args.archive_dir)
+    if not folder.parent.is_dir():
+        raise RuleboundError(f"--archive-dir {args.archive_dir}: no directory "
+                             f"{str(folder.parent)!r}")
+    retention = Retention(_duration(args.retain_for, "--retain-for"), folder,
+                          every=_duration(args.archive_every, "--archive-every"),
+                          workflow=args.archive_workflow)
+    # the passes' lines (what was archived, what was kept and why, a failed pass) on stderr
+    import logging
+
+    logger = logging.getLogger("rulebound.retention")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("rulebound: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    return retention
 
 
 async def _open_unless_stopped(engine: Engine, stop: asyncio.Event) -> bool:
@@ -617,6 +661,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "stopped one's runs within about this time (default 10)")
     p.add_argument("--insecure-no-auth", action="store_true",
                    help="allow a non-loopback address without RULEBOUND_TOKEN")
+    p.add_argument("--retain-for", metavar="AGE",
+                   help="retention: archive runs that ended longer ago than AGE (days, or "
+                        "30d, 12h, 15m, 10s) to --archive-dir, as `rulebound archive` does, "
+                        "in the background")
+    p.add_argument("--archive-dir", metavar="DIR",
+                   help="retention: where the verified export files go (one per run)")
+    p.add_argument("--archive-every", metavar="AGE", default="1h",
+                   help="retention: the pause between two passes (default 1h)")
+    p.add_argument("--archive-workflow", metavar="W",
+                   help="retention: only runs of this workflow (default: all)")
     p = command("export", cmd_export, "write a run's events as JSON lines")
     p.add_argument("run")
     p.add_argument("-o", "--output", help="file to write (default: standard output)")

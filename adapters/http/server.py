@@ -159,6 +159,22 @@ def _ownership_lines(engine: Engine) -> list[str]:
     ]
 
 
+def _retention_lines(engine: Engine) -> list[str]:
+    """Retention passes and the runs they moved out of the store (Engine(retention=...))."""
+    retainer = engine.retainer
+    if retainer is None:
+        return []
+    return [
+        "# HELP rulebound_retention_passes_total Retention passes finished.",
+        "# TYPE rulebound_retention_passes_total counter",
+        f"rulebound_retention_passes_total {retainer.passes}",
+        "# HELP rulebound_archived_runs_total Ended runs archived to verified files and "
+        "removed from the store by retention.",
+        "# TYPE rulebound_archived_runs_total counter",
+        f"rulebound_archived_runs_total {retainer.archived}",
+    ]
+
+
 def status_of(exc: BaseException) -> Status | None:
     """The answer for an error: the entry of its class or nearest listed base (None: a bug)."""
     for cls in type(exc).__mro__:
@@ -665,6 +681,7 @@ class Api:
             "# TYPE rulebound_quarantined_runs gauge",
             f"rulebound_quarantined_runs {len(engine.quarantined)}",
             *([] if not_ready(engine) else _ownership_lines(engine)),
+            *_retention_lines(engine),
             "# HELP rulebound_followers Callers following live runs' events.",
             "# TYPE rulebound_followers gauge",
             f"rulebound_followers {engine.followers}",

@@ -195,3 +195,62 @@ def test_a_stop_while_not_ready_exits_0_at_once(tmp_path: Path) -> None:
             proc.wait()
     assert "Traceback" not in err, err
     assert "serving" not in err and "SIGTERM" in err and "stopped" in err
+
+
+def test_serve_archives_old_ended_runs_on_a_schedule(tmp_path: Path) -> None:
+    from tests.engine.test_retention import _fill
+
+    db = tmp_path / "kept.db"
+    old, going, recent = asyncio.run(_fill(f"sqlite:///{db}"))
+    out = tmp_path / "archive"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rulebound", "serve", "--app",
+         str(ROOT / "tests" / "cli" / "archive_app.py") + ":registry", "--store",
+         f"sqlite:///{db}", "--port", "0", "--retain-for", "30", "--archive-dir", str(out),
+         "--archive-every", "1s"], stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+    try:
+        base = _address(proc)
+        for _ in range(600):
+            _, listed = _http("GET", f"{base}/v1/runs?limit=100")
+            stored = {row["run_id"] for row in listed["runs"]}
+            if not stored & old:
+                break
+            time.sleep(0.05)
+        assert stored == {going, *recent}
+        for _ in range(600):  # the pass counts its runs once it has ended
+            with urllib.request.urlopen(f"{base}/metrics", timeout=10) as resp:
+                metrics = resp.read().decode()
+            if f"rulebound_archived_runs_total {len(old)}" in metrics:
+                break
+            time.sleep(0.05)
+        assert f"rulebound_archived_runs_total {len(old)}" in metrics
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        err = proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in err, err
+    assert f"rulebound: retention: archived {len(old)} runs" in err, err
+    assert {p.stem for p in out.glob("*.jsonl")} == old
+
+
+def test_serve_refuses_retention_flags_that_cannot_work(tmp_path: Path) -> None:
+    db = tmp_path / "never.db"
+    for flags, message in (
+            (["--retain-for", "30"], "needs both --retain-for AGE and --archive-dir DIR"),
+            (["--retain-for", "-3", "--archive-dir", str(tmp_path / "a")],
+             "--retain-for '-3': expected an age"),
+            (["--retain-for", "30d", "--archive-dir", str(tmp_path / "a"),
+              "--archive-every", "0s"], "every must be positive"),
+            (["--retain-for", "30d", "--archive-dir", str(tmp_path / "no" / "a")],
+             "no directory")):
+        done = subprocess.run(
+            [sys.executable, "-m", "rulebound", "serve", "--app", APP, "--store",
+             f"sqlite:///{db}", "--port", "0", *flags],
+            capture_output=True, text=True, timeout=60, env=_env(), cwd=ROOT)
+        assert done.returncode == 1, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (flags, done.stderr)
+        assert not db.exists()  # refused before anything was opened

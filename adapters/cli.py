@@ -27,6 +27,7 @@ from rulebound.domain.errors import RuleboundError, RunNotFound
 
 if TYPE_CHECKING:  # imported by the commands that use them: `--help` needs none of it
     from rulebound.engine import Engine, Registry
+    from rulebound.engine.retention import Retention
 
 DEFAULT_STORE = "sqlite:///rulebound.db"
 # The exit codes of `verify` and `replay --verify` (their one home: rulebound.engine.audit).
@@ -265,13 +266,16 @@ def _duration(raw: str, flag: str) -> timedelta:
         seconds = float(number) * units[unit]
     except ValueError:
         seconds = float("nan")
-    if not seconds >= 0 or seconds == float("inf"):
+    try:
+        if not 0 <= seconds < float("inf"):  # also NaN
+            raise OverflowError
+        return timedelta(seconds=seconds)
+    except OverflowError:
         raise RuleboundError(f"{flag} {raw!r}: expected an age: days (30), or 30d, 12h, "
-                             "15m, 10s")
-    return timedelta(seconds=seconds)
+                             "15m, 10s") from None
 
 
-def _retention(args: argparse.Namespace) -> Any:
+def _retention(args: argparse.Namespace) -> Retention | None:
     """serve's retention flags as an Engine setting (None: keep every run)."""
     if args.retain_for is None and args.archive_dir is None:
         return None

@@ -107,8 +107,12 @@ class Retainer:
     async def run_once(self) -> ArchiveResult:
         """One pass: bring the read model up to date, then archive on a thread of its own.
         Cancelled, it stops the pass between two runs and waits for the thread to return."""
+        try:
+            cut_off = self.clock.now() - self.retention.keep_for
+        except OverflowError:  # before the year 1: nothing ended that long ago
+            self.passes += 1
+            return ArchiveResult()
         await self.storage.project()
-        cut_off = self.clock.now() - self.retention.keep_for
         stop = threading.Event()
         shown = [time.monotonic()]
 

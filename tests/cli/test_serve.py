@@ -198,7 +198,7 @@ def test_a_stop_while_not_ready_exits_0_at_once(tmp_path: Path) -> None:
 
 
 def test_serve_archives_old_ended_runs_on_a_schedule(tmp_path: Path) -> None:
-    from tests.engine.test_retention import _fill
+    from tests.cli.aged_runs import fill as _fill
 
     db = tmp_path / "kept.db"
     old, going, recent = asyncio.run(_fill(f"sqlite:///{db}"))

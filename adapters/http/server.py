@@ -255,6 +255,7 @@ _NOT_READY = {EngineState.NEW: "starting",
               EngineState.OPENING: "opening the store and recovering runs",
               EngineState.CLOSING: "shutting down",
               EngineState.CLOSED: "stopped"}
+_OPENING = (EngineState.NEW, EngineState.OPENING)
 
 
 def not_ready(engine: Engine) -> str | None:
@@ -265,11 +266,12 @@ def not_ready(engine: Engine) -> str | None:
 
 def _ready_middleware(engine: Engine) -> Any:
     """`rulebound serve` listens before the engine opens, so that /healthz answers at once;
-    until the engine is open the run API says so (503, Retry-After) instead of hanging."""
+    until the engine is open the run API says so (503, Retry-After) instead of hanging. An
+    engine closing or closed answers as before (EngineClosed: 503 `unavailable`)."""
 
     @web.middleware
     async def ready(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith("/v1"):
+        if request.path.startswith("/v1") and engine.state in _OPENING:
             reason = not_ready(engine)
             if reason is not None:
                 raise ApiError(503, "not_ready", f"the engine is not ready: {reason}; retry "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -26,6 +27,7 @@ from rulebound.domain.errors import RuleboundError, RunNotFound
 
 if TYPE_CHECKING:  # imported by the commands that use them: `--help` needs none of it
     from rulebound.engine import Engine, Registry
+    from rulebound.engine.retention import Retention
 
 DEFAULT_STORE = "sqlite:///rulebound.db"
 # The exit codes of `verify` and `replay --verify` (their one home: rulebound.engine.audit).
@@ -207,14 +209,17 @@ async def cmd_explain(args: argparse.Namespace) -> int:
 
 
 async def cmd_serve(args: argparse.Namespace) -> int:
-    """Bind first (a busy port fails before any run is touched), recover, serve; SIGTERM and
-    Ctrl-C both stop the same way: stop accepting, finish requests in flight, let running
-    attempts finish (up to --drain-timeout; those cut off are recorded as abandoned and
-    re-run by the next start), then exit 0."""
-    from rulebound.adapters.http.server import address, check_bind, listen, serve_socket
+    """Bind first (a busy port fails before any run is touched), answer /healthz at once,
+    open the engine (recovery) while /readyz and the run API say 503 not_ready, then print
+    the `serving ... on URL` line: the moment the run API takes requests. SIGTERM and Ctrl-C
+    both stop the same way: stop accepting, finish requests in flight, let running attempts
+    finish (up to --drain-timeout; those cut off are recorded as abandoned and re-run by the
+    next start), then exit 0. A signal during recovery stops it (the next start resumes)."""
+    from rulebound.adapters.http.server import address, check_bind, listen, serving
 
     token = os.environ.get("RULEBOUND_TOKEN") or None
     check_bind(args.host, token, args.insecure_no_auth)  # before the engine opens (recovery)
+    retention = _retention(args)
     registry = _registry(args)
     sock = listen(args.host, args.port)
     loop = asyncio.get_running_loop()
@@ -229,24 +234,91 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, on_signal, sig.name)
     from rulebound.engine.engine import Engine
 
+    engine = Engine(_store(args), registry=registry, max_active_runs=args.max_active_runs,
+                    drain_timeout=args.drain_timeout, lease_time=args.lease_time,
+                    retention=retention)
     try:
-        async with Engine(_store(args), registry=registry,
-                          max_active_runs=args.max_active_runs,
-                          drain_timeout=args.drain_timeout,
-                          lease_time=args.lease_time) as engine:
-            print(f"rulebound: serving {', '.join(registry.names())} on {address(sock)} "
-                  f"(store {_redact(_store(args))}, auth {'on' if token else 'off'})",
-                  file=sys.stderr, flush=True)
-            await serve_socket(engine, sock, token=token, stop=stop)
-            print(f"rulebound: {caught[0] if caught else 'stop'}: stopped accepting; letting "
-                  f"running attempts finish (up to {args.drain_timeout:g} s)", file=sys.stderr,
-                  flush=True)
+        async with serving(engine, sock, token=token):
+            if await _open_unless_stopped(engine, stop):
+                print(f"rulebound: serving {', '.join(registry.names())} on {address(sock)} "
+                      f"(store {_redact(_store(args))}, auth {'on' if token else 'off'})",
+                      file=sys.stderr, flush=True)
+                await stop.wait()
+        print(f"rulebound: {caught[0] if caught else 'stop'}: stopped accepting; letting "
+              f"running attempts finish (up to {args.drain_timeout:g} s)", file=sys.stderr,
+              flush=True)
+        await engine.close()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         sock.close()
+        await engine.close()  # a no-op when closed above; else (an error) the same drain
     print("rulebound: stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def _duration(raw: str, flag: str) -> timedelta:
+    """An age on the command line: a number of days, or a number with d, h, m or s."""
+    text = raw.strip().lower()
+    units = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "d")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        seconds = float("nan")
+    try:
+        if not 0 <= seconds < float("inf"):  # also NaN
+            raise OverflowError
+        return timedelta(seconds=seconds)
+    except OverflowError:
+        raise RuleboundError(f"{flag} {raw!r}: expected an age: days (30), or 30d, 12h, "
+                             "15m, 10s") from None
+
+
+def _retention(args: argparse.Namespace) -> Retention | None:
+    """serve's retention flags as an Engine setting (None: keep every run)."""
+    if args.retain_for is None and args.archive_dir is None:
+        return None
+    if args.retain_for is None or args.archive_dir is None:
+        raise RuleboundError("retention needs both --retain-for AGE and --archive-dir DIR")
+    from rulebound.engine.retention import Retention
+
+    folder = Path(args.archive_dir)
+    if not folder.parent.is_dir():
+        raise RuleboundError(f"--archive-dir {args.archive_dir}: no directory "
+                             f"{str(folder.parent)!r}")
+    retention = Retention(_duration(args.retain_for, "--retain-for"), folder,
+                          every=_duration(args.archive_every, "--archive-every"),
+                          workflow=args.archive_workflow)
+    # the passes' lines (what was archived, what was kept and why, a failed pass) on stderr
+    import logging
+
+    logger = logging.getLogger("rulebound.retention")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("rulebound: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    return retention
+
+
+async def _open_unless_stopped(engine: Engine, stop: asyncio.Event) -> bool:
+    """Open the engine; False if `stop` came first (open() is cut off and undoes itself:
+    the runs it was recovering are recovered by the next start). open()'s errors propagate."""
+    opening = asyncio.ensure_future(engine.open())
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({opening, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not opening.done():
+            opening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await opening
+    if opening.cancelled():
+        return False
+    opening.result()  # raises what open() raised
+    return True
 
 
 async def _stored_records(args: argparse.Namespace) -> list[Any]:
@@ -593,6 +665,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "stopped one's runs within about this time (default 10)")
     p.add_argument("--insecure-no-auth", action="store_true",
                    help="allow a non-loopback address without RULEBOUND_TOKEN")
+    p.add_argument("--retain-for", metavar="AGE",
+                   help="retention: archive runs that ended longer ago than AGE (days, or "
+                        "30d, 12h, 15m, 10s) to --archive-dir, as `rulebound archive` does, "
+                        "in the background")
+    p.add_argument("--archive-dir", metavar="DIR",
+                   help="retention: where the verified export files go (one per run)")
+    p.add_argument("--archive-every", metavar="AGE", default="1h",
+                   help="retention: the pause between two passes (default 1h)")
+    p.add_argument("--archive-workflow", metavar="W",
+                   help="retention: only runs of this workflow (default: all)")
     p = command("export", cmd_export, "write a run's events as JSON lines")
     p.add_argument("run")
     p.add_argument("-o", "--output", help="file to write (default: standard output)")

@@ -65,6 +65,7 @@ from .metrics import EngineMetrics
 from .ownership import Ownership
 from .ratelimit import RateLimit
 from .registry import Registry
+from .retention import Retainer, Retention
 from .runs import RunTable, held_reason
 from .storage import StoreWorker
 from .store import ConcurrencyConflict, EventStore, Fenced, Record, RunRow, StoreError
@@ -109,6 +110,8 @@ class Engine:
     lease_time: on a store shared by several engines (PostgreSQL), the seconds a shard lease
       lasts: another engine takes a dead engine's runs within about this time. A SQLite file
       takes one writing engine: a second one is refused at open (StoreInUse).
+    retention: move ended runs older than `Retention.keep_for` out of the store into
+      verified export files, in the background every `Retention.every` (None: keep them).
     """
 
     def __init__(
@@ -129,6 +132,7 @@ class Engine:
         read_only: bool = False,
         lease_time: float = 10.0,
         park_after: float | None = 30.0,
+        retention: Retention | None = None,
     ) -> None:
         self.registry = registry or Registry()
         for workflow in workflows:
@@ -167,6 +171,8 @@ class Engine:
         self._leaving: dict[int, float] = {}  # shards being handed over -> since (monotonic)
         self._coordination: ThreadPoolExecutor | None = None  # leases and the change feed
         self._feed_position = 0
+        self._retention = retention
+        self.retainer: Retainer | None = None  # the running retention, once open
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -223,6 +229,10 @@ class Engine:
                 await self._recover()
             if self._parking:
                 self._spawn(self._unpark_due_loop())
+            if self._retention is not None and not self._read_only:
+                self.retainer = Retainer(self._retention, self._storage, self.registry,
+                                         self._clock)
+                self._spawn(self.retainer.run())  # cancelled (between two runs) at close
         except BaseException:
             # Left as it was: a store the caller handed in stays open for the next try.
             await self._stop(opened, close_store=isinstance(self._store_spec, str))

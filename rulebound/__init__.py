@@ -35,6 +35,7 @@ _HOMES: dict[str, str] = {
     "Engine": "rulebound.engine.engine",
     "Registry": "rulebound.engine.registry",
     "RateLimit": "rulebound.engine.ratelimit",
+    "Retention": "rulebound.engine.retention",
     "RunView": "rulebound.engine.views",
     "StepView": "rulebound.engine.views",
     # Writing executors: what an executor is given and what it returns or raises.
@@ -151,6 +152,7 @@ if TYPE_CHECKING:  # the same names for type checkers and IDEs (`X as X`: re-exp
     from rulebound.engine.functions import FunctionExecutor as FunctionExecutor
     from rulebound.engine.ratelimit import RateLimit as RateLimit
     from rulebound.engine.registry import AppLoadError as AppLoadError, Registry as Registry
+    from rulebound.engine.retention import Retention as Retention
     from rulebound.engine.store import (
         ConcurrencyConflict as ConcurrencyConflict,
         StoreError as StoreError,

@@ -18,7 +18,7 @@ FACE = {
     "Workflow", "Step", "Retry", "Limits", "Route", "Parallel", "Map", "WaitForSignal",
     "END", "FAIL", "field",
     # running them
-    "Engine", "Registry", "RateLimit", "RunView", "StepView",
+    "Engine", "Registry", "RateLimit", "Retention", "RunView", "StepView",
     # writing executors
     "Executor", "Task", "Result", "Usage", "Spend", "ExecutorContext", "ExecutorError",
     "RetryableError", "PermanentError",

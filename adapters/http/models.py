@@ -258,12 +258,21 @@ class Health(BaseModel):
     uptime_s: float
 
 
+class Readiness(BaseModel):
+    """GET /readyz: 200 once the engine is open and has recovered its runs, 503 before."""
+    ready: bool
+    reason: str | None = Field(default=None, description=(
+        "What the engine waits for while not ready: starting, opening the store and "
+        "recovering runs, shutting down, stopped"))
+
+
 ERROR_TYPES = (
     "What went wrong, for programs: bad_request, malformed_json, unauthorized, not_found, "
     "method_not_allowed, too_large, unsupported_media_type, invalid_input (422), run_ended "
     "(409: the run has ended), run_held (409: the run waits for its workflow version to be "
     "registered), conflict (409: the request conflicts with what is stored), overloaded "
-    "(503), unavailable (503), store_unavailable (503: the event store did not answer; "
+    "(503), not_ready (503: the engine is still opening and recovering runs; retry after "
+    "Retry-After), unavailable (503), store_unavailable (503: the event store did not answer; "
     "retry after Retry-After), corrupt_run, internal (500).")
 
 

@@ -17,7 +17,8 @@ from . import models as m
 _REF = "#/components/schemas/{model}"
 _SCHEMAS: tuple[type[BaseModel], ...] = (
     m.StartRun, m.Cancel, m.Started, m.Accepted, m.RunList, m.Run, m.StoredEvent,
-    m.WorkflowList, m.WorkflowGraph, m.WorkflowVersions, m.Verification, m.Health, m.Error)
+    m.WorkflowList, m.WorkflowGraph, m.WorkflowVersions, m.Verification, m.Health, m.Readiness,
+    m.Error)
 _REASONS = {400: "Malformed request", 401: "Missing or wrong bearer token",
             404: "No such run or workflow",
             409: "The run takes no more signals or cancellations: it has ended (error type "
@@ -25,8 +26,9 @@ _REASONS = {400: "Malformed request", 401: "Missing or wrong bearer token",
                  "(error type run_held); or the request conflicts with what is stored "
                  "(conflict)",
             413: "Body too large", 415: "Not JSON", 422: "Input does not match the schema",
-            503: "Engine saturated (overloaded) or the store unavailable "
-                 "(store_unavailable); retry after Retry-After"}
+            503: "Engine saturated (overloaded), still opening and recovering runs "
+                 "(not_ready), or the store unavailable (store_unavailable); retry after "
+                 "Retry-After"}
 
 
 @cache
@@ -166,7 +168,7 @@ def document(security: bool) -> dict[str, Any]:
                               **_errors(*auth, 404, 503)}}},
             "/v1/workflows": {"get": {
                 "operationId": "listWorkflows",
-                "responses": {"200": _json(_ref(m.WorkflowList)), **_errors(*auth)}}},
+                "responses": {"200": _json(_ref(m.WorkflowList)), **_errors(*auth, 503)}}},
             "/v1/workflows/{name}": {"get": {
                 "operationId": "getWorkflow",
                 "parameters": [*parameters(m.WorkflowPath, "path"),
@@ -174,7 +176,7 @@ def document(security: bool) -> dict[str, Any]:
                 "responses": {"200": _json(_ref(m.WorkflowGraph), "The workflow's graph; "
                                            "each signal step's node carries the JSON schema "
                                            "of the payload it takes (`schema`)"),
-                              **_errors(400, *auth, 404)}}},
+                              **_errors(400, *auth, 404, 503)}}},
             "/v1/workflows/{name}/versions": {"get": {
                 "operationId": "workflowVersions",
                 "summary": "The workflow's registered versions and the runs on each",
@@ -182,7 +184,17 @@ def document(security: bool) -> dict[str, Any]:
                 "responses": {"200": _json(_ref(m.WorkflowVersions)),
                               **_errors(400, *auth, 404, 503)}}},
             "/healthz": {"get": {"operationId": "health", "security": [],
+                                 "summary": "Liveness: the process answers (from the moment "
+                                            "it listens, before runs are recovered)",
                                  "responses": {"200": _json(_ref(m.Health))}}},
+            "/readyz": {"get": {"operationId": "ready", "security": [],
+                                "summary": "Readiness: the engine is open and has recovered "
+                                           "its runs; until then the run API answers 503 "
+                                           "not_ready",
+                                "responses": {
+                                    "200": _json(_ref(m.Readiness), "Ready"),
+                                    "503": _json(_ref(m.Readiness), "Not ready yet (or "
+                                                 "shutting down); with Retry-After")}}},
             "/metrics": {"get": {"operationId": "metrics", "security": [],
                                  "responses": {"200": {"description": "Prometheus text",
                                                        "content": {"text/plain": {

@@ -17,7 +17,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -34,6 +34,7 @@ from rulebound.domain.errors import (
     RunNotFound,
 )
 from rulebound.engine import Engine
+from rulebound.engine.engine import EngineState
 from rulebound.engine.errors import (
     Conflict,
     EngineClosed,
@@ -59,6 +60,7 @@ KEEPALIVE = 15.0  # seconds between `: keepalive` comments on an idle event stre
 SHUTDOWN_TIMEOUT = 5.0  # seconds a stopping server waits for requests still in flight
 MAX_PENDING_STARTS = 256  # starts handed to the engine and not yet answered, before 503
 STORE_RETRY_AFTER = 2  # seconds a client is told to wait when the store does not answer
+READY_RETRY_AFTER = 1  # seconds a client is told to wait while the engine opens
 VERSION_COUNT_CAP = 5_000  # runs read to count a workflow's runs per version
 ENGINE: web.AppKey[Engine] = web.AppKey("engine", Engine)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -157,6 +159,22 @@ def _ownership_lines(engine: Engine) -> list[str]:
     ]
 
 
+def _retention_lines(engine: Engine) -> list[str]:
+    """Retention passes and the runs they moved out of the store (Engine(retention=...))."""
+    retainer = engine.retainer
+    if retainer is None:
+        return []
+    return [
+        "# HELP rulebound_retention_passes_total Retention passes finished.",
+        "# TYPE rulebound_retention_passes_total counter",
+        f"rulebound_retention_passes_total {retainer.passes}",
+        "# HELP rulebound_archived_runs_total Ended runs archived to verified files and "
+        "removed from the store by retention.",
+        "# TYPE rulebound_archived_runs_total counter",
+        f"rulebound_archived_runs_total {retainer.archived}",
+    ]
+
+
 def status_of(exc: BaseException) -> Status | None:
     """The answer for an error: the entry of its class or nearest listed base (None: a bug)."""
     for cls in type(exc).__mro__:
@@ -230,6 +248,38 @@ def _auth_middleware(token: str | None) -> Any:
         return await handler(request)
 
     return auth
+
+
+# Why the engine does not take requests yet (or any more), by its state.
+_NOT_READY = {EngineState.NEW: "starting",
+              EngineState.OPENING: "opening the store and recovering runs",
+              EngineState.CLOSING: "shutting down",
+              EngineState.CLOSED: "stopped"}
+_OPENING = (EngineState.NEW, EngineState.OPENING)
+
+
+def not_ready(engine: Engine) -> str | None:
+    """Why the run API cannot be answered now, or None once the engine is open (its open()
+    has recovered every unfinished run, so due work is already under way)."""
+    return _NOT_READY.get(engine.state)
+
+
+def _ready_middleware(engine: Engine) -> Any:
+    """`rulebound serve` listens before the engine opens, so that /healthz answers at once;
+    until the engine is open the run API says so (503, Retry-After) instead of hanging. An
+    engine closing or closed answers as before (EngineClosed: 503 `unavailable`)."""
+
+    @web.middleware
+    async def ready(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith("/v1") and engine.state in _OPENING:
+            reason = not_ready(engine)
+            if reason is not None:
+                raise ApiError(503, "not_ready", f"the engine is not ready: {reason}; retry "
+                               "after Retry-After (GET /readyz says when it is ready)",
+                               {"Retry-After": str(READY_RETRY_AFTER)})
+        return await handler(request)
+
+    return ready
 
 
 _LONG_NUMBER = re.compile(rb"\d{19,}")  # may not fit 64 bits (a cheap screen, then exact)
@@ -589,6 +639,15 @@ class Api:
         return _answer(models.Health, {"active_runs": self.engine.active_runs,
                                        "uptime_s": round(time.time() - self.started, 3)})
 
+    async def ready(self, request: web.Request) -> web.Response:
+        """200 once the engine is open and has recovered its runs; 503 until then (and while
+        it shuts down), naming what it waits for: for load balancers and orchestrators."""
+        reason = not_ready(self.engine)
+        return _answer(models.Readiness, {"ready": reason is None, "reason": reason},
+                       status=200 if reason is None else 503,
+                       headers=None if reason is None else {
+                           "Retry-After": str(READY_RETRY_AFTER)})
+
     async def openapi(self, request: web.Request) -> web.Response:
         return _json(document(security=self.token is not None))
 
@@ -596,7 +655,7 @@ class Api:
         m, engine = self.engine.metrics, self.engine
         lines: list[str] = []
         try:  # the read model lives in the store: during an outage, the rest still answers
-            counts = await engine.count_runs()
+            counts = None if not_ready(engine) else await engine.count_runs()
         except StoreError:
             counts = None
         if counts is not None:
@@ -605,6 +664,9 @@ class Api:
             for status in _STATUSES:
                 lines.append(f'rulebound_runs{{status="{status}"}} {counts.get(status, 0)}')
         lines += [
+            "# HELP rulebound_ready Whether the engine is open and takes requests (/readyz).",
+            "# TYPE rulebound_ready gauge",
+            f"rulebound_ready {int(not_ready(engine) is None)}",
             "# HELP rulebound_store_up Whether the event store answered this scrape.",
             "# TYPE rulebound_store_up gauge",
             f"rulebound_store_up {int(counts is not None)}",
@@ -620,7 +682,8 @@ class Api:
             "# HELP rulebound_quarantined_runs Runs whose log cannot be folded (see the log).",
             "# TYPE rulebound_quarantined_runs gauge",
             f"rulebound_quarantined_runs {len(engine.quarantined)}",
-            *_ownership_lines(engine),
+            *([] if not_ready(engine) else _ownership_lines(engine)),
+            *_retention_lines(engine),
             "# HELP rulebound_followers Callers following live runs' events.",
             "# TYPE rulebound_followers gauge",
             f"rulebound_followers {engine.followers}",
@@ -670,13 +733,16 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = MAX_
                max_pending_starts: int = MAX_PENDING_STARTS) -> web.Application:
     """The aiohttp application for an engine the caller opens and closes.
 
+    The run API answers 503 `not_ready` until the engine is open (see `not_ready`); /healthz
+    answers from the start and /readyz says when the engine is ready.
     `keepalive`: seconds between `: keepalive` comments on an idle event stream.
     `max_pending_starts`: starts handed to the engine and not yet answered; beyond it (or
     at the engine's max_active_runs) POST /v1/runs answers 503 at once, before reading the
     body, so that refusing stays cheap when the engine cannot keep up.
     """
     app = web.Application(client_max_size=max_body,
-                          middlewares=[errors_middleware, _auth_middleware(token)])
+                          middlewares=[errors_middleware, _auth_middleware(token),
+                                       _ready_middleware(engine)])
     app[ENGINE] = engine
     api = Api(engine, token, keepalive, max_pending_starts)
     app.router.add_post("/v1/runs", api.start_run)
@@ -692,6 +758,7 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = MAX_
     app.router.add_get("/v1/runs/{run_id}/export", api.export)
     app.router.add_get("/v1/runs/{run_id}/verify", api.verify)
     app.router.add_get("/healthz", api.health)
+    app.router.add_get("/readyz", api.ready)
     app.router.add_get("/metrics", api.metrics)
     app.router.add_get("/openapi.json", api.openapi)
     add_console(app)  # the web console at / (static files; it talks to /v1 like any client)
@@ -752,10 +819,11 @@ def address(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-async def serve_socket(engine: Engine, sock: socket.socket, *, token: str | None,
-                       stop: asyncio.Event | None = None,
-                       ready: asyncio.Event | None = None) -> None:
-    """Serve on a listening socket until `stop` is set (or until cancelled). On the way out
+@contextlib.asynccontextmanager
+async def serving(engine: Engine, sock: socket.socket, *,
+                  token: str | None) -> AsyncIterator[None]:
+    """Answer HTTP on a listening socket inside the block; the engine need not be open yet
+    (the run API says 503 not_ready until it is, /healthz answers at once). On the way out
     the socket stops accepting, open event streams end and requests in flight finish (up to
     SHUTDOWN_TIMEOUT); the caller then closes the engine, which drains running attempts."""
     runner = web.AppRunner(create_app(engine, token=token), access_log=None,
@@ -768,14 +836,22 @@ async def serve_socket(engine: Engine, sock: socket.socket, *, token: str | None
     await runner.setup()
     try:
         await web.SockSite(runner, sock).start()
-        log.info("serving on %s", address(sock))
-        if ready is not None:
-            ready.set()
-        await (stop or asyncio.Event()).wait()
+        log.info("listening on %s", address(sock))
+        yield
     finally:
         await runner.cleanup()
         if tracing is not None:
             tracing.close()
+
+
+async def serve_socket(engine: Engine, sock: socket.socket, *, token: str | None,
+                       stop: asyncio.Event | None = None,
+                       ready: asyncio.Event | None = None) -> None:
+    """Serve on a listening socket until `stop` is set (or until cancelled); see `serving`."""
+    async with serving(engine, sock, token=token):
+        if ready is not None:
+            ready.set()
+        await (stop or asyncio.Event()).wait()
 
 
 async def serve(engine: Engine, host: str, port: int, *, token: str | None,

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -109,3 +110,147 @@ def test_a_busy_port_fails_at_once_before_touching_the_store(tmp_path: Path) -> 
     assert "serving" not in done.stderr
     assert not db.exists()  # nothing recovered, no store opened
     assert time.monotonic() - started < 30
+
+
+def _get(url: str) -> tuple[int, Any, Any]:
+    """A GET that returns 4xx and 5xx answers instead of raising."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, json.loads(resp.read()), resp.headers
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read()), exc.headers
+
+
+def test_serve_is_live_at_once_and_prints_serving_when_ready(tmp_path: Path) -> None:
+    """The engine's open() is held (the --app's executor waits for a file in its `open`):
+    meanwhile /healthz answers, /readyz and the run API say 503 not ready, and the
+    `serving` line is not printed yet; once the file appears, it is, and /readyz says 200."""
+    gate = tmp_path / "gate"
+    with socket.socket() as probe:  # a free port: the address is printed only when ready
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rulebound", "serve", "--app",
+         f"{Path(__file__).with_name('gated_app.py')}:registry", "--store",
+         f"sqlite:///{tmp_path / 'gated.db'}", "--port", str(port)],
+        stderr=subprocess.PIPE, text=True, env={**_env(), "GATE_FILE": str(gate)}, cwd=ROOT)
+    try:
+        for _ in range(600):  # until it listens
+            try:
+                status, health, _ = _get(f"{base}/healthz")
+                break
+            except OSError:
+                assert proc.poll() is None
+                time.sleep(0.05)
+        else:
+            raise AssertionError("serve never answered /healthz")
+        assert status == 200 and health["status"] == "ok"
+        status, body, headers = _get(f"{base}/readyz")
+        assert status == 503 and body["ready"] is False and "recovering runs" in body["reason"]
+        assert int(headers["Retry-After"]) >= 1
+        status, body, headers = _get(f"{base}/v1/runs")
+        assert (status, body["error"]["type"]) == (503, "not_ready")
+        assert int(headers["Retry-After"]) >= 1
+
+        gate.touch()
+        assert _address(proc) == base  # the first line on stderr: serving, now ready
+        status, body, _ = _get(f"{base}/readyz")
+        assert (status, body) == (200, {"ready": True, "reason": None})
+        status, _ = _http("POST", f"{base}/v1/runs", {"workflow": "gated", "input": 1})
+        assert status == 201
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_stop_while_not_ready_exits_0_at_once(tmp_path: Path) -> None:
+    """SIGTERM during a long open (recovery) stops it: the next start recovers instead."""
+    gate = tmp_path / "never"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rulebound", "serve", "--app",
+         f"{Path(__file__).with_name('gated_app.py')}:registry", "--store",
+         f"sqlite:///{tmp_path / 'gated.db'}", "--port", str(port)],
+        stderr=subprocess.PIPE, text=True, env={**_env(), "GATE_FILE": str(gate)}, cwd=ROOT)
+    try:
+        for _ in range(600):
+            try:
+                assert _get(f"http://127.0.0.1:{port}/readyz")[0] == 503
+                break
+            except OSError:
+                assert proc.poll() is None
+                time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        err = proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in err, err
+    assert "serving" not in err and "SIGTERM" in err and "stopped" in err
+
+
+def test_serve_archives_old_ended_runs_on_a_schedule(tmp_path: Path) -> None:
+    from tests.cli.aged_runs import fill as _fill
+
+    db = tmp_path / "kept.db"
+    old, going, recent = asyncio.run(_fill(f"sqlite:///{db}"))
+    out = tmp_path / "archive"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rulebound", "serve", "--app",
+         str(ROOT / "tests" / "cli" / "archive_app.py") + ":registry", "--store",
+         f"sqlite:///{db}", "--port", "0", "--retain-for", "30", "--archive-dir", str(out),
+         "--archive-every", "1s"], stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+    try:
+        base = _address(proc)
+        for _ in range(600):
+            _, listed = _http("GET", f"{base}/v1/runs?limit=100")
+            stored = {row["run_id"] for row in listed["runs"]}
+            if not stored & old:
+                break
+            time.sleep(0.05)
+        assert stored == {going, *recent}
+        for _ in range(600):  # the pass counts its runs once it has ended
+            with urllib.request.urlopen(f"{base}/metrics", timeout=10) as resp:
+                metrics = resp.read().decode()
+            if f"rulebound_archived_runs_total {len(old)}" in metrics:
+                break
+            time.sleep(0.05)
+        assert f"rulebound_archived_runs_total {len(old)}" in metrics
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        err = proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in err, err
+    assert f"rulebound: retention: archived {len(old)} runs" in err, err
+    assert {p.stem for p in out.glob("*.jsonl")} == old
+
+
+def test_serve_refuses_retention_flags_that_cannot_work(tmp_path: Path) -> None:
+    db = tmp_path / "never.db"
+    for flags, message in (
+            (["--retain-for", "30"], "needs both --retain-for AGE and --archive-dir DIR"),
+            (["--retain-for", "-3", "--archive-dir", str(tmp_path / "a")],
+             "--retain-for '-3': expected an age"),
+            (["--retain-for", "30d", "--archive-dir", str(tmp_path / "a"),
+              "--archive-every", "0s"], "every must be positive"),
+            (["--retain-for", "30d", "--archive-dir", str(tmp_path / "no" / "a")],
+             "no directory")):
+        done = subprocess.run(
+            [sys.executable, "-m", "rulebound", "serve", "--app", APP, "--store",
+             f"sqlite:///{db}", "--port", "0", *flags],
+            capture_output=True, text=True, timeout=60, env=_env(), cwd=ROOT)
+        assert done.returncode == 1, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (flags, done.stderr)
+        assert not db.exists()  # refused before anything was opened

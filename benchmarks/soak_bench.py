@@ -8,7 +8,7 @@ whether or not earlier ones have been answered or their runs have ended.
 Phase 1, sustained: R = --rate (100) runs/s for --seconds (60). Measured on the server
 process:
 - CPU share: (utime + stime) from /proc/PID/stat over the window of starts, divided by its
-  wall time, in % of one core;
+  wall time, in % of one core (user and system also apart); this client's own beside it;
 - RSS (VmRSS) sampled every second: idle (--idle seconds after start-up, before any run;
   the median), under load (the median and the largest sample of the window), and for
   --after (60) seconds once every run has ended (the last sample is "after");
@@ -75,11 +75,16 @@ TICK = os.sysconf("SC_CLK_TCK")
 ENDED = ("completed", "failed", "cancelled")
 
 
-def cpu_seconds(pid: int | str = "self") -> float:
-    """utime + stime of a process so far, from /proc/PID/stat (fields 14 and 15)."""
+def cpu_split(pid: int | str = "self") -> tuple[float, float]:
+    """utime and stime of a process so far, seconds, from /proc/PID/stat (fields 14, 15)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()  # after the command name
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
+
+
+def cpu_seconds(pid: int | str = "self") -> float:
+    """utime + stime of a process so far."""
+    return sum(cpu_split(pid))
 
 
 def disk_bytes(db: Path) -> int:
@@ -227,12 +232,15 @@ def outcome(found: dict[str, tuple[str, float]], run_ids: list[str]) -> dict[str
 async def loaded(session: aiohttp.ClientSession, base: str, pid: int, store: Store,
                  rate: float, seconds: float, drain: float) -> dict[str, Any]:
     """One rate: drive it, CPU share over the window of starts, then wait for its runs."""
-    cpu0, client0, wall0 = cpu_seconds(pid), cpu_seconds(), time.monotonic()
+    (user0, sys0), client0, wall0 = cpu_split(pid), cpu_seconds(), time.monotonic()
     sent = await drive(session, base, rate, seconds)
-    cpu1, client1, wall1 = cpu_seconds(pid), cpu_seconds(), time.monotonic()
+    (user1, sys1), client1, wall1 = cpu_split(pid), cpu_seconds(), time.monotonic()
+    cpu0, cpu1 = user0 + sys0, user1 + sys1
     found, waited = await settle(store, sent["accepted"], drain)
     result = {"rate": rate, "seconds": seconds,
               "server_cpu_pct": round((cpu1 - cpu0) / (wall1 - wall0) * 100, 1),
+              "server_cpu_user_pct": round((user1 - user0) / (wall1 - wall0) * 100, 1),
+              "server_cpu_system_pct": round((sys1 - sys0) / (wall1 - wall0) * 100, 1),
               "client_cpu_pct": round((client1 - client0) / (wall1 - wall0) * 100, 1),
               "server_cpu_ms_per_run": round((cpu1 - cpu0) / max(sent["starts"], 1) * 1e3, 2),
               "starts": sent["starts"], "sent_rate": sent["sent_rate"],
@@ -357,7 +365,8 @@ def summary(result: dict[str, Any]) -> str:
         f"load average at start {result['load_average_start']}, at end "
         f"{result['load_average_end']} ({result['cores']} cores)",
         f"sustained {s['rate']} runs/s for {s['seconds']:g} s: server CPU "
-        f"{s['server_cpu_pct']}% of a core ({s['server_cpu_ms_per_run']} ms per run), client "
+        f"{s['server_cpu_pct']}% of a core (user {s['server_cpu_user_pct']}, system "
+        f"{s['server_cpu_system_pct']}; {s['server_cpu_ms_per_run']} ms per run), client "
         f"{s['client_cpu_pct']}%; starts {s['statuses']}, not completed {s['not_completed']}, "
         f"run p50/p99 {s['run_ms']['p50']}/{s['run_ms']['p99']} ms",
         f"RSS idle {rss['idle_median']} MiB, under load median {rss['load_median']} max "

@@ -39,6 +39,9 @@ client and the server share its cores, and so do other sessions.
     .venv/bin/python benchmarks/soak_bench.py [--seconds 60] [--after 60]
         [--ceiling 100,200,300,400,600,800] [--step-seconds 15]
 
+The engine keeps the final state of its last 10,000 finished runs: --seconds 120 at 100
+runs/s goes past that, so the RSS under load shows both its growth and its plateau.
+
 Writes benchmarks/results/soak.json.
 """
 

@@ -45,9 +45,10 @@ def _status_kib(field: str, pid: int | str = "self") -> int | None:
     return None
 
 
-def rss_mib() -> float:
-    """The resident set size of this process now (VmRSS; ru_maxrss where /proc is missing)."""
-    kib = _status_kib("VmRSS")
+def rss_mib(pid: int | str = "self") -> float:
+    """The resident set size of this process (or of a live child, by pid) now (VmRSS;
+    this process's ru_maxrss where /proc is missing)."""
+    kib = _status_kib("VmRSS", pid)
     return (kib if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / _KIB
 
 

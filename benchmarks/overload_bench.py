@@ -42,27 +42,38 @@ def pct(values: list[float], p: float) -> float | None:
     return round(values[min(len(values) - 1, int(p * len(values)))] * 1000, 1)
 
 
-def _serve(tmp: str, log: Path, max_active: int) -> subprocess.Popen[bytes]:
+APP = f"{ROOT / 'benchmarks/apps/three_steps.py'}:registry"
+
+
+def serve(db: Path, log: Path, max_active: int = 1000) -> subprocess.Popen[bytes]:
+    """`rulebound serve` on the SQLite file `db` with the 3-step app, output to `log`."""
     with open(log, "wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "rulebound", "serve", "--store", f"sqlite:///{tmp}/o.db",
-             "--app", f"{ROOT / 'benchmarks/apps/three_steps.py'}:registry", "--port", "0",
-             "--max-active-runs", str(max_active)], stdout=out, stderr=out, cwd=ROOT)
+            [sys.executable, "-m", "rulebound", "serve", "--store", f"sqlite:///{db}",
+             "--app", APP, "--port", "0", "--max-active-runs", str(max_active)],
+            stdout=out, stderr=out, cwd=ROOT)
+
+
+def _printed(log: Path) -> str:
+    return log.read_text()
+
+
+async def address(log: Path) -> str:
+    """The server's base URL, once it has printed it (30 s at most)."""
+    for _ in range(600):
+        found = re.search(r"on (http://127\.0\.0\.1:\d+) ", _printed(log))
+        if found:
+            return found.group(1)
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"the server did not say where it listens:\n{_printed(log)}")
 
 
 async def main(rate: int, seconds: float, max_active: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "serve.log"
-        proc = _serve(tmp, log, max_active)
+        proc = serve(Path(tmp) / "o.db", log, max_active)
         try:
-            base = ""
-            for _ in range(600):
-                found = re.search(r"on (http://127\.0\.0\.1:\d+) ", log.read_text())
-                if found:
-                    base = found.group(1)
-                    break
-                await asyncio.sleep(0.05)
-            assert base, log.read_text()
+            base = await address(log)
             answers: dict[int, list[float]] = {}
             accepted: list[str] = []
             scrapes: list[float] = []

@@ -112,6 +112,9 @@ class Engine:
       takes one writing engine: a second one is refused at open (StoreInUse).
     retention: move ended runs older than `Retention.keep_for` out of the store into
       verified export files, in the background every `Retention.every` (None: keep them).
+    keep_finished / keep_finished_for: how many ended runs' final states are kept in memory,
+      and for how many seconds (None: no age limit), so get and wait answer a run that just
+      ended without a read; older ones are read from the store when asked for.
     """
 
     def __init__(
@@ -129,6 +132,7 @@ class Engine:
         recover: bool = True,
         drain_timeout: float = 10.0,
         keep_finished: int = 10_000,
+        keep_finished_for: float | None = 30.0,
         read_only: bool = False,
         lease_time: float = 10.0,
         park_after: float | None = 30.0,
@@ -147,7 +151,12 @@ class Engine:
         self._recover_on_start = recover and not read_only
         self._drain_timeout = drain_timeout
         self.metrics = EngineMetrics()
-        self.runs_table = RunTable(self.registry, keep_finished=keep_finished)
+        if keep_finished_for is not None and not keep_finished_for > 0:
+            raise InvalidInput(f"keep_finished_for must be more than 0 seconds or None, "
+                               f"not {keep_finished_for!r}")
+        self.runs_table = RunTable(self.registry, keep_finished=keep_finished,
+                                   keep_finished_for=keep_finished_for,
+                                   clock=self._clock.monotonic)
         self.turns = Turns()
         self.feed = Feed()
         self.dispatch = Dispatcher(slots=max_concurrency, clock=self._clock, worker=self.worker,
@@ -229,6 +238,8 @@ class Engine:
                 await self._recover()
             if self._parking:
                 self._spawn(self._unpark_due_loop())
+            if self.runs_table.keep_finished_for is not None:
+                self._spawn(self._expire_loop(self.runs_table.keep_finished_for))
             if self._retention is not None and not self._read_only:
                 self.retainer = Retainer(self._retention, self._storage, self.registry,
                                          self._clock)
@@ -1399,6 +1410,13 @@ class Engine:
                         await self.storage.call(store.unpark, run_id)  # type: ignore[attr-defined]
                 except Exception as exc:
                     log.warning("run %s: cannot wake it yet (%s)", run_id, short(exc))
+
+    async def _expire_loop(self, keep_for: float) -> None:
+        """Forget ended runs' final states once they are older than `keep_for`, also when no
+        run ends any more (after a burst, the memory it took is let go)."""
+        while True:
+            await asyncio.sleep(min(5.0, keep_for / 2))
+            self.runs_table.expire()
 
     async def _resume_parked_copy(self, run: LiveRun) -> None:
         """A run parked in the store (its parking now due) that has a copy in memory here:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from uuid import UUID
 
@@ -30,12 +31,20 @@ log = logging.getLogger("rulebound.engine")
 
 
 class RunTable:
-    def __init__(self, registry: Registry, *, keep_finished: int) -> None:
+    def __init__(self, registry: Registry, *, keep_finished: int,
+                 keep_finished_for: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = registry
         self.live: dict[UUID, LiveRun] = {}
+        # Ended runs' final states, newest last: answers get/wait for a run that just ended
+        # without a read. Bounded by count, and by age (keep_finished_for seconds) so that a
+        # burst of runs does not hold its memory once the load is gone.
         self.finished: OrderedDict[UUID, RunState] = OrderedDict()
+        self._finished_at: dict[UUID, float] = {}
         self.quarantined: dict[UUID, CorruptRun] = {}
         self._keep_finished = keep_finished
+        self.keep_finished_for = keep_finished_for
+        self._clock = clock
         self._creating: dict[UUID, asyncio.Future[None]] = {}
         # Snapshots: a whole-run load folding this many events or more writes one (0: off).
         self.snapshot_every = snapshots.SNAPSHOT_EVERY
@@ -43,9 +52,31 @@ class RunTable:
     def ended(self, run: LiveRun) -> None:
         """`run` ended: forget its live object, keep its final state for a while."""
         self.live.pop(run.run_id, None)
-        self.finished[run.run_id] = run.state
+        self.keep(run.run_id, run.state)
+
+    def keep(self, run_id: UUID, state: RunState) -> None:
+        """Remember an ended run's final state (the oldest go past the count)."""
+        self.finished[run_id] = state
+        self.finished.move_to_end(run_id)
+        self._finished_at[run_id] = self._clock()
         while len(self.finished) > self._keep_finished:
-            self.finished.popitem(last=False)
+            gone, _ = self.finished.popitem(last=False)
+            self._finished_at.pop(gone, None)
+
+    def expire(self) -> int:
+        """Forget final states kept longer than keep_finished_for; how many went."""
+        if self.keep_finished_for is None:
+            return 0
+        cutoff = self._clock() - self.keep_finished_for
+        gone = 0
+        while self.finished:
+            oldest = next(iter(self.finished))
+            if self._finished_at.get(oldest, cutoff) > cutoff:
+                break
+            del self.finished[oldest]
+            self._finished_at.pop(oldest, None)
+            gone += 1
+        return gone
 
     def quarantine(self, run_id: UUID, problem: CorruptRun) -> None:
         self.quarantined[run_id] = problem
@@ -94,7 +125,7 @@ class RunTable:
         if run_id in self.live:  # adopted by someone else while we read
             return self.live[run_id]
         if state.terminal:
-            self.finished[run_id] = state
+            self.keep(run_id, state)
             return None
         definition = self.registry.by_hash(state.definition_hash)
         run = LiveRun(run_id, definition, state, last_hash)

@@ -289,12 +289,9 @@ class FaultyStore:
         self._before("park")
         self.inner.park(run_id, until)  # type: ignore[attr-defined]
 
-    def unpark(self, run_id: UUID, fence: Fence | None = None) -> None:
+    def unpark(self, run_id: UUID) -> None:
         self._before("unpark")
-        if fence is None:
-            self.inner.unpark(run_id)  # type: ignore[attr-defined]
-        else:
-            self.inner.unpark(run_id, fence)  # type: ignore[attr-defined]
+        self.inner.unpark(run_id)  # type: ignore[attr-defined]
 
     def wake_parked(self, run_id: UUID, now: float) -> None:
         self._before("wake_parked")

@@ -426,7 +426,12 @@ class Engine:
         if not await self.storage.read(run_id, 0):
             return None
         adopted = await self._take_up(run_id)
-        return adopted.state if adopted is not None else self.runs_table.finished[run_id]
+        if adopted is not None:
+            return adopted.state
+        state = self.runs_table.finished.get(run_id)  # none kept with keep_finished=0
+        if state is None:
+            state, _hash, _ = await self.runs_table.load(self.storage, run_id)
+        return state
 
     async def _create(self, run_id: UUID, definition: Workflow, input: Any,
                       key: str | None) -> bool:

@@ -57,3 +57,14 @@ async def test_a_bad_age_is_refused() -> None:
     for bad in (0, -1.0, float("nan")):
         with pytest.raises(InvalidInput, match="keep_finished_for"):
             Engine("memory://", keep_finished_for=bad)
+
+
+async def test_an_idempotent_start_of_an_ended_run_answers_with_no_state_kept(
+        tmp_path: Path) -> None:
+    # keep_finished=0: the ended run's state is read from the store, not from memory.
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    async with Engine(url, [chain()], {"echo": echo}, keep_finished=0) as engine:
+        first = await engine.start("chain", {"i": 1}, idempotency_key="k")
+        assert (await engine.wait(first, timeout=10)).status == "completed"
+        again, created = await engine.start_run("chain", {"i": 1}, idempotency_key="k")
+        assert (again, created) == (first, False)

@@ -125,13 +125,16 @@ def _worker(url: str) -> StoreWorker:
     return worker
 
 
-async def sequential(url: str, runs: int) -> dict[str, float]:
+async def sequential(url: str, runs: int, run: Any = None) -> dict[str, float]:
+    """`runs` runs one after another; `run` builds a run from the worker (FloorRun, or
+    another design's floor, as redesign_floor.py measures)."""
+    make = run or FloorRun
     worker = _worker(url)
     try:
-        await FloorRun(worker).run(_noop)  # warm-up
+        await make(worker).run(_noop)  # warm-up
         began = time.perf_counter()
         for _ in range(runs):
-            await FloorRun(worker).run(_noop)
+            await make(worker).run(_noop)
         elapsed = time.perf_counter() - began
     finally:
         await worker.close()

@@ -209,35 +209,14 @@ def _start(name: str, now: datetime) -> AttemptStarted:
                           "floor", 0.0)
 
 
-async def _noop(task: Any) -> Any:
-    return None
-
-
-async def redesign(runs: int) -> dict[str, float]:
-    from rulebound.engine.storage import StoreWorker
-    from rulebound.engine.stores import open_store
-
-    worker = StoreWorker(open_store("memory://"))
-    worker.start()
-    try:
-        await RedesignRun(worker).run(_noop)  # warm-up
-        began = time.perf_counter()
-        for _ in range(runs):
-            await RedesignRun(worker).run(_noop)
-        elapsed = time.perf_counter() - began
-    finally:
-        await worker.close()
-    return {"us_per_step": elapsed / (runs * STEPS) * 1e6}
-
-
 # --- driver --------------------------------------------------------------------------------
 
 def run_case(case: str, runs: int) -> dict[str, Any]:
-    if case == "redesign":
-        return asyncio.run(redesign(runs))
-    if case == "floor":
-        from benchmarks.engine_floor import sequential
+    from benchmarks.engine_floor import sequential
 
+    if case == "redesign":
+        return asyncio.run(sequential("memory://", runs, RedesignRun))
+    if case == "floor":
         return asyncio.run(sequential("memory://", runs))
     raise ValueError(case)
 

@@ -73,6 +73,19 @@ async def balanced(*engines: Engine) -> None:
             await asyncio.sleep(0.05)
 
 
+async def owned_run(engine_: Engine, workflow: str = "approval", *,
+                    cancel_others: bool = True) -> Any:
+    """Start runs through `engine_` until one lands on a shard it owns (the others are
+    cancelled, unless they end on their own)."""
+    for i in range(50):
+        candidate = await engine_.start(workflow, {"i": i})
+        if engine_.ownership.owns(candidate):  # type: ignore[union-attr]
+            return candidate
+        if cancel_others:
+            await engine_.cancel(candidate)
+    raise AssertionError(f"no run of 50 landed on a shard of {engine_.worker}")
+
+
 # --- SQLite: one writing engine per file ----------------------------------------------------
 
 async def test_a_second_engine_on_one_sqlite_file_is_refused_naming_the_holder(
@@ -154,14 +167,7 @@ async def test_a_paused_owners_late_write_is_refused_by_fencing(postgres_url: st
     paused = FaultyStore(open_store(postgres_url), announce=None)
     async with engine(paused, slow) as a, engine(postgres_url, work) as b:
         await balanced(a, b)
-        run_id = None
-        for i in range(50):  # a run that the soon-paused engine owns
-            candidate = await a.start("approval", {"i": i})
-            if a.ownership.owns(candidate):  # type: ignore[union-attr]
-                run_id = candidate
-                break
-            await a.cancel(candidate)
-        assert run_id is not None
+        run_id = await owned_run(a)
         async with asyncio.timeout(10):
             while slow.count[(str(run_id), "prepare")] == 0:
                 await asyncio.sleep(0.02)
@@ -194,14 +200,7 @@ async def test_a_signal_appended_by_another_replica_while_its_owner_parks_the_ru
     async with engine(parking, work, park_after=0.2) as a, engine(postgres_url, work) as b:
         await balanced(a, b)
         parking.hold("park")
-        run_id = None
-        for i in range(50):  # a run the parking engine owns
-            candidate = await a.start("approval", {"i": i})
-            if a.ownership.owns(candidate):  # type: ignore[union-attr]
-                run_id = candidate
-                break
-            await a.cancel(candidate)
-        assert run_id is not None
+        run_id = await owned_run(a)
         assert await asyncio.to_thread(parking.wait_held, 1, 10.0)  # its parking in flight
         await b.signal(run_id, "go", id="go-1")
         await asyncio.sleep(1.0)  # the owner's change feed hears of it meanwhile
@@ -220,14 +219,7 @@ async def test_a_signal_to_a_parked_run_is_answered_even_if_its_owner_misses_the
     blind = FaultyStore(open_store(postgres_url), announce=None)
     async with engine(blind, work, park_after=0.2) as a, engine(postgres_url, work) as b:
         await balanced(a, b)
-        run_id = None
-        for i in range(50):  # a run the blind engine owns
-            candidate = await a.start("approval", {"i": i})
-            if a.ownership.owns(candidate):  # type: ignore[union-attr]
-                run_id = candidate
-                break
-            await a.cancel(candidate)
-        assert run_id is not None
+        run_id = await owned_run(a)
         async with asyncio.timeout(10):
             while a.parked == 0:
                 await asyncio.sleep(0.02)
@@ -248,14 +240,7 @@ async def test_a_parked_run_signalled_through_the_engine_that_takes_it_over_is_a
     async with engine(postgres_url, work) as b:
         async with engine(blind, work, park_after=0.2) as a:
             await balanced(a, b)
-            run_id = None
-            for i in range(50):
-                candidate = await a.start("approval", {"i": i})
-                if a.ownership.owns(candidate):  # type: ignore[union-attr]
-                    run_id = candidate
-                    break
-                await a.cancel(candidate)
-            assert run_id is not None
+            run_id = await owned_run(a)
             async with asyncio.timeout(10):
                 while a.parked == 0:
                     await asyncio.sleep(0.02)
@@ -289,13 +274,7 @@ async def test_a_replica_that_waits_on_a_run_parked_by_its_owner_leaves_it_parke
 
     async with make(park_after=0.5) as a, make() as b:
         await balanced(a, b)
-        run_id = None
-        for i in range(50):  # a run the parking engine owns
-            candidate = await a.start("later", {"i": i})
-            if a.ownership.owns(candidate):  # type: ignore[union-attr]
-                run_id = candidate
-                break
-        assert run_id is not None
+        run_id = await owned_run(a, "later", cancel_others=False)
         async with asyncio.timeout(10):
             while a.parked == 0:  # its retry is 1.5 s away: the owner parked it
                 await asyncio.sleep(0.02)

@@ -8,8 +8,10 @@ process this is, and not in the embeddable Engine: a library must not trim its h
 behind its back. `give_back()` is the same step for a host that wants it, called when it
 chooses.
 
-Quiet means: no run in flight, no attempt running, nothing committed and no request to the
-run API for `after` seconds. Then one `gc.collect()` (on the loop: finalizers run where the
+Quiet means: no run in flight, no attempt running, nothing committed, no request to the
+run API and no ended run's state let go from the engine's cache (`keep_finished_for`: the
+states of a burst go up to 30 s after it, and they are most of what a trim can return) for
+`after` seconds. Then one `gc.collect()` (on the loop: finalizers run where the
 objects lived) and one `malloc_trim(0)` (in a thread: it can take milliseconds), once per
 quiet period, not again until something has happened. Where malloc_trim does not exist
 (musl, macOS, Windows) only the collection is done.
@@ -70,14 +72,14 @@ class GiveBack:
         self.engine, self.after, self._clock = engine, after, clock
         self.passes = 0  # give-backs done (the /metrics counter)
         self.requests = 0  # requests to the run API seen
-        self._seen: tuple[int, int] | None = None
+        self._seen: tuple[int, int, int] | None = None
         self._busy_at = clock()
         self._armed = True  # start-up (recovery) is activity too
 
     def _busy(self) -> bool:
         """Whether something happened since the last look (and note it)."""
         engine = self.engine
-        seen = (engine.metrics.commits, self.requests)
+        seen = (engine.metrics.commits, self.requests, len(engine.runs_table.finished))
         changed, self._seen = seen != self._seen, seen
         return changed or engine.active_runs > 0 or engine.attempts_in_flight > 0
 

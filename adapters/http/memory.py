@@ -52,7 +52,7 @@ def give_back() -> bool:
     """Collect cyclic garbage, then ask glibc to return its free pages to the system.
 
     Opt-in, for a process that is yours (`rulebound serve` does it when quiet). It blocks
-    for the collection and the trim (tens of milliseconds with a few hundred MB of heap).
+    for the collection and the trim (measured at 76 MiB of RSS: 20-45 ms and under 2 ms).
     True if malloc_trim was called."""
     gc.collect()
     trim = malloc_trim()

@@ -220,6 +220,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     token = os.environ.get("RULEBOUND_TOKEN") or None
     check_bind(args.host, token, args.insecure_no_auth)  # before the engine opens (recovery)
     retention = _retention(args)
+    give_back_after = _seconds(args.give_back_after, "--give-back-after")
     registry = _registry(args)
     sock = listen(args.host, args.port)
     loop = asyncio.get_running_loop()
@@ -238,7 +239,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
                     drain_timeout=args.drain_timeout, lease_time=args.lease_time,
                     retention=retention)
     try:
-        async with serving(engine, sock, token=token):
+        async with serving(engine, sock, token=token, give_back_after=give_back_after):
             if await _open_unless_stopped(engine, stop):
                 print(f"rulebound: serving {', '.join(registry.names())} on {address(sock)} "
                       f"(store {_redact(_store(args))}, auth {'on' if token else 'off'})",
@@ -273,6 +274,18 @@ def _duration(raw: str, flag: str) -> timedelta:
     except OverflowError:
         raise RuleboundError(f"{flag} {raw!r}: expected an age: days (30), or 30d, 12h, "
                              "15m, 10s") from None
+
+
+def _seconds(raw: str, flag: str) -> float:
+    """A number of seconds on the command line, 0 or more (0: off)."""
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 <= seconds < float("inf"):  # also NaN
+        raise RuleboundError(f"{flag} {raw!r}: expected a number of seconds, 0 or more "
+                             "(0 turns it off)")
+    return seconds
 
 
 def _retention(args: argparse.Namespace) -> Retention | None:
@@ -663,6 +676,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lease-time", type=float, default=10.0,
                    help="PostgreSQL: seconds a shard lease lasts; another engine takes a "
                         "stopped one's runs within about this time (default 10)")
+    p.add_argument("--give-back-after", metavar="SECONDS", default="10",
+                   help="after this many seconds without runs or requests to the run API, "
+                        "give freed memory back to the system, once (gc, then glibc's "
+                        "malloc_trim where there is one); 0: never (default 10)")
     p.add_argument("--insecure-no-auth", action="store_true",
                    help="allow a non-loopback address without RULEBOUND_TOKEN")
     p.add_argument("--retain-for", metavar="AGE",

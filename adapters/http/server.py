@@ -52,6 +52,7 @@ from rulebound.engine.tracing import trace_context
 
 from . import models
 from .console import add_console
+from .memory import GiveBack
 from .openapi import document
 
 log = logging.getLogger("rulebound.http")
@@ -63,6 +64,7 @@ STORE_RETRY_AFTER = 2  # seconds a client is told to wait when the store does no
 READY_RETRY_AFTER = 1  # seconds a client is told to wait while the engine opens
 VERSION_COUNT_CAP = 5_000  # runs read to count a workflow's runs per version
 ENGINE: web.AppKey[Engine] = web.AppKey("engine", Engine)
+GIVE_BACK: web.AppKey[GiveBack] = web.AppKey("give_back", GiveBack)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _STATUSES = models.RUN_STATUSES
 M = TypeVar("M", bound=BaseModel)
@@ -684,6 +686,7 @@ class Api:
             f"rulebound_quarantined_runs {len(engine.quarantined)}",
             *([] if not_ready(engine) else _ownership_lines(engine)),
             *_retention_lines(engine),
+            *(give.metric_lines() if (give := request.app.get(GIVE_BACK)) else []),
             "# HELP rulebound_followers Callers following live runs' events.",
             "# TYPE rulebound_followers gauge",
             f"rulebound_followers {engine.followers}",
@@ -730,7 +733,8 @@ async def _lag_probe(engine: Engine) -> None:
 
 def create_app(engine: Engine, *, token: str | None = None, max_body: int = MAX_BODY,
                keepalive: float = KEEPALIVE,
-               max_pending_starts: int = MAX_PENDING_STARTS) -> web.Application:
+               max_pending_starts: int = MAX_PENDING_STARTS,
+               give_back_after: float = 0.0) -> web.Application:
     """The aiohttp application for an engine the caller opens and closes.
 
     The run API answers 503 `not_ready` until the engine is open (see `not_ready`); /healthz
@@ -739,11 +743,19 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = MAX_
     `max_pending_starts`: starts handed to the engine and not yet answered; beyond it (or
     at the engine's max_active_runs) POST /v1/runs answers 503 at once, before reading the
     body, so that refusing stays cheap when the engine cannot keep up.
+    `give_back_after`: seconds of quiet after which the process gives freed memory back to
+    the system (adapters/http/memory.py); 0, the default, never: only for a process that
+    is the server's own, as `rulebound serve`'s is.
     """
+    give = GiveBack(engine, give_back_after) if give_back_after > 0 else None
     app = web.Application(client_max_size=max_body,
                           middlewares=[errors_middleware, _auth_middleware(token),
-                                       _ready_middleware(engine)])
+                                       _ready_middleware(engine),
+                                       *([give.middleware()] if give else [])])
     app[ENGINE] = engine
+    if give is not None:
+        app[GIVE_BACK] = give
+        app.cleanup_ctx.append(give.running)
     api = Api(engine, token, keepalive, max_pending_starts)
     app.router.add_post("/v1/runs", api.start_run)
     app.router.add_get("/v1/runs", api.list_runs)
@@ -820,14 +832,15 @@ def address(sock: socket.socket) -> str:
 
 
 @contextlib.asynccontextmanager
-async def serving(engine: Engine, sock: socket.socket, *,
-                  token: str | None) -> AsyncIterator[None]:
+async def serving(engine: Engine, sock: socket.socket, *, token: str | None,
+                  give_back_after: float = 0.0) -> AsyncIterator[None]:
     """Answer HTTP on a listening socket inside the block; the engine need not be open yet
     (the run API says 503 not_ready until it is, /healthz answers at once). On the way out
     the socket stops accepting, open event streams end and requests in flight finish (up to
-    SHUTDOWN_TIMEOUT); the caller then closes the engine, which drains running attempts."""
-    runner = web.AppRunner(create_app(engine, token=token), access_log=None,
-                           shutdown_timeout=SHUTDOWN_TIMEOUT)
+    SHUTDOWN_TIMEOUT); the caller then closes the engine, which drains running attempts.
+    `give_back_after`: see create_app (`rulebound serve` passes --give-back-after)."""
+    runner = web.AppRunner(create_app(engine, token=token, give_back_after=give_back_after),
+                           access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
     tracing = None
     if os.environ.get("RULEBOUND_OTEL", "") not in ("", "0"):  # the `otel` extra, asked for
         from rulebound.adapters.otel import instrument

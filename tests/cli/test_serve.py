@@ -254,3 +254,45 @@ def test_serve_refuses_retention_flags_that_cannot_work(tmp_path: Path) -> None:
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (flags, done.stderr)
         assert not db.exists()  # refused before anything was opened
+
+
+def _metric(base: str, name: str) -> str | None:
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as resp:
+        found = re.search(rf"^{name} (\S+)$", resp.read().decode(), re.M)
+    return found.group(1) if found else None
+
+
+def test_serve_gives_memory_back_when_quiet_and_not_with_0(tmp_path: Path) -> None:
+    for flag, expected in (("0.3", "1"), ("0", None)):
+        proc = _serve(f"sqlite:///{tmp_path / f'give{flag}.db'}", "--give-back-after", flag)
+        try:
+            base = _address(proc)
+            for _ in range(200):
+                seen = _metric(base, "rulebound_memory_give_backs_total")
+                if seen == expected:
+                    break
+                time.sleep(0.05)
+            time.sleep(1.0)  # no second one while it stays quiet
+            assert _metric(base, "rulebound_memory_give_backs_total") == expected
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+            err = proc.stderr.read() if proc.stderr else ""
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert "Traceback" not in err, err
+
+
+def test_serve_refuses_a_give_back_period_that_is_not_seconds(tmp_path: Path) -> None:
+    db = tmp_path / "never.db"
+    for raw in ("-1", "soon", "nan", "inf"):
+        done = subprocess.run(
+            [sys.executable, "-m", "rulebound", "serve", "--app", APP, "--store",
+             f"sqlite:///{db}", "--port", "0", f"--give-back-after={raw}"],
+            capture_output=True, text=True, timeout=60, env=_env(), cwd=ROOT)
+        assert done.returncode == 1, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"--give-back-after {raw!r}: expected a number of " \
+            "seconds" in lines[0], (raw, done.stderr)
+        assert not db.exists()  # refused before anything was opened

@@ -736,6 +736,12 @@ class Engine:
         return len(self.runs_table.live)
 
     @property
+    def ended_states_kept(self) -> int:
+        """Ended runs whose final state is kept in memory (keep_finished, keep_finished_for):
+        it falls as they age out, which is when their memory can be given back."""
+        return len(self.runs_table.finished)
+
+    @property
     def saturation(self) -> float:
         """Busy fraction of the run capacity (for backpressure and /metrics)."""
         return len(self.runs_table.live) / self._max_active

@@ -79,7 +79,7 @@ class GiveBack:
     def _busy(self) -> bool:
         """Whether something happened since the last look (and note it)."""
         engine = self.engine
-        seen = (engine.metrics.commits, self.requests, len(engine.runs_table.finished))
+        seen = (engine.metrics.commits, self.requests, engine.ended_states_kept)
         changed, self._seen = seen != self._seen, seen
         return changed or engine.active_runs > 0 or engine.attempts_in_flight > 0
 

@@ -492,8 +492,7 @@ class Engine:
         if self._parking and run_id not in self.runs_table.live and self._owns(run_id):
             # Before it can be parked again, so a new parking is never the one undone. Only
             # the owner: the parking row is its timer, and only it loads the run at that time.
-            await self.storage.call(self.storage.store.unpark,  # type: ignore[attr-defined]
-                                    run_id)
+            await self._unpark(run_id)
         run = await self.runs_table.adopt(self.storage, run_id)
         if run is not None and run.reconcile and not run.held:
             await self._reconcile(run)
@@ -1181,6 +1180,7 @@ class Engine:
             await self._lease_cycle(initial=True)  # our share first: recovery takes it up
             self._spawn(self._lease_loop())
             self._spawn(self._change_loop())
+            self._spawn(self._drop_copies_loop(min(1.0, self._lease_time / 4)))
             return
         claim = getattr(store, "claim_writer", None)
         if claim is not None:
@@ -1271,8 +1271,9 @@ class Engine:
             found = [r for r in await self._runs_to_recover() if own.shard(r) in shards]
             # and the copies kept here while another engine owned them (for a request, a
             # waiter or a follower): the list above leaves out runs parked in the store
+            listed = set(found)
             found += [r for r in list(self.runs_table.live) if own.shard(r) in shards
-                      and r not in found]
+                      and r not in listed]
         except Exception as exc:
             log.warning("cannot list the runs of shards taken over (%s); the change feed "
                         "will bring them", short(exc))
@@ -1288,8 +1289,15 @@ class Engine:
             run = self.runs_table.live.get(run_id)
             if run is None:
                 async with self.runs_table.alone_with(run_id):
-                    await self._take_up(run_id)
-                return
+                    run = self.runs_table.live.get(run_id)
+                    if run is None:
+                        await self._take_up(run_id)
+                        return
+                # Taken up by someone else while we waited (a load that may have read the
+                # log before what brought us here was appended): reload it, below.
+            if self._parking:  # a copy kept here while another engine parked the run: its
+                async with run.lock:  # parking row would hide it from the next takeover
+                    await self._unpark(run_id)
             run.dirty = True
             run.reconcile = True
             await self._reconcile(run)
@@ -1376,7 +1384,7 @@ class Engine:
                 moved = self.ownership is not None and bool(
                     await self.storage.read(run.run_id, run.state.version))
                 if run.waiters or run.watchers or run.dirty or moved:
-                    await self.storage.call(store.unpark, run.run_id)  # type: ignore[attr-defined]
+                    await self._unpark(run.run_id)
                     if moved and not run.dirty:
                         run.dirty = True
                         self._spawn(self._wake(run))
@@ -1416,6 +1424,33 @@ class Engine:
                 except Exception as exc:
                     log.warning("run %s: cannot wake it yet (%s)", run_id, short(exc))
 
+    async def _unpark(self, run_id: UUID) -> None:
+        """Remove a run's parking row (its timer in the store), as its owner. On a store
+        shared by several engines the removal is fenced like an append: a former owner's
+        (its shard taken over while the call was on its way) removes nothing, so the new
+        owner still finds the row and wakes the run at its time."""
+        store = self.storage.store
+        if self.ownership is None:
+            await self.storage.call(store.unpark, run_id)  # type: ignore[attr-defined]
+        elif self.ownership.owns(run_id):
+            await self.storage.call(store.unpark, run_id,  # type: ignore[attr-defined]
+                                    self.ownership.fence(run_id))
+
+    async def _drop_copies_loop(self, every: float) -> None:
+        """Let go of runs kept here only for a request, a waiter or a follower while another
+        engine owns them, once nobody here uses them: the owner may keep such a run parked
+        for days, and copies count against max_active_runs."""
+        own = self.ownership
+        assert own is not None
+        while True:
+            await asyncio.sleep(every)
+            for run_id, run in list(self.runs_table.live.items()):
+                if (not own.owns(run_id) and not run.waiters and not run.watchers
+                        and not run.attempts and not run.lock.locked()):
+                    self.timers.cancel(run)
+                    self.dispatch.waiting.pop(run_id, None)
+                    del self.runs_table.live[run_id]
+
     async def _expire_loop(self, keep_for: float) -> None:
         """Forget ended runs' final states once they are older than `keep_for`, also when no
         run ends any more (after a burst, the memory it took is let go)."""
@@ -1430,8 +1465,9 @@ class Engine:
             if self.runs_table.live.get(run.run_id) is not run or run.state.terminal:
                 return  # parked away meanwhile: the next poll takes it up from the store
             try:
-                await self.storage.call(self.storage.store.unpark,  # type: ignore[attr-defined]
-                                        run.run_id)
+                if not self._owns(run.run_id):
+                    return  # the new owner's poll takes it up from its parking row
+                await self._unpark(run.run_id)
                 if run.held or not self._owns(run.run_id):
                     return
                 run.dirty = run.reconcile = True

@@ -446,21 +446,36 @@ class PostgresStore(RecorderStore):
                           (run_id, until))
         self._retrying(write)
 
-    def unpark(self, run_id: UUID) -> None:
+    def unpark(self, run_id: UUID, fence: Fence | None = None) -> None:
+        """Remove the run's parking row; with a fence, only while the fence's shards are
+        still held at its epochs (a former owner's late removal removes nothing)."""
         def write() -> None:
             with self.datastore.transaction(commit=True) as c:
-                c.execute(SQL("DELETE FROM {} WHERE run_id = %s").format(self._table(PARKED)),
-                          (run_id,))
+                if fence is None:
+                    c.execute(SQL("DELETE FROM {} WHERE run_id = %s").format(
+                        self._table(PARKED)), (run_id,))
+                    return
+                shards = [shard for shard, _ in fence.epochs]
+                epochs = [epoch for _, epoch in fence.epochs]
+                c.execute(SQL(
+                    "DELETE FROM {} WHERE run_id = %s AND (SELECT count(*) FROM {} AS l JOIN "
+                    "unnest(%s::int[], %s::bigint[]) AS f(shard, epoch) ON l.shard = f.shard "
+                    "AND l.epoch = f.epoch AND l.owner = %s) = %s").format(
+                        self._table(PARKED), self._table(LEASES)),
+                    (run_id, shards, epochs, fence.owner, len(shards)))
         self._retrying(write)
 
     def wake_parked(self, run_id: UUID, now: float) -> None:
-        """Make a parked run due at `now` (nothing if it is not parked): another engine
-        appended a request to it, and whichever engine owns it then loads it at its next
-        poll, even if the owner's change feed missed the append or its shard changed hands."""
+        """Make a parked run due (nothing if it is not parked): another engine appended a
+        request to it, and whichever engine owns it then loads it at its next poll, even if
+        the owner's change feed missed the append or its shard changed hands. Due from the
+        start of time rather than at `now`, so a caller's clock ahead of the owner's does
+        not delay it."""
+        del now
         def write() -> None:
             with self.datastore.transaction(commit=True) as c:
-                c.execute(SQL("UPDATE {} SET until = %s WHERE run_id = %s AND until > %s")
-                          .format(self._table(PARKED)), (now, run_id, now))
+                c.execute(SQL("UPDATE {} SET until = 0 WHERE run_id = %s AND until > 0")
+                          .format(self._table(PARKED)), (run_id,))
         self._retrying(write)
 
     def parked_due(self, until: float, limit: int = 1000) -> list[UUID]:

@@ -1391,6 +1391,10 @@ class Engine:
                     return
             except Exception as exc:
                 log.debug("run %s: not parked (%s)", run.run_id, short(exc))
+                # The row may be written: the run stays here, so take it away again (a row
+                # left behind would hide the run from the next takeover's listing).
+                with contextlib.suppress(Exception):
+                    await self._unpark(run.run_id)
                 return
             self.timers.cancel(run)
             self.runs_table.live.pop(run.run_id, None)
@@ -1455,7 +1459,7 @@ class Engine:
         """Forget ended runs' final states once they are older than `keep_for`, also when no
         run ends any more (after a burst, the memory it took is let go)."""
         while True:
-            await asyncio.sleep(min(5.0, keep_for / 2))
+            await asyncio.sleep(max(0.05, min(5.0, keep_for / 2)))
             self.runs_table.expire()
 
     async def _resume_parked_copy(self, run: LiveRun) -> None:

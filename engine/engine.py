@@ -1230,7 +1230,11 @@ class Engine:
         while True:
             await asyncio.sleep(interval)
             try:
-                await asyncio.wait_for(self._lease_cycle(), interval * 2)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a
+                # cancellation that arrives as the cycle completes, and close() then waits
+                # for this loop forever (seen as a hang of test_parking_races under load).
+                async with asyncio.timeout(interval * 2):
+                    await self._lease_cycle()
             except Exception as exc:
                 log.warning("lease renewal failed (%s)", short(exc))
             if own.overdue():  # stop deciding before the leases can expire elsewhere

@@ -31,6 +31,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -78,6 +79,7 @@ from .views import RunView
 log = logging.getLogger("rulebound.engine")
 RUN_NAMESPACE = UUID("5b1f0c3e-7a53-4f0e-9d7c-2f1d8d6a9e11")
 _REPLACED_RETRIES = 3  # signal/cancel: how often to follow a run whose object was replaced
+_COPY_IDLE = 5.0  # seconds unused before a copy of another engine's run is let go
 _RESULT_BACKOFF_MAX = 5.0  # seconds between tries of a result write while the store is down
 T = TypeVar("T")
 
@@ -972,8 +974,9 @@ class Engine:
     async def _reconcile(self, run: LiveRun) -> None:
         """Bring a run's log in line with what really runs here, and re-arm its timer."""
         async with run.lock:
-            if run.state.terminal or run.held or not self._owns(run.run_id):
-                return
+            if (run.state.terminal or run.held or not self._owns(run.run_id)
+                    or self.runs_table.live.get(run.run_id) is not run):
+                return  # ended, not ours, or parked away while we waited for the lock
             run.reconcile = True
             await self._commit(run, [])
 
@@ -1299,11 +1302,15 @@ class Engine:
                         return
                 # Taken up by someone else while we waited (a load that may have read the
                 # log before what brought us here was appended): reload it, below.
-            if self._parking:  # a copy kept here while another engine parked the run: its
-                async with run.lock:  # parking row would hide it from the next takeover
-                    await self._unpark(run_id)
-            run.dirty = True
-            run.reconcile = True
+            async with run.lock:
+                if self.runs_table.live.get(run_id) is not run:
+                    # parked (or replaced) while we waited: its row or its new object is
+                    # what stands for it now; the poll or that object's holder drives it
+                    return
+                if self._parking:  # a copy kept here while another engine parked the run:
+                    await self._unpark(run_id)  # that row would hide it from a takeover
+                run.dirty = True
+                run.reconcile = True
             await self._reconcile(run)
         except (RunNotFound, CorruptRun):
             pass
@@ -1338,9 +1345,22 @@ class Engine:
                 if run is None:
                     if self._owns(run_id) and run_id not in self.runs_table.finished:
                         self._spawn(self._drive(run_id))  # started by another replica
+                    elif self.runs_table.busy(run_id):  # a copy loading: it may have read
+                        self._spawn(self._catch_up_copy(run_id, seq))  # the log before this
                 elif seq > run.state.version:
                     run.dirty = True
                     self._spawn(self._wake(run) if self._owns(run_id) else self._observe(run))
+
+    async def _catch_up_copy(self, run_id: UUID, seq: int) -> None:
+        """Another engine appended while a copy of its run was being loaded here: once the
+        load is done, read what the load may have missed (else a waiter here never hears
+        that the run ended)."""
+        async with self.runs_table.alone_with(run_id):
+            pass
+        run = self.runs_table.live.get(run_id)
+        if run is not None and seq > run.state.version:
+            run.dirty = True
+            await (self._wake(run) if self._owns(run_id) else self._observe(run))
 
     async def _observe(self, run: LiveRun) -> None:
         """Another engine's run moved: read what it wrote, for waiters and followers here."""
@@ -1380,7 +1400,8 @@ class Engine:
                 return
             store = self.storage.store
             try:
-                await self.storage.call(store.park, run.run_id, _epoch(due))  # type: ignore[attr-defined]
+                await self.storage.call(store.park, run.run_id, _epoch(due),  # type: ignore[attr-defined]
+                                        run.state.version)
                 # Someone came while the parking was written, or another engine appended to
                 # the run (the change feed marked it dirty and its wake-up waits for the
                 # lock; or the append landed before the parking row, so the appender found
@@ -1446,17 +1467,23 @@ class Engine:
 
     async def _drop_copies_loop(self, every: float) -> None:
         """Let go of runs kept here only for a request, a waiter or a follower while another
-        engine owns them, once nobody here uses them: the owner may keep such a run parked
-        for days, and copies count against max_active_runs."""
+        engine owns them, once nobody here has used them for `_COPY_IDLE` seconds: the owner
+        may keep such a run parked for days, and copies count against max_active_runs.
+
+        Never one being taken up (its load may be on its way to a waiter) nor one used a
+        moment ago: a wait registers on the copy it was handed without yielding, so a copy
+        unused for that long has nobody on its way to it."""
         own = self.ownership
         assert own is not None
         while True:
             await asyncio.sleep(every)
+            idle_since = time.monotonic() - _COPY_IDLE
             for run_id, run in list(self.runs_table.live.items()):
-                if (not own.owns(run_id) and not run.waiters and not run.watchers
-                        and not run.attempts and not run.lock.locked()):
+                if (run.used_at < idle_since and not own.owns(run_id) and not run.waiters
+                        and not run.watchers and not run.attempts and not run.lock.locked()
+                        and not self.runs_table.busy(run_id)
+                        and run_id not in self.dispatch.waiting):
                     self.timers.cancel(run)
-                    self.dispatch.waiting.pop(run_id, None)
                     del self.runs_table.live[run_id]
 
     async def _expire_loop(self, keep_for: float) -> None:
@@ -1511,14 +1538,16 @@ class Engine:
         """The live object of a going run, taking it up from the store if needed; None if
         the run has ended. RunNotFound if there is no such run."""
         run = self.runs_table.live.get(run_id)
+        if run is None:
+            if run_id in self.runs_table.quarantined:
+                raise self.runs_table.quarantined[run_id]
+            if run_id in self.runs_table.finished:
+                return None
+            async with self.runs_table.alone_with(run_id):
+                run = await self._take_up(run_id)
         if run is not None:
-            return run
-        if run_id in self.runs_table.quarantined:
-            raise self.runs_table.quarantined[run_id]
-        if run_id in self.runs_table.finished:
-            return None
-        async with self.runs_table.alone_with(run_id):
-            return await self._take_up(run_id)
+            run.used_at = time.monotonic()
+        return run
 
     async def _ended_state(self, run_id: UUID) -> RunState:
         state = self.runs_table.finished.get(run_id)

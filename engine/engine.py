@@ -31,6 +31,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -78,6 +79,7 @@ from .views import RunView
 log = logging.getLogger("rulebound.engine")
 RUN_NAMESPACE = UUID("5b1f0c3e-7a53-4f0e-9d7c-2f1d8d6a9e11")
 _REPLACED_RETRIES = 3  # signal/cancel: how often to follow a run whose object was replaced
+_COPY_IDLE = 5.0  # seconds unused before a copy of another engine's run is let go
 _RESULT_BACKOFF_MAX = 5.0  # seconds between tries of a result write while the store is down
 T = TypeVar("T")
 
@@ -492,8 +494,7 @@ class Engine:
         if self._parking and run_id not in self.runs_table.live and self._owns(run_id):
             # Before it can be parked again, so a new parking is never the one undone. Only
             # the owner: the parking row is its timer, and only it loads the run at that time.
-            await self.storage.call(self.storage.store.unpark,  # type: ignore[attr-defined]
-                                    run_id)
+            await self._unpark(run_id)
         run = await self.runs_table.adopt(self.storage, run_id)
         if run is not None and run.reconcile and not run.held:
             await self._reconcile(run)
@@ -979,8 +980,9 @@ class Engine:
     async def _reconcile(self, run: LiveRun) -> None:
         """Bring a run's log in line with what really runs here, and re-arm its timer."""
         async with run.lock:
-            if run.state.terminal or run.held or not self._owns(run.run_id):
-                return
+            if (run.state.terminal or run.held or not self._owns(run.run_id)
+                    or self.runs_table.live.get(run.run_id) is not run):
+                return  # ended, not ours, or parked away while we waited for the lock
             run.reconcile = True
             await self._commit(run, [])
 
@@ -1187,6 +1189,7 @@ class Engine:
             await self._lease_cycle(initial=True)  # our share first: recovery takes it up
             self._spawn(self._lease_loop())
             self._spawn(self._change_loop())
+            self._spawn(self._drop_copies_loop(min(1.0, self._lease_time / 4)))
             return
         claim = getattr(store, "claim_writer", None)
         if claim is not None:
@@ -1236,7 +1239,11 @@ class Engine:
         while True:
             await asyncio.sleep(interval)
             try:
-                await asyncio.wait_for(self._lease_cycle(), interval * 2)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a
+                # cancellation that arrives as the cycle completes, and close() then waits
+                # for this loop forever (seen as a hang of test_parking_races under load).
+                async with asyncio.timeout(interval * 2):
+                    await self._lease_cycle()
             except Exception as exc:
                 log.warning("lease renewal failed (%s)", short(exc))
             if own.overdue():  # stop deciding before the leases can expire elsewhere
@@ -1277,8 +1284,9 @@ class Engine:
             found = [r for r in await self._runs_to_recover() if own.shard(r) in shards]
             # and the copies kept here while another engine owned them (for a request, a
             # waiter or a follower): the list above leaves out runs parked in the store
+            listed = set(found)
             found += [r for r in list(self.runs_table.live) if own.shard(r) in shards
-                      and r not in found]
+                      and r not in listed]
         except Exception as exc:
             log.warning("cannot list the runs of shards taken over (%s); the change feed "
                         "will bring them", short(exc))
@@ -1294,10 +1302,21 @@ class Engine:
             run = self.runs_table.live.get(run_id)
             if run is None:
                 async with self.runs_table.alone_with(run_id):
-                    await self._take_up(run_id)
-                return
-            run.dirty = True
-            run.reconcile = True
+                    run = self.runs_table.live.get(run_id)
+                    if run is None:
+                        await self._take_up(run_id)
+                        return
+                # Taken up by someone else while we waited (a load that may have read the
+                # log before what brought us here was appended): reload it, below.
+            async with run.lock:
+                if self.runs_table.live.get(run_id) is not run:
+                    # parked (or replaced) while we waited: its row or its new object is
+                    # what stands for it now; the poll or that object's holder drives it
+                    return
+                if self._parking:  # a copy kept here while another engine parked the run:
+                    await self._unpark(run_id)  # that row would hide it from a takeover
+                run.dirty = True
+                run.reconcile = True
             await self._reconcile(run)
         except (RunNotFound, CorruptRun):
             pass
@@ -1332,9 +1351,22 @@ class Engine:
                 if run is None:
                     if self._owns(run_id) and run_id not in self.runs_table.finished:
                         self._spawn(self._drive(run_id))  # started by another replica
+                    elif self.runs_table.busy(run_id):  # a copy loading: it may have read
+                        self._spawn(self._catch_up_copy(run_id, seq))  # the log before this
                 elif seq > run.state.version:
                     run.dirty = True
                     self._spawn(self._wake(run) if self._owns(run_id) else self._observe(run))
+
+    async def _catch_up_copy(self, run_id: UUID, seq: int) -> None:
+        """Another engine appended while a copy of its run was being loaded here: once the
+        load is done, read what the load may have missed (else a waiter here never hears
+        that the run ended)."""
+        async with self.runs_table.alone_with(run_id):
+            pass
+        run = self.runs_table.live.get(run_id)
+        if run is not None and seq > run.state.version:
+            run.dirty = True
+            await (self._wake(run) if self._owns(run_id) else self._observe(run))
 
     async def _observe(self, run: LiveRun) -> None:
         """Another engine's run moved: read what it wrote, for waiters and followers here."""
@@ -1374,7 +1406,8 @@ class Engine:
                 return
             store = self.storage.store
             try:
-                await self.storage.call(store.park, run.run_id, _epoch(due))  # type: ignore[attr-defined]
+                await self.storage.call(store.park, run.run_id, _epoch(due),  # type: ignore[attr-defined]
+                                        run.state.version)
                 # Someone came while the parking was written, or another engine appended to
                 # the run (the change feed marked it dirty and its wake-up waits for the
                 # lock; or the append landed before the parking row, so the appender found
@@ -1382,13 +1415,17 @@ class Engine:
                 moved = self.ownership is not None and bool(
                     await self.storage.read(run.run_id, run.state.version))
                 if run.waiters or run.watchers or run.dirty or moved:
-                    await self.storage.call(store.unpark, run.run_id)  # type: ignore[attr-defined]
+                    await self._unpark(run.run_id)
                     if moved and not run.dirty:
                         run.dirty = True
                         self._spawn(self._wake(run))
                     return
             except Exception as exc:
                 log.debug("run %s: not parked (%s)", run.run_id, short(exc))
+                # The row may be written: the run stays here, so take it away again (a row
+                # left behind would hide the run from the next takeover's listing).
+                with contextlib.suppress(Exception):
+                    await self._unpark(run.run_id)
                 return
             self.timers.cancel(run)
             self.runs_table.live.pop(run.run_id, None)
@@ -1422,11 +1459,44 @@ class Engine:
                 except Exception as exc:
                     log.warning("run %s: cannot wake it yet (%s)", run_id, short(exc))
 
+    async def _unpark(self, run_id: UUID) -> None:
+        """Remove a run's parking row (its timer in the store), as its owner. On a store
+        shared by several engines the removal is fenced like an append: a former owner's
+        (its shard taken over while the call was on its way) removes nothing, so the new
+        owner still finds the row and wakes the run at its time."""
+        store = self.storage.store
+        if self.ownership is None:
+            await self.storage.call(store.unpark, run_id)  # type: ignore[attr-defined]
+        elif self.ownership.owns(run_id):
+            await self.storage.call(store.unpark, run_id,  # type: ignore[attr-defined]
+                                    self.ownership.fence(run_id))
+
+    async def _drop_copies_loop(self, every: float) -> None:
+        """Let go of runs kept here only for a request, a waiter or a follower while another
+        engine owns them, once nobody here has used them for `_COPY_IDLE` seconds: the owner
+        may keep such a run parked for days, and copies count against max_active_runs.
+
+        Never one being taken up (its load may be on its way to a waiter) nor one used a
+        moment ago: a wait registers on the copy it was handed without yielding, so a copy
+        unused for that long has nobody on its way to it."""
+        own = self.ownership
+        assert own is not None
+        while True:
+            await asyncio.sleep(every)
+            idle_since = time.monotonic() - _COPY_IDLE
+            for run_id, run in list(self.runs_table.live.items()):
+                if (run.used_at < idle_since and not own.owns(run_id) and not run.waiters
+                        and not run.watchers and not run.attempts and not run.lock.locked()
+                        and not self.runs_table.busy(run_id)
+                        and run_id not in self.dispatch.waiting):
+                    self.timers.cancel(run)
+                    del self.runs_table.live[run_id]
+
     async def _expire_loop(self, keep_for: float) -> None:
         """Forget ended runs' final states once they are older than `keep_for`, also when no
         run ends any more (after a burst, the memory it took is let go)."""
         while True:
-            await asyncio.sleep(min(5.0, keep_for / 2))
+            await asyncio.sleep(max(0.05, min(5.0, keep_for / 2)))
             self.runs_table.expire()
 
     async def _resume_parked_copy(self, run: LiveRun) -> None:
@@ -1436,8 +1506,9 @@ class Engine:
             if self.runs_table.live.get(run.run_id) is not run or run.state.terminal:
                 return  # parked away meanwhile: the next poll takes it up from the store
             try:
-                await self.storage.call(self.storage.store.unpark,  # type: ignore[attr-defined]
-                                        run.run_id)
+                if not self._owns(run.run_id):
+                    return  # the new owner's poll takes it up from its parking row
+                await self._unpark(run.run_id)
                 if run.held or not self._owns(run.run_id):
                     return
                 run.dirty = run.reconcile = True
@@ -1473,14 +1544,16 @@ class Engine:
         """The live object of a going run, taking it up from the store if needed; None if
         the run has ended. RunNotFound if there is no such run."""
         run = self.runs_table.live.get(run_id)
+        if run is None:
+            if run_id in self.runs_table.quarantined:
+                raise self.runs_table.quarantined[run_id]
+            if run_id in self.runs_table.finished:
+                return None
+            async with self.runs_table.alone_with(run_id):
+                run = await self._take_up(run_id)
         if run is not None:
-            return run
-        if run_id in self.runs_table.quarantined:
-            raise self.runs_table.quarantined[run_id]
-        if run_id in self.runs_table.finished:
-            return None
-        async with self.runs_table.alone_with(run_id):
-            return await self._take_up(run_id)
+            run.used_at = time.monotonic()
+        return run
 
     async def _ended_state(self, run_id: UUID) -> RunState:
         state = self.runs_table.finished.get(run_id)

@@ -285,13 +285,16 @@ class FaultyStore:
         self._before("lease_cycle")
         return self.inner.lease_cycle(*args, **kwargs)  # type: ignore[attr-defined]
 
-    def park(self, run_id: UUID, until: float) -> None:
+    def park(self, run_id: UUID, until: float, version: int | None = None) -> None:
         self._before("park")
-        self.inner.park(run_id, until)  # type: ignore[attr-defined]
+        self.inner.park(run_id, until, version)  # type: ignore[attr-defined]
 
-    def unpark(self, run_id: UUID) -> None:
+    def unpark(self, run_id: UUID, fence: Fence | None = None) -> None:
         self._before("unpark")
-        self.inner.unpark(run_id)  # type: ignore[attr-defined]
+        if fence is None:
+            self.inner.unpark(run_id)  # type: ignore[attr-defined]
+        else:
+            self.inner.unpark(run_id, fence)  # type: ignore[attr-defined]
 
     def wake_parked(self, run_id: UUID, now: float) -> None:
         self._before("wake_parked")

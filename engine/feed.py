@@ -75,8 +75,11 @@ class Feed:
         run.waiters.append(waiter)
         try:
             # No shield: the waiter is this call's own future (nobody else awaits it, and
-            # `end` skips done ones), so cancelling it with the caller is harmless.
-            await asyncio.wait_for(waiter, timeout)
+            # `end` skips done ones), so cancelling it with the caller is harmless. Not
+            # wait_for: on Python 3.11 it swallows the caller's cancellation when the run
+            # ends in the same iteration, and a cancelled request would then never end.
+            async with asyncio.timeout(timeout):
+                await waiter
         finally:
             if waiter in run.waiters:
                 run.waiters.remove(waiter)

@@ -8,6 +8,7 @@ outcome is unknown, another writer), so the next holder of the lock must reload 
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import datetime
 from uuid import UUID
 
@@ -19,7 +20,7 @@ from rulebound.domain.state import RunState
 class LiveRun:
     __slots__ = ("admit_at", "attempts", "deadline_at", "definition", "dirty", "held",
                  "id_text", "last_hash", "lock", "reconcile", "run_id", "state", "timer",
-                 "timer_at", "waiters", "watchers")
+                 "timer_at", "used_at", "waiters", "watchers")
 
     def __init__(self, run_id: UUID, definition: Workflow | None, state: RunState,
                  last_hash: str) -> None:
@@ -42,6 +43,9 @@ class LiveRun:
         self.reconcile = False
         self.deadline_at: datetime | None = None
         self.admit_at: datetime | None = None  # when a rate limit may next admit an attempt
+        # When a request, a waiter or a follower here last asked for it (monotonic): a copy
+        # of another engine's run is let go once unused for a while, never in the middle.
+        self.used_at = time.monotonic()
 
     def orphaned_attempts(self, now: datetime) -> list[ev.Event]:
         """AttemptAbandoned for every attempt the log shows running with no task here."""

@@ -95,6 +95,10 @@ class RunTable:
             del self._creating[run_id]
             settled.set_result(None)
 
+    def busy(self, run_id: UUID) -> bool:
+        """Someone is creating or taking up `run_id` right now (see alone_with)."""
+        return run_id in self._creating
+
     async def load(self, storage: StoreWorker, run_id: UUID, after: int = 0,
                    state: RunState | None = None, last_hash: str = codec.GENESIS_HASH
                    ) -> tuple[RunState, str, list[ev.Event]]:

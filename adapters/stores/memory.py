@@ -173,7 +173,8 @@ class MemoryStore(RecorderStore):
 
     # --- parked runs: nothing to do until a signal or a far-off timer ---------------------
 
-    def park(self, run_id: UUID, until: float) -> None:
+    def park(self, run_id: UUID, until: float, version: int | None = None) -> None:
+        del version  # one engine per store: no other engine can leave a row stale
         with self._rm_lock:
             self._parked[run_id] = until
 

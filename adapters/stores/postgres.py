@@ -216,7 +216,12 @@ class PostgresStore(RecorderStore):
             c.execute(SQL("CREATE TABLE IF NOT EXISTS {} (id int PRIMARY KEY CHECK (id = 1), "
                           "position bigint NOT NULL)").format(self._table(TRACKING)))
             c.execute(SQL("CREATE TABLE IF NOT EXISTS {} (run_id uuid PRIMARY KEY, until "
-                          "double precision NOT NULL)").format(self._table(PARKED)))
+                          "double precision NOT NULL, version bigint)").format(
+                              self._table(PARKED)))
+            # Stores made before parked rows said which version they parked (NULL: never
+            # taken for stale).
+            c.execute(SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS version bigint").format(
+                self._table(PARKED)))
             c.execute(SQL("CREATE INDEX IF NOT EXISTS {} ON {} (until)").format(
                 Identifier(f"{PARKED}_until"), self._table(PARKED)))
 
@@ -438,29 +443,54 @@ class PostgresStore(RecorderStore):
 
     # --- parked runs: nothing to do until a signal or a far-off timer ---------------------
 
-    def park(self, run_id: UUID, until: float) -> None:
+    def park(self, run_id: UUID, until: float, version: int | None = None) -> None:
+        """Park a run until `until`, as of its `version`: once its log has grown past that
+        version the row is stale (something was appended and nobody unparked it), and
+        `runs_to_recover` lists the run whatever the row's time (one index probe of the
+        events per parked run in a listing)."""
         def write() -> None:
             with self.datastore.transaction(commit=True) as c:
-                c.execute(SQL("INSERT INTO {} VALUES (%s, %s) ON CONFLICT (run_id) DO UPDATE "
-                              "SET until = excluded.until").format(self._table(PARKED)),
-                          (run_id, until))
+                c.execute(SQL("INSERT INTO {} (run_id, until, version) VALUES (%s, %s, %s) "
+                              "ON CONFLICT (run_id) DO UPDATE SET until = excluded.until, "
+                              "version = excluded.version").format(self._table(PARKED)),
+                          (run_id, until, version))
         self._retrying(write)
 
-    def unpark(self, run_id: UUID) -> None:
+    def unpark(self, run_id: UUID, fence: Fence | None = None) -> None:
+        """Remove the run's parking row; with a fence, only while the fence's shards are
+        still held at its epochs (a former owner's late removal removes nothing)."""
         def write() -> None:
             with self.datastore.transaction(commit=True) as c:
-                c.execute(SQL("DELETE FROM {} WHERE run_id = %s").format(self._table(PARKED)),
-                          (run_id,))
+                if fence is None:
+                    c.execute(SQL("DELETE FROM {} WHERE run_id = %s").format(
+                        self._table(PARKED)), (run_id,))
+                    return
+                # The lease rows are read FOR SHARE, as an append's fence is: a takeover
+                # (which updates them) waits for this delete to commit, so it never lists
+                # the run as parked and then sees its row go.
+                shards = [shard for shard, _ in fence.epochs]
+                epochs = [epoch for _, epoch in fence.epochs]
+                c.execute(SQL(
+                    "SELECT l.shard FROM {} AS l JOIN unnest(%s::int[], %s::bigint[]) AS "
+                    "f(shard, epoch) ON l.shard = f.shard AND l.epoch = f.epoch AND "
+                    "l.owner = %s FOR SHARE OF l").format(self._table(LEASES)),
+                    (shards, epochs, fence.owner))
+                if len(c.fetchall()) == len(shards):
+                    c.execute(SQL("DELETE FROM {} WHERE run_id = %s").format(
+                        self._table(PARKED)), (run_id,))
         self._retrying(write)
 
     def wake_parked(self, run_id: UUID, now: float) -> None:
-        """Make a parked run due at `now` (nothing if it is not parked): another engine
-        appended a request to it, and whichever engine owns it then loads it at its next
-        poll, even if the owner's change feed missed the append or its shard changed hands."""
+        """Make a parked run due (nothing if it is not parked): another engine appended a
+        request to it, and whichever engine owns it then loads it at its next poll, even if
+        the owner's change feed missed the append or its shard changed hands. Due from the
+        start of time rather than at `now`, so a caller's clock ahead of the owner's does
+        not delay it."""
+        del now
         def write() -> None:
             with self.datastore.transaction(commit=True) as c:
-                c.execute(SQL("UPDATE {} SET until = %s WHERE run_id = %s AND until > %s")
-                          .format(self._table(PARKED)), (now, run_id, now))
+                c.execute(SQL("UPDATE {} SET until = 0 WHERE run_id = %s AND until > 0")
+                          .format(self._table(PARKED)), (run_id,))
         self._retrying(write)
 
     def parked_due(self, until: float, limit: int = 1000) -> list[UUID]:
@@ -474,10 +504,15 @@ class PostgresStore(RecorderStore):
     def runs_to_recover(self, now: float, limit: int = 500, offset: int = 0) -> list[UUID]:
         def read() -> list[UUID]:
             with self.datastore.transaction(commit=False) as c:
+                # A parking row is stale once the run's log has grown past the version it
+                # parked (something was appended and nobody unparked it): the run is listed.
                 c.execute(SQL("SELECT r.run_id FROM {} AS r LEFT JOIN {} AS p ON p.run_id = "
                               "r.run_id WHERE r.status = 'running' AND (p.until IS NULL OR "
-                              "p.until <= %s) ORDER BY r.created_at, r.run_id LIMIT %s OFFSET "
-                              "%s").format(self._table(RUNS), self._table(PARKED)),
+                              "p.until <= %s OR EXISTS (SELECT 1 FROM {} AS e WHERE "
+                              "e.originator_id = r.run_id AND e.originator_version > "
+                              "p.version)) ORDER BY r.created_at, r.run_id LIMIT %s OFFSET "
+                              "%s").format(self._table(RUNS), self._table(PARKED),
+                                           self._table(EVENTS)),
                           (now, limit, offset))
                 return [_uuid(r["run_id"]) for r in c.fetchall()]
         return self._retrying(read)

@@ -181,7 +181,8 @@ class SQLiteStore(RecorderStore):
 
     # --- parked runs: nothing to do until a signal or a far-off timer ---------------------
 
-    def park(self, run_id: UUID, until: float) -> None:
+    def park(self, run_id: UUID, until: float, version: int | None = None) -> None:
+        del version  # one engine per store: no other engine can leave a row stale
         def write() -> None:
             with self.datastore.transaction(commit=True) as c:
                 c.execute(f"INSERT INTO {PARKED} VALUES (?, ?) ON CONFLICT(run_id) DO UPDATE "

@@ -122,6 +122,7 @@ class FaultyStore:
         self._lock = threading.Lock()
         self._fail: dict[str, list[Callable[[], BaseException]]] = {}
         self._lost: list[LostAck] = []
+        self._lost_cycles = 0
         self._slow: dict[str | None, float] = {}
         self._outage_until = float("-inf")
         self._held: set[str] = set()
@@ -152,13 +153,24 @@ class FaultyStore:
         with self._lock:
             self._fail.setdefault(method, []).extend([make] * n)
 
-    def lose_acks(self, n: int = 1, *, error: LostAck = "unavailable") -> None:
+    def lose_acks(self, n: int = 1, *, error: LostAck = "unavailable",
+                  method: str = "append") -> None:
         """The next `n` appends are written, then raise as if the acknowledgement was lost:
-        StoreUnavailable, or ConcurrencyConflict (a recorder retrying into its own rows)."""
+        StoreUnavailable, or ConcurrencyConflict (a recorder retrying into its own rows).
+        With `method="lease_cycle"`: the next `n` lease cycles are done, then raise
+        StoreUnavailable (the engine does not learn what they took)."""
         if error not in ("unavailable", "conflict"):
             raise ValueError(f"error must be 'unavailable' or 'conflict', got {error!r}")
+        if method not in ("append", "lease_cycle"):
+            raise ValueError(f"lost acknowledgements are for append or lease_cycle, not "
+                             f"{method!r}")
+        if method == "lease_cycle" and error != "unavailable":
+            raise ValueError("a lease cycle's lost acknowledgement is 'unavailable'")
         with self._lock:
-            self._lost.extend([error] * n)
+            if method == "append":
+                self._lost.extend([error] * n)
+            else:
+                self._lost_cycles += n
 
     def outage(self, seconds: float) -> float:
         """Refuse every call with StoreUnavailable for `seconds` from now; returns the
@@ -211,6 +223,7 @@ class FaultyStore:
         with self._lock:
             self._fail.clear()
             self._lost.clear()
+            self._lost_cycles = 0
             self._slow.clear()
             self._outage_until = float("-inf")
             self._held.clear()
@@ -283,7 +296,16 @@ class FaultyStore:
 
     def lease_cycle(self, *args: Any, **kwargs: Any) -> Any:
         self._before("lease_cycle")
-        return self.inner.lease_cycle(*args, **kwargs)  # type: ignore[attr-defined]
+        state = self.inner.lease_cycle(*args, **kwargs)  # type: ignore[attr-defined]
+        with self._lock:
+            lost = self._lost_cycles > 0
+            if lost:
+                self._lost_cycles -= 1
+                self.injected["lost_ack"] += 1
+        if lost:
+            raise StoreUnavailable("injected fault: connection lost after the lease cycle "
+                                   "committed (acknowledgement lost)", 0.05)
+        return state
 
     def park(self, run_id: UUID, until: float, version: int | None = None) -> None:
         self._before("park")

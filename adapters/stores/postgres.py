@@ -403,11 +403,15 @@ class PostgresStore(RecorderStore):
                     now_held.update({row["shard"]: row["epoch"] for row in c.fetchall()})
                 take = sorted(wanted - set(now_held) - set(release))
                 if take:
+                    # `owner = worker` too: a cycle of ours whose answer was lost may have
+                    # taken a shard we do not know we hold; taken again at a new epoch, it
+                    # is not left idle until that lease runs out.
                     c.execute(SQL(
                         "UPDATE {} SET owner = %s, epoch = epoch + 1, expires_at = now() + "
                         "make_interval(secs => %s) WHERE shard = ANY(%s) AND (owner IS NULL "
-                        "OR expires_at < now()) RETURNING shard, epoch").format(leases),
-                        (worker, lease_seconds, take))
+                        "OR expires_at < now() OR owner = %s) RETURNING shard, epoch").format(
+                            leases),
+                        (worker, lease_seconds, take, worker))
                     now_held.update({row["shard"]: row["epoch"] for row in c.fetchall()})
                 return LeaseState(held=now_held, wanted=wanted, engines=len(live))
 

@@ -370,3 +370,35 @@ async def test_opening_and_closing_engines_on_postgresql_does_not_grow_the_proce
     size = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
     print(f"per open and close: {size / 20 / 1024:.1f} KiB, {grown / 20:.1f} objects")
     assert size / 20 < 5 * 1024 and grown / 20 < 60, (size / 20, grown / 20)
+
+
+@pytest.mark.postgres
+async def test_shards_taken_by_a_lease_cycle_whose_answer_was_lost_are_taken_again(
+        postgres_url: str) -> None:
+    # B's lease cycle takes the shards A gave up as it closed, and its answer is lost: the
+    # store records B as their owner and B does not know it. Those shards must not sit idle
+    # (their runs undecided) until that lease runs out: B's next cycle takes them again.
+    lease = 10.0  # a cycle every 2.5 s; the lease B does not know of lasts 10 s
+    work = Work()
+    faulty = FaultyStore(open_store(postgres_url), announce=None)
+    async with engine(faulty, work, lease_time=lease) as b:
+        try:
+            async with engine(postgres_url, work, lease_time=lease) as a:
+                async with asyncio.timeout(30):
+                    while not (a.ownership.held and b.ownership.held  # type: ignore[union-attr]
+                               and len(a.ownership.held)  # type: ignore[union-attr]
+                               + len(b.ownership.held) == 64):  # type: ignore[union-attr]
+                        await asyncio.sleep(0.05)
+                faulty.hold("lease_cycle")  # B's next cycle waits until A has gone
+                assert await asyncio.to_thread(faulty.wait_held, 1, 10.0)
+            faulty.lose_acks(1, method="lease_cycle")
+            released = time.monotonic()
+            faulty.release()  # that cycle takes A's shards; B does not hear of it
+            async with asyncio.timeout(30):
+                while len(b.ownership.held) < 64:  # type: ignore[union-attr]
+                    await asyncio.sleep(0.05)
+            took = time.monotonic() - released
+        finally:
+            faulty.heal()
+    print(f"B held every shard {took:.1f} s after its lost cycle (lease {lease:.0f} s)")
+    assert took < 0.8 * lease, took  # the next cycle (2.5 s), not the lease's end (10 s)

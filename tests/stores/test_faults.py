@@ -169,6 +169,10 @@ def test_bad_settings_are_refused() -> None:
         FaultyStore(inner).fail_next(1, method="apend")
     with pytest.raises(ValueError, match="delay"):
         FaultyStore(inner, delay=(0.2, 0.1))
+    with pytest.raises(ValueError, match="not 'read'"):
+        FaultyStore(inner).lose_acks(1, method="read")
+    with pytest.raises(ValueError, match="lease cycle"):
+        FaultyStore(inner).lose_acks(1, method="lease_cycle", error="conflict")
 
 
 # --- an Engine on a faulty store ------------------------------------------------------------

@@ -52,6 +52,16 @@ def test_v1_to_v2_to_decode_round_trips_body_hash_and_id(event: ev.Event, run_id
     assert codec.decode(v1) == back
 
 
+def test_a_body_larger_than_the_compressors_window_round_trips() -> None:
+    run_id = uuid.uuid4()
+    output = {"text": "".join(str(uuid.uuid4()) for _ in range(3000))}  # about 110 KB
+    event = ev.StepCompleted(at=datetime(2026, 1, 1, tzinfo=UTC), step="s", visit=1,
+                             output=output)
+    _, v1 = codec.stamp(event, codec.event_id(run_id, 7), codec.GENESIS_HASH)
+    v2 = codec.compact(v1, run_id, 7)
+    assert v2[:1] == codec.V2 and codec.expand(v2, run_id, 7) == v1
+
+
 def test_event_ids_are_unique_per_run_and_seq_and_keep_the_uuid_shape() -> None:
     runs = [uuid.uuid4() for _ in range(50)]
     ids = {codec.event_id(r, s) for r in runs for s in range(1, 201)}

@@ -793,7 +793,7 @@ class Engine:
         run_id = run.run_id
         stamp = codec.stamp
         # codec.event_id and Record's Python-level __new__ inlined: five events per step.
-        prefix = str(run_id)[:24]
+        prefix = run.id_text[:24]
         for event in batch:
             seq += 1
             event_id = f"{prefix}{seq:012x}"

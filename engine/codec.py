@@ -39,7 +39,7 @@ V2 = b"\x01"  # the first byte of a v2 row (a v1 row starts with "{")
 # rarest first because deflate reaches the end of a dictionary cheapest. It was built from the
 # event types, not from one benchmark's runs, and it can never change once released: rows
 # written with it must inflate forever (a different dictionary would be a version 3).
-# tests/engine/test_compact_rows.py pins its sha256.
+# tests/stores/test_compact_rows.py pins its sha256.
 _ZDICT_V2 = (
     b'{"at":"2026-01-01T00:00:00.123456+00:00","limit":"cost","limit_value":1.0,"step":"step'
     b'","type":"LimitReached","used":1.0}'
@@ -154,7 +154,7 @@ def compact(data: bytes, run_id: UUID | str, seq: int) -> bytes:
     """A v1 payload as a v2 row, or the payload unchanged unless it is exactly the v1 layout
     with a lowercase hash and the derived id (only then can `expand` rebuild the same bytes).
 
-    About 5 us per event (the deflate): the durable stores call it in their worker threads,
+    About 6 us per event (the deflate): the durable stores call it in their worker threads,
     never on the event loop.
     """
     if (len(data) <= _V1_TAIL + 9 or data[:9] != _V1_HEAD

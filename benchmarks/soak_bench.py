@@ -42,7 +42,8 @@ client and the server share its cores, and so do other sessions.
 The engine keeps the final state of its last 10,000 finished runs: --seconds 120 at 100
 runs/s goes past that, so the RSS under load shows both its growth and its plateau.
 
-Writes benchmarks/results/soak.json (--out NAME: benchmarks/results/NAME instead).
+Writes benchmarks/results/soak.json (--out NAME: benchmarks/results/NAME, to keep a run
+beside another, e.g. a branch's beside main's).
 """
 
 from __future__ import annotations
@@ -399,9 +400,9 @@ if __name__ == "__main__":
     parser.add_argument("--drain", type=float, default=10.0)
     parser.add_argument("--run-bound", type=float, default=1.0)
     parser.add_argument("--out", default="soak.json",
-                        help="file name under benchmarks/results (default soak.json)")
+                        help="file name under benchmarks/results/ (default: soak.json)")
     args = parser.parse_args()
     result = asyncio.run(main(args))
     print(summary(result))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / args.out).write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / Path(args.out).name).write_text(json.dumps(result, indent=2) + "\n")

@@ -170,8 +170,6 @@ class Engine:
         self._storage: StoreWorker | None = None
         self._project_wanted: asyncio.Event | None = None
         self.state = EngineState.NEW
-        self._id_prefix = str(uuid4())[:24]  # "xxxxxxxx-xxxx-4xxx-yxxx-": version 4 kept
-        self._id_count = 0
         self._limits: dict[str, dict[str, Any]] = {}
         self.results_pending = 0  # results waiting for the store to come back
         self._lease_time = lease_time
@@ -801,16 +799,14 @@ class Engine:
         seq = run.state.version
         run_id = run.run_id
         stamp = codec.stamp
-        # Event ids and Record's Python-level __new__ inlined: five events per step.
-        prefix, count = self._id_prefix, self._id_count
+        # codec.event_id and Record's Python-level __new__ inlined: five events per step.
+        prefix = run.id_text[:24]
         for event in batch:
             seq += 1
-            count += 1
-            event_id = f"{prefix}{count:012x}"
+            event_id = f"{prefix}{seq:012x}"
             prev, data = stamp(event, event_id, prev)
             stamps.append((event_id, prev))
             records.append(_tuple_new(Record, (run_id, seq, event.type, data)))
-        self._id_count = count
         fence = self.ownership.fence(run_id) if self.ownership is not None else None
         try:
             await self.storage.append(records, fence)
@@ -884,8 +880,7 @@ class Engine:
             prev, seq, records, stamped = run.last_hash, run.state.version, [], []
             for event in triggers:
                 seq += 1
-                self._id_count += 1
-                event_id = f"{self._id_prefix}{self._id_count:012x}"
+                event_id = codec.event_id(run.run_id, seq)
                 prev, data = codec.stamp(event, event_id, prev)
                 records.append(Record(run.run_id, seq, event.type, data))
                 stamped.append(codec.stamped(event, event_id, prev))

@@ -116,6 +116,7 @@ class MemoryStore(RecorderStore):
     """Nothing survives the process. Non-blocking: the engine calls it on the loop."""
 
     blocking = False
+    compact_rows = False
 
     def __init__(self) -> None:
         super().__init__(LeanPOPORecorder())

@@ -11,7 +11,7 @@ from uuid import UUID
 
 import pytest
 from rulebound.adapters.cli import main
-from rulebound.engine import Engine, load_app
+from rulebound.engine import Engine, codec, load_app
 
 APP = '''
 from pydantic import BaseModel
@@ -173,7 +173,6 @@ def test_tampering_is_detected_at_the_first_bad_event(
 def test_a_forged_hash_for_an_edited_event_breaks_the_next_link(
     recorded: dict[str, Any], capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from rulebound.engine import codec
     from rulebound.engine.codec import decode
 
     rows = lines(recorded["export"])
@@ -458,7 +457,7 @@ def test_replay_verify_checks_the_bytes_the_store_holds(
     (seq, state), = db.execute(
         "SELECT originator_version, state FROM rulebound_events WHERE originator_id = ? "
         "AND topic = 'AttemptFailed'", (originator,)).fetchall()
-    stored = json.loads(state)
+    stored = json.loads(codec.expand(state, UUID(recorded["run"]), seq))  # a v2 row as v1
     coerced = {**stored, "event": {**stored["event"],
                                    "latency": str(stored["event"]["latency"])}}
     garbage = b"\x00not json"

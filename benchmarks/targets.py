@@ -470,7 +470,9 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown: {', '.join(sorted(unknown))}; choose from {', '.join(NAMES)}")
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    # Results files do not count: in `make bench`, run.py has just rewritten peers.json.
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                     ":(exclude)benchmarks/results"))
     report: dict[str, Any] = {
         "commit": git("rev-parse", "--short", "HEAD") + (" (uncommitted changes)" if dirty
                                                          else ""),

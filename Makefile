@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-pg clean
+.PHONY: demo test lint bench bench-pg bench-targets clean
 
 $(STAMP): pyproject.toml requirements/dev.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,8 +58,18 @@ $(BENCH_STAMP): pyproject.toml requirements/bench.lock
 	$(BENCH_PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(BENCH_STAMP)
 
-bench: $(BENCH_STAMP)
+# `make bench` then runs benchmarks/targets.py: issue 15's scale figures (100,000 parked runs,
+# 10,000 in flight, archive, soak over HTTP, start-up, loading) each in a fresh process, and
+# one table of every issue-15 target, W1-W3 read from the peers.json run.py just wrote
+# (results/targets.json; 20+ minutes). Those scripts need only rulebound, so they run in .venv
+# (the soak's `rulebound serve` is the one next to that interpreter).
+# `make bench-targets`: targets.py alone (TARGETS_ARGS="--quick" or "--only soak,startup").
+bench: $(BENCH_STAMP) $(STAMP)
 	$(BENCH_PY) benchmarks/run.py $(BENCH_ARGS)
+	$(PY) benchmarks/targets.py $(TARGETS_ARGS)
+
+bench-targets: $(STAMP)
+	$(PY) benchmarks/targets.py $(TARGETS_ARGS)
 
 bench-pg: $(BENCH_STAMP)
 	$(BENCH_PY) benchmarks/run.py --workloads PG $(BENCH_ARGS)

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -66,6 +67,8 @@ def size_mb(path: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=100_000)
+    parser.add_argument("--out", default=str(RESULTS / "archive.json"),
+                        help="where to write the JSON (default benchmarks/results/archive.json)")
     parser.add_argument("--create", help=argparse.SUPPRESS)  # a store URL: create, print secs
     args = parser.parse_args()
     if args.create:
@@ -118,8 +121,9 @@ def main() -> None:
            "create_peak_rss_mib": create_mem["peak_rss_mib"],
            "archive_pass_memory": pass_mem.result()}
     print(json.dumps(out, indent=2))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "archive.json").write_text(json.dumps(out, indent=2) + "\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

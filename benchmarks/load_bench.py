@@ -1,6 +1,6 @@
 """How long loading a run takes, by its length, with and without a snapshot (SQLite).
 
-    .venv/bin/python benchmarks/load_bench.py [--repeat 20] [--lengths 100,10000]
+    .venv/bin/python benchmarks/load_bench.py [--repeat 20] [--lengths 100,10000] [--out PATH]
 
 Builds one run per length through the real decider (a step that loops on itself, five
 events per visit), stores it in a fresh SQLite file as the engine does (stamped and chained
@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 from uuid import uuid4
 
 from rulebound.adapters.stores import open_store
@@ -91,9 +93,12 @@ async def timed(url: str, run_id: str, repeat: int, snapshots: bool) -> list[flo
         return times
 
 
-def report(events: int, label: str, measure: tuple[list[float], dict[str, object]]) -> None:
+def report(events: int, label: str, measure: tuple[list[float], dict[str, object]],
+           cases: list[dict[str, Any]]) -> None:
     times, mem = measure
     p90 = statistics.quantiles(times, n=10)[-1] if len(times) > 1 else times[0]
+    cases.append({"events": events, "case": label.strip(), "median_ms": statistics.median(times),
+                  "p90_ms": p90, "loads": len(times), **mem})
     print(f"{events:>6} events  {label}  {statistics.median(times):8.2f} ms  ({p90:.2f})  "
           f"{memory.line(mem)}", flush=True)
 
@@ -102,9 +107,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--lengths", default="100,10000")
+    parser.add_argument("--out", help="also write the cases as JSON to this path")
     args = parser.parse_args()
     print(f"snapshot every {SNAPSHOT_EVERY} events; median (p90) of {args.repeat} loads; "
           "SQLite; Engine.get on a read-only engine")
+    cases: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{Path(tmp) / 'load.db'}"
         for length in (int(x) for x in args.lengths.split(",")):
@@ -116,13 +123,15 @@ def main() -> int:
             store.close()
             for snapshots in (False, True):
                 report(len(records), "with snapshot   " if snapshots else "without snapshot",
-                       measured(url, run_id, args.repeat, snapshots))
+                       measured(url, run_id, args.repeat, snapshots), cases)
             store = open_store(url)
             snap = store.read_snapshot(records[0].run_id)  # type: ignore[attr-defined]
             store.close()
             print(f"{'':>6}         snapshot: " + (f"at event {snap.version}, "
                                                    f"{len(snap.data):,} bytes" if snap
                                                    else "none (shorter than the interval)"))
+            cases.append({"events": len(records), "case": "snapshot",
+                          "snapshot_bytes": len(snap.data) if snap else None})
             if cut <= SNAPSHOT_EVERY:
                 continue
             worst = history(length)  # a second run: snapshot at `cut`, then the rest
@@ -134,7 +143,12 @@ def main() -> int:
             store.append(worst[cut:])
             store.close()
             report(len(worst), f"worst case ({len(worst) - cut} after)",
-                   measured(url, str(worst[0].run_id), args.repeat, True))
+                   measured(url, str(worst[0].run_id), args.repeat, True), cases)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"snapshot_every": SNAPSHOT_EVERY,
+                                              "repeat": args.repeat, "cases": cases},
+                                             indent=2) + "\n")
     return 0
 
 

@@ -8,7 +8,7 @@ engine, then the N-run store) and of the creating process (this one). The issue'
 before parking: 5.7-7.2 KB RSS per waiting run (777 MB at 100,000) and open() about 1.1 ms
 per run (112 s at 100,000).
 
-    .venv/bin/python benchmarks/parked_bench.py [--runs 100000] [--sample 200]
+    .venv/bin/python benchmarks/parked_bench.py [--runs 100000] [--out PATH]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -103,6 +104,8 @@ def main() -> None:
     parser.add_argument("--store", help="an existing store URL (skip creating)")
     parser.add_argument("--phase", choices=["all", "measure"], default="all")
     parser.add_argument("--sample-file")
+    parser.add_argument("--out", default=str(RESULTS / "parked.json"),
+                        help="where to write the JSON (default benchmarks/results/parked.json)")
     args = parser.parse_args()
     if args.phase == "measure":
         sample = json.loads(Path(args.sample_file).read_text())
@@ -122,8 +125,10 @@ def main() -> None:
     if os.path.exists(path):
         result["store_mb"] = round(os.path.getsize(path) / 2**20, 1)
     print(json.dumps(result, indent=2))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "parked.json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if not args.store:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -405,4 +405,6 @@ if __name__ == "__main__":
     result = asyncio.run(main(args))
     print(summary(result))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / Path(args.out).name).write_text(json.dumps(result, indent=2) + "\n")
+    out = RESULTS / args.out  # a name under results/, or a path below it (targets/soak.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")

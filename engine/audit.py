@@ -258,6 +258,11 @@ def check_chain(lines: Iterable[dict[str, Any]], report: Report) -> list[Event]:
             report.findings.append(Finding(expected, "decode", f"missing {', '.join(missing)}"))
             return events
         event_id = line["id"]
+        if event_id is None and line["hash"] is None and line["event"] is None:
+            report.findings.append(Finding(expected, "decode", "the stored event is "
+                                           "unreadable (not a JSON object, or a compacted "
+                                           "row that does not inflate)"))
+            return events
         if not isinstance(event_id, str) or not _UUID.fullmatch(event_id):
             report.findings.append(Finding(expected, "decode", f"event id {shown(event_id)} is "
                                            "not a UUID in lowercase hex with dashes"))

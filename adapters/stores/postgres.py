@@ -22,7 +22,7 @@ from eventsourcing.postgres import (
     PostgresApplicationRecorder,
     PostgresDatastore,
 )
-from psycopg.sql import SQL, Identifier
+from psycopg.sql import SQL, Composable, Identifier
 from rulebound.engine.store import (
     Fence,
     Fenced,
@@ -68,16 +68,24 @@ class FencedRecorder(PostgresApplicationRecorder):
         fence: Fence | None = kwargs.get("fence")
         if not fence:
             return
-        shards = [s for s, _ in fence.epochs]
-        epochs = [e for _, e in fence.epochs]
-        curs.execute(SQL(
-            "SELECT l.shard FROM {} AS l JOIN unnest(%s::int[], %s::bigint[]) AS f(shard, "
-            "epoch) ON l.shard = f.shard AND l.epoch = f.epoch AND l.owner = %s "
-            "FOR SHARE OF l").format(SQL(self.leases_table)), (shards, epochs, fence.owner))
-        held = {row["shard"] for row in curs.fetchall()}
-        stale = sorted(set(shards) - held)
+        stale = _stale_shards(curs, SQL(self.leases_table), fence)
         if stale:
             raise _FencedError(stale)
+
+
+def _stale_shards(curs: Any, leases: Composable, fence: Fence) -> list[int]:
+    """The fence's shards no longer held at its epochs, read in the caller's transaction.
+    The lease rows are read FOR SHARE: a takeover (which updates them) waits for that
+    transaction to commit, so nothing a former owner writes under a fence lands after it."""
+    shards = [s for s, _ in fence.epochs]
+    epochs = [e for _, e in fence.epochs]
+    curs.execute(SQL(
+        "SELECT l.shard FROM {} AS l JOIN unnest(%s::int[], %s::bigint[]) AS f(shard, "
+        "epoch) ON l.shard = f.shard AND l.epoch = f.epoch AND l.owner = %s "
+        "FOR SHARE OF l").format(leases), (shards, epochs, fence.owner))
+    held = {row["shard"] for row in curs.fetchall()}
+    return sorted(set(shards) - held)
+
 
 SNAPSHOTS = "rulebound_snapshots"
 
@@ -469,17 +477,9 @@ class PostgresStore(RecorderStore):
                     c.execute(SQL("DELETE FROM {} WHERE run_id = %s").format(
                         self._table(PARKED)), (run_id,))
                     return
-                # The lease rows are read FOR SHARE, as an append's fence is: a takeover
-                # (which updates them) waits for this delete to commit, so it never lists
-                # the run as parked and then sees its row go.
-                shards = [shard for shard, _ in fence.epochs]
-                epochs = [epoch for _, epoch in fence.epochs]
-                c.execute(SQL(
-                    "SELECT l.shard FROM {} AS l JOIN unnest(%s::int[], %s::bigint[]) AS "
-                    "f(shard, epoch) ON l.shard = f.shard AND l.epoch = f.epoch AND "
-                    "l.owner = %s FOR SHARE OF l").format(self._table(LEASES)),
-                    (shards, epochs, fence.owner))
-                if len(c.fetchall()) == len(shards):
+                # Fenced as an append is: a takeover waits for this delete to commit, so it
+                # never lists the run as parked and then sees its row go.
+                if not _stale_shards(c, self._table(LEASES), fence):
                     c.execute(SQL("DELETE FROM {} WHERE run_id = %s").format(
                         self._table(PARKED)), (run_id,))
         self._retrying(write)

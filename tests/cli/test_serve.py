@@ -53,6 +53,20 @@ def _address(proc: subprocess.Popen[str]) -> str:
     return found.group(1)
 
 
+def _stop(proc: subprocess.Popen[str]) -> str:
+    """SIGTERM the server; it exits 0; returns what it printed on stderr since."""
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    return proc.stderr.read() if proc.stderr else ""
+
+
+def _kill(proc: subprocess.Popen[str]) -> None:
+    """Whatever a test left running (it failed before stopping the server)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 def test_sigterm_drains_an_attempt_in_flight_and_exits_0(tmp_path: Path) -> None:
     store = f"sqlite:///{tmp_path / 'serve.db'}"
     proc = _serve(store)
@@ -74,9 +88,7 @@ def test_sigterm_drains_an_attempt_in_flight_and_exits_0(tmp_path: Path) -> None
         took = time.monotonic() - sent
         err = proc.stderr.read() if proc.stderr else ""
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _kill(proc)
     assert "Traceback" not in err, err
     assert "SIGTERM" in err
     assert took < 10, took  # the attempt (1.5 s) finished; no waiting out the drain timeout
@@ -159,12 +171,9 @@ def test_serve_is_live_at_once_and_prints_serving_when_ready(tmp_path: Path) -> 
         assert (status, body) == (200, {"ready": True, "reason": None})
         status, _ = _http("POST", f"{base}/v1/runs", {"workflow": "gated", "input": 1})
         assert status == 201
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        _stop(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _kill(proc)
 
 
 def test_a_stop_while_not_ready_exits_0_at_once(tmp_path: Path) -> None:
@@ -186,13 +195,9 @@ def test_a_stop_while_not_ready_exits_0_at_once(tmp_path: Path) -> None:
             except OSError:
                 assert proc.poll() is None
                 time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-        err = proc.stderr.read() if proc.stderr else ""
+        err = _stop(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _kill(proc)
     assert "Traceback" not in err, err
     assert "serving" not in err and "SIGTERM" in err and "stopped" in err
 
@@ -224,13 +229,9 @@ def test_serve_archives_old_ended_runs_on_a_schedule(tmp_path: Path) -> None:
                 break
             time.sleep(0.05)
         assert f"rulebound_archived_runs_total {len(old)}" in metrics
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-        err = proc.stderr.read() if proc.stderr else ""
+        err = _stop(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _kill(proc)
     assert "Traceback" not in err, err
     assert f"rulebound: retention: archived {len(old)} runs" in err, err
     assert {p.stem for p in out.glob("*.jsonl")} == old
@@ -274,13 +275,9 @@ def test_serve_gives_memory_back_when_quiet_and_not_with_0(tmp_path: Path) -> No
                 time.sleep(0.05)
             time.sleep(1.0)  # no second one while it stays quiet
             assert _metric(base, "rulebound_memory_give_backs_total") == expected
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 0
-            err = proc.stderr.read() if proc.stderr else ""
+            err = _stop(proc)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            _kill(proc)
         assert "Traceback" not in err, err
 
 

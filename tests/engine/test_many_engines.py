@@ -31,6 +31,7 @@ from rulebound import (
     WaitForSignal,
     Workflow,
 )
+from tests.shards import owned_run
 
 LEASE = 1.0  # seconds: takeovers within a test's patience
 
@@ -71,19 +72,6 @@ async def balanced(*engines: Engine) -> None:
                     and sum(len(h) for h in held) == len(every) == 64):
                 return
             await asyncio.sleep(0.05)
-
-
-async def owned_run(engine_: Engine, workflow: str = "approval", *,
-                    cancel_others: bool = True) -> Any:
-    """Start runs through `engine_` until one lands on a shard it owns (the others are
-    cancelled, unless they end on their own)."""
-    for i in range(50):
-        candidate = await engine_.start(workflow, {"i": i})
-        if engine_.ownership.owns(candidate):  # type: ignore[union-attr]
-            return candidate
-        if cancel_others:
-            await engine_.cancel(candidate)
-    raise AssertionError(f"no run of 50 landed on a shard of {engine_.worker}")
 
 
 # --- SQLite: one writing engine per file ----------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 from rulebound.adapters.stores import open_store
 
 from rulebound import END, FAIL, Engine, FaultyStore, Retry, RetryableError, Step, Task, Workflow
+from tests.shards import owned_run
 
 LEASE = 1.0
 
@@ -51,13 +52,7 @@ async def test_a_former_owners_late_unpark_keeps_the_new_owners_parking_row(
         try:
             async with make(postgres_url, park_after=0.5) as a:
                 await until(lambda: bool(a.ownership.held) and bool(b.ownership.held), 10)
-                run_id = None
-                for i in range(50):  # a run the parking engine owns
-                    candidate = await a.start("later", {"i": i})
-                    if a.ownership.owns(candidate):  # type: ignore[union-attr]
-                        run_id = candidate
-                        break
-                assert run_id is not None
+                run_id = await owned_run(a, "later", cancel_others=False)  # the parking engine's
                 await until(lambda: a.parked > 0, 10)  # its retry is 4 s away: parked
                 waiting = asyncio.create_task(b.wait(run_id, timeout=60))  # B keeps a copy
                 await until(lambda: b.active_runs > 0, 5)
@@ -151,13 +146,16 @@ class Gated:
 
 
 @pytest.mark.postgres
-async def test_a_copy_driven_on_taking_a_shard_leaves_no_stale_parking_row_behind(
-        postgres_url: str) -> None:
-    # _take_up_shards drives a copy kept here (B waited on a run A parked) without removing
-    # A's parking row (_drive never unparks). B then runs the run on (a signal, its next
-    # attempt), and dies mid-attempt. C takes the shard: runs_to_recover leaves the run out
-    # (it has a parking row, due in 600 s: the old wait's timeout), and nothing else tells
-    # C about it. The attempt B abandoned is not run again until that stale row is due.
+@pytest.mark.parametrize("unpark_fails", [False, True])
+async def test_a_copy_driven_on_taking_a_shard_is_recovered_by_the_next_owner(
+        postgres_url: str, unpark_fails: bool) -> None:
+    # B waited on a run A parked, so it keeps a copy; A closes and B takes its shards and
+    # drives the copy. Driving it must remove A's parking row, and when that removal fails
+    # (unpark_fails: a store fault, logged, nothing more) the row must not count either.
+    # B then runs the run on (a signal, its next attempt) and dies mid-attempt. C takes the
+    # shard: a listing that trusts the row ("parked until the wait's timeout, 600 s away")
+    # leaves the run out, and the attempt B abandoned waits ten minutes. The row says which
+    # version it parked; the log has grown past it, so C recovers the run at once.
     work = Gated()
 
     def make(store: Any, **options: Any) -> Engine:
@@ -168,17 +166,12 @@ async def test_a_copy_driven_on_taking_a_shard_leaves_no_stale_parking_row_behin
         try:
             async with make(postgres_url, park_after=0.2) as a:
                 await until(lambda: bool(a.ownership.held) and bool(b.ownership.held), 10)
-                run_id = None
-                for i in range(50):  # a run the parking engine owns
-                    candidate = await a.start("approval", {"i": i})
-                    if a.ownership.owns(candidate):  # type: ignore[union-attr]
-                        run_id = candidate
-                        break
-                    await a.cancel(candidate)
-                assert run_id is not None
+                run_id = await owned_run(a)  # a run of the parking engine (A)
                 await until(lambda: a.parked > 0, 10)  # waiting for "go" (600 s): parked
                 waiting = asyncio.create_task(b.wait(run_id, timeout=60))  # B keeps a copy
                 await until(lambda: b.active_runs > 0, 5)
+                if unpark_fails:
+                    faulty.fail_next(100_000, method="unpark")  # B cannot remove the row
             # A closed: B takes its shards and drives its copy
             await until(lambda: b.ownership.owns(run_id), 10)  # type: ignore[union-attr]
             await asyncio.sleep(0.5)
@@ -195,11 +188,10 @@ async def test_a_copy_driven_on_taking_a_shard_leaves_no_stale_parking_row_behin
                         while (await c.get(run_id)).status != "completed":
                             await asyncio.sleep(0.1)
                 finally:
-                    faulty.heal()
                     waiting.cancel()
                     with contextlib.suppress(BaseException):
                         await waiting
-        finally:  # never close with a call held: the close would wait for it
+        finally:  # never close with a fault in place that the close would wait on
             faulty.heal()
 
 
@@ -238,14 +230,7 @@ async def test_a_signal_appended_while_the_owner_loads_its_parked_run_is_folded(
 
     async with make(late, park_after=0.2) as a, make(postgres_url) as b:
         await until(lambda: bool(a.ownership.held) and bool(b.ownership.held), 10)
-        run_id = None
-        for i in range(50):  # a run A owns
-            candidate = await a.start("approval", {"i": i})
-            if a.ownership.owns(candidate):  # type: ignore[union-attr]
-                run_id = candidate
-                break
-            await a.cancel(candidate)
-        assert run_id is not None
+        run_id = await owned_run(a)  # a run of the parking engine (A)
         await until(lambda: a.parked > 0, 10)
         late.target = run_id
         waiting = asyncio.create_task(a.wait(run_id, timeout=8))  # A takes it up
@@ -256,57 +241,3 @@ async def test_a_signal_appended_while_the_owner_loads_its_parked_run_is_folded(
         finally:
             late.go.set()
         assert (await waiting).status == "completed"
-
-
-@pytest.mark.postgres
-async def test_a_run_driven_past_its_parking_row_is_recovered_by_the_next_owner(
-        postgres_url: str) -> None:
-    # B takes a shard holding a copy of a run A parked, and its attempt to remove A's
-    # parking row fails (a store fault: logged, nothing more). B runs the run on all the
-    # same (a signal, the next attempt), then dies mid-attempt. C takes the shard: the row
-    # still says "parked until the wait's timeout, 600 s away", so a listing that trusts it
-    # leaves the run out and the attempt B abandoned waits ten minutes. The row says which
-    # version it parked; the log has grown past it, so the row is stale and C recovers the
-    # run at once.
-    work = Gated()
-
-    def make(store: Any, **options: Any) -> Engine:
-        return Engine(store, [approval()], {"work": work}, lease_time=LEASE, **options)
-
-    faulty = FaultyStore(open_store(postgres_url), announce=None)
-    async with make(faulty) as b:
-        try:
-            async with make(postgres_url, park_after=0.2) as a:
-                await until(lambda: bool(a.ownership.held) and bool(b.ownership.held), 10)
-                run_id = None
-                for i in range(50):  # a run the parking engine owns
-                    candidate = await a.start("approval", {"i": i})
-                    if a.ownership.owns(candidate):  # type: ignore[union-attr]
-                        run_id = candidate
-                        break
-                    await a.cancel(candidate)
-                assert run_id is not None
-                await until(lambda: a.parked > 0, 10)  # waiting for "go" (600 s): parked
-                waiting = asyncio.create_task(b.wait(run_id, timeout=60))  # B keeps a copy
-                await until(lambda: b.active_runs > 0, 5)
-                faulty.fail_next(100_000, method="unpark")  # B cannot remove the row
-            await until(lambda: b.ownership.owns(run_id), 10)  # type: ignore[union-attr]
-            await asyncio.sleep(0.5)
-            work.gate = asyncio.Event()
-            await b.signal(run_id, "go", id="go-1")  # B owns it now: "after" starts on B
-            await until(lambda: work.count[(str(run_id), "after")] == 1, 10)
-            async with make(postgres_url) as c:
-                faulty.fail_next(100_000, method="lease_cycle")  # B dies (stops renewing)
-                await until(lambda: c.ownership.owns(run_id)  # type: ignore[union-attr]
-                            and not b.ownership.owns(run_id), 15)  # type: ignore[union-attr]
-                work.gate.set()
-                try:
-                    async with asyncio.timeout(10):  # well within 600 s
-                        while (await c.get(run_id)).status != "completed":
-                            await asyncio.sleep(0.1)
-                finally:
-                    waiting.cancel()
-                    with contextlib.suppress(BaseException):
-                        await waiting
-        finally:  # never close with a fault in place that the close would wait on
-            faulty.heal()

@@ -18,6 +18,8 @@ from rulebound.adapters.executors.models import estimate_tokens
 from rulebound.adapters.executors.ssrf import Guard
 from rulebound.engine import ExecutorError, Task
 
+from tests import loopback
+
 from .fake_providers import MODE, make_app
 
 CANARY = "sk-canary-7f3a9c1e-DO-NOT-LEAK"
@@ -49,12 +51,8 @@ async def _serve(host: str) -> AsyncIterator[Server]:
     """The fake providers on a loopback port, reached under `host` (another name: another
     origin)."""
     app = make_app()
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield Server(app, f"http://{host}:{port}")
+    runner = await loopback.serve(app)
+    yield Server(app, loopback.base_url(runner, host))
     await runner.cleanup()
 
 

@@ -18,6 +18,8 @@ from rulebound.adapters.http.server import create_app
 from rulebound.domain import FAIL, Step, Workflow
 from rulebound.engine import Engine, Task
 
+from tests import loopback
+
 gate = asyncio.Event()
 
 
@@ -31,12 +33,8 @@ def workflows() -> list[Workflow]:
 
 
 async def _server(engine: Engine, **options: Any) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(create_app(engine, token=None, **options))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, f"http://127.0.0.1:{port}"
+    runner = await loopback.serve(create_app(engine, token=None, **options))
+    return runner, loopback.base_url(runner)
 
 
 async def _give_backs(session: aiohttp.ClientSession, base: str) -> int | None:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 from rulebound.domain import FAIL, Limits, Map, Retry, Simulator, Step, Workflow
 from rulebound.domain import events as ev
-from rulebound.domain.decider import decide
+from rulebound.domain.decider import advance, decide
+from rulebound.domain.simulator import EPOCH
 from rulebound.domain.state import replay
 from rulebound.engine.testing import check_history
 
@@ -122,13 +123,14 @@ def test_the_cap_is_hash_neutral_at_its_default_and_part_of_the_hash_otherwise()
 
 
 def _legacy_start(wf: Workflow) -> Simulator:
-    """A run as an engine before `max_abandoned` recorded it: limits without the key."""
-    sim = Simulator(wf)
+    """A run as an engine before `max_abandoned` recorded it (limits without the key): its
+    first batch, RunStarted and the decisions it called for, picked up by the simulator."""
     limits = wf.limits.model_dump()
     del limits["max_abandoned"]
-    sim._commit(ev.RunStarted(at=sim.now, workflow=wf.name, definition_hash=wf.hash,
-                              limits=limits, seed=0))
-    return sim
+    started = ev.RunStarted(at=EPOCH, workflow=wf.name, definition_hash=wf.hash,
+                            limits=limits, seed=0)
+    decided, state = advance(wf, replay([started]), EPOCH)
+    return Simulator(wf, now=EPOCH, state=state, history=[started, *decided])
 
 
 def test_runs_started_before_the_rule_keep_the_rule_they_ran_under() -> None:

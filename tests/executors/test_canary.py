@@ -9,12 +9,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 from rulebound.adapters.cli import main
 from rulebound.adapters.executors import AnthropicMessages, HttpTool, OpenAIChat
 from rulebound.adapters.http.server import create_app
 from rulebound.domain import FAIL, Retry, Step, Workflow
 from rulebound.engine import Engine
+
+from tests import loopback
 
 from .fake_providers import MODE, make_app
 from .test_http_executors import CANARY, Customer, Label
@@ -74,11 +75,8 @@ async def test_the_canary_key_never_reaches_events_logs_errors_or_outputs(
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("CANARY_KEY", CANARY)
     fake = make_app()
-    runner = web.AppRunner(fake)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    runner = await loopback.serve(fake)
+    base = loopback.base_url(runner)
     down = f"http://127.0.0.1:{_closed_port()}"
     executors = {**_executors(base),
                  **{f"down_{k}": v for k, v in _executors(down).items()}}
@@ -101,11 +99,8 @@ async def test_the_canary_key_never_reaches_events_logs_errors_or_outputs(
                              for r in fake[MODE].get("requests", [])]
         assert any('"kind"' not in o for o in outputs)
         assert any(CANARY in h for h in headers_seen)  # the key really was used
-        app_runner = web.AppRunner(create_app(engine))
-        await app_runner.setup()
-        api = web.TCPSite(app_runner, "127.0.0.1", 0)
-        await api.start()
-        api_base = f"http://127.0.0.1:{api._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+        app_runner = await loopback.serve(create_app(engine))
+        api_base = loopback.base_url(app_runner)
         async with aiohttp.ClientSession() as session:
             for path in ["/metrics", "/v1/runs", *(f"/v1/runs/{r}" for r in runs),
                          *(f"/v1/runs/{r}/events" for r in runs),
@@ -138,8 +133,9 @@ async def test_the_canary_key_never_reaches_events_logs_errors_or_outputs(
 
 def test_executors_do_not_show_keys_in_their_repr() -> None:
     model = OpenAIChat("m", api_key=lambda: CANARY, price=0)
-    assert CANARY not in repr(model)
-    assert CANARY not in str(vars(model).get("_api_key_env"))
+    assert CANARY not in repr(model) and CANARY not in str(model)
+    assert CANARY not in str(vars(model))  # held only behind its provider, in no attribute
+    assert model.secret_values() == [CANARY]  # which still gives it to the engine to scrub
 
 
 

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from aiohttp import web
+
+from tests import loopback
 
 from .fake_providers import MODE, make_app
 
@@ -29,11 +30,8 @@ def endpoint() -> Iterator[tuple[str, dict]]:
 
     def serve() -> None:
         asyncio.set_event_loop(loop)
-        runner = web.AppRunner(app)
-        loop.run_until_complete(runner.setup())
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        loop.run_until_complete(site.start())
-        holder["port"] = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        runner = loop.run_until_complete(loopback.serve(app))
+        holder["port"] = loopback.port(runner)
         holder["runner"] = runner
         started.set()
         loop.run_forever()

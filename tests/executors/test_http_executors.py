@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import uuid4
 
+import aiohttp
 import pytest
 from aiohttp import web
 from pydantic import BaseModel
@@ -17,6 +18,8 @@ from rulebound.adapters.executors import AnthropicMessages, HttpTool, OpenAIChat
 from rulebound.adapters.executors.models import estimate_tokens
 from rulebound.adapters.executors.ssrf import Guard
 from rulebound.engine import ExecutorError, Task
+
+from tests import loopback
 
 from .fake_providers import MODE, make_app
 
@@ -49,12 +52,8 @@ async def _serve(host: str) -> AsyncIterator[Server]:
     """The fake providers on a loopback port, reached under `host` (another name: another
     origin)."""
     app = make_app()
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield Server(app, f"http://{host}:{port}")
+    runner = await loopback.serve(app)
+    yield Server(app, loopback.base_url(runner, host))
     await runner.cleanup()
 
 
@@ -201,15 +200,30 @@ async def test_anthropic_failures(server: Server, mode: str, kind: str) -> None:
     assert_clean(caught.value)
 
 
+class SessionsSeen(OpenAIChat):
+    """OpenAIChat with its own sessions made through the public `session_factory` hook, so
+    the test holds every session the executor opened."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.sessions: list[aiohttp.ClientSession] = []
+
+    def session_factory(self) -> Callable[[], aiohttp.ClientSession]:
+        def make() -> aiohttp.ClientSession:
+            self.sessions.append(aiohttp.ClientSession(trust_env=False))
+            return self.sessions[-1]
+        return make
+
+
 async def test_cancellation_leaves_no_task_or_connection_behind(server: Server) -> None:
     server.mode("slow")
-    model = openai(server)
+    model = SessionsSeen("gpt-4o-mini", base_url=f"{server.base}/v1", api_key=lambda: CANARY)
     call = asyncio.create_task(model(task(timeout=10)))
     await asyncio.sleep(0.2)
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
-    session = model._session()
+    (session,) = model.sessions  # the one the cancelled call went through
     await model.close()
     assert session.closed
     await asyncio.sleep(0)

@@ -15,6 +15,8 @@ from rulebound.adapters.executors import HttpTool
 from rulebound.domain.errors import DefinitionError
 from rulebound.engine import ExecutorError, Task
 
+from tests import loopback
+
 
 def task(data: Any) -> Task:
     return Task(run_id=uuid4(), step="call", attempt=1, idempotency_key="r:call:1", input=data,
@@ -31,11 +33,8 @@ async def echo() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    host, port = runner.addresses[0][:2]
-    yield f"http://{host}:{port}"
+    runner = await loopback.serve(app)
+    yield loopback.base_url(runner)
     await runner.cleanup()
 
 

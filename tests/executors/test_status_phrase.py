@@ -14,6 +14,8 @@ from pydantic import BaseModel
 from rulebound.adapters.executors import AnthropicMessages, HttpTool, OpenAIChat
 from rulebound.engine import ExecutorError, Task
 
+from tests import loopback
+
 SECRET = "sk-echoed-0b5e2d-DO-NOT-LEAK"
 
 
@@ -34,12 +36,8 @@ async def echo_base() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", echo)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    yield f"http://{host}:{port}"
+    runner = await loopback.serve(app)
+    yield loopback.base_url(runner)
     await runner.cleanup()
 
 

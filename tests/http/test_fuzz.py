@@ -20,13 +20,14 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import pytest
-from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 from rulebound.adapters.http.server import create_app
 from rulebound.domain import FAIL, Step, WaitForSignal, Workflow
 from rulebound.engine import Engine, Task
+
+from tests import loopback
 
 REQUESTS = 2200
 COUNTS: Counter[str] = Counter()
@@ -74,11 +75,8 @@ class LiveServer:
         await self.engine.wait(finished, timeout=10)
         waiting = await self.engine.start("approval", {})
         self.run_ids = [str(finished), str(waiting)]
-        self.runner = web.AppRunner(create_app(self.engine))
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.runner = await loopback.serve(create_app(self.engine))
+        self.port = loopback.port(self.runner)
         self.ready.set()
 
     async def _stop(self) -> None:

@@ -12,7 +12,6 @@ from uuid import UUID
 
 import aiohttp
 import pytest
-from aiohttp import web
 from rulebound.adapters.http.server import ERROR_STATUS, create_app, status_of
 from rulebound.domain import FAIL, Step, WaitForSignal, Workflow
 from rulebound.engine import Engine, Task
@@ -21,6 +20,7 @@ from rulebound.engine.store import ConcurrencyConflict, EventStore, StoreError
 from rulebound.engine.stores import open_store
 
 import rulebound
+from tests import loopback
 
 TOKEN = "s3cret-token-for-tests"
 
@@ -89,13 +89,9 @@ class Live:
 async def _live(token: str | None = None) -> AsyncIterator[Live]:
     store = FlakyStore(open_store("memory://"))
     async with Engine(store, workflows(), {"echo": echo}) as engine:
-        runner = web.AppRunner(create_app(engine, token=token))
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
+        runner = await loopback.serve(create_app(engine, token=token))
         async with aiohttp.ClientSession() as session:
-            yield Live(engine, f"http://{host}:{port}", session, store)
+            yield Live(engine, loopback.base_url(runner), session, store)
         await runner.cleanup()
 
 
@@ -401,17 +397,13 @@ async def test_metrics_answer_during_a_store_outage_and_show_the_kept_results() 
 
     wf = Workflow("outage", on_failure=FAIL, steps=[Step("s", executor="o")])
     async with Engine(store, [wf], {"o": during_an_outage}) as engine:
-        runner = web.AppRunner(create_app(engine))
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
+        runner = await loopback.serve(create_app(engine))
         run_id = await engine.start("outage")
         async with asyncio.timeout(10):
             while engine.results_pending == 0:
                 await asyncio.sleep(0.01)
         async with aiohttp.ClientSession() as session, session.get(
-                f"http://{host}:{port}/metrics") as resp:
+                f"{loopback.base_url(runner)}/metrics") as resp:
             text = await resp.text()
         assert resp.status == 200
         assert "rulebound_store_up 0" in text and "rulebound_results_pending 1" in text

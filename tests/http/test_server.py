@@ -19,6 +19,8 @@ from rulebound.domain import FAIL, Step, WaitForSignal, Workflow
 from rulebound.domain.errors import RuleboundError
 from rulebound.engine import Engine, Task
 
+from tests import loopback
+
 
 class Order(BaseModel):
     item: str
@@ -55,12 +57,8 @@ class Client:
 
 async def _server(engine: Engine, token: str | None = None,
                   **options: Any) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(create_app(engine, token=token, **options))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, f"http://127.0.0.1:{port}"
+    runner = await loopback.serve(create_app(engine, token=token, **options))
+    return runner, loopback.base_url(runner)
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from rulebound.engine import Engine
 from rulebound.engine.executor import Result, RetryableError, Task, Usage
 
 from rulebound import Retry, Step, Workflow
+from tests import loopback
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -81,12 +82,8 @@ class Served:
 
 
 async def _serve(engine: Engine) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(create_app(engine))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, f"http://127.0.0.1:{port}"
+    runner = await loopback.serve(create_app(engine))
+    return runner, loopback.base_url(runner)
 
 
 @pytest.fixture

@@ -420,7 +420,7 @@ class Engine:
         run = self.runs_table.live.get(run_id)
         if run is not None:
             return run.state
-        state = self.runs_table.finished.get(run_id)
+        state = self.runs_table.final_state(run_id)
         if state is not None:
             return state
         if not await self.storage.read(run_id, 0):
@@ -428,7 +428,7 @@ class Engine:
         adopted = await self._take_up(run_id)
         if adopted is not None:
             return adopted.state
-        state = self.runs_table.finished.get(run_id)  # none kept with keep_finished=0
+        state = self.runs_table.final_state(run_id)  # none kept with keep_finished=0
         if state is None:
             state, _hash, _ = await self.runs_table.load(self.storage, run_id)
         return state
@@ -512,7 +512,7 @@ class Engine:
             return self._view(run)
         if run_id in self.runs_table.quarantined:
             raise self.runs_table.quarantined[run_id]
-        state = self.runs_table.finished.get(run_id)
+        state = self.runs_table.final_state(run_id)
         if state is None:
             state, _hash, _ = await self.runs_table.load(self.storage, run_id)
         definition = self.registry.by_hash(state.definition_hash)
@@ -1551,7 +1551,7 @@ class Engine:
         return run
 
     async def _ended_state(self, run_id: UUID) -> RunState:
-        state = self.runs_table.finished.get(run_id)
+        state = self.runs_table.final_state(run_id)
         if state is None:
             state, _hash, _ = await self.runs_table.load(self.storage, run_id)
         return state

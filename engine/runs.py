@@ -76,7 +76,7 @@ class RunTable:
         it ended): only this process's own `keep` wrote these bytes.
         """
         data = self.finished.get(run_id)
-        return None if data is None else pickle.loads(data)  # noqa: S301 (our own bytes)
+        return None if data is None else pickle.loads(data)
 
     def expire(self) -> int:
         """Forget final states kept longer than keep_finished_for; how many went."""

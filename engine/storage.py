@@ -55,6 +55,7 @@ log = logging.getLogger("rulebound.storage")
 T = TypeVar("T")
 _STOP = object()
 _LOOP_SLICE = 128  # status changes a store called on the loop projects between two yields
+_RESOLVE_SLICE = 32  # finished writes whose callers resume in one loop iteration
 _TERMINAL_STATUS = {"RunCompleted": "completed", "RunFailed": "failed",
                     "RunCancelled": "cancelled"}
 STATUS_TOPICS = ("RunStarted", *_TERMINAL_STATUS)
@@ -438,6 +439,16 @@ def _deliver(batch: list[_Write]) -> None:
 
 
 def _resolve(writes: list[_Write]) -> None:
+    """Settle the writes' futures on their loop, _RESOLVE_SLICE per loop iteration.
+
+    Each future set here resumes its task in the next iteration, which then finishes its
+    commit (and may end its run and wake that run's waiters). A group commit of 500 writes
+    settled at once made one iteration of 20-40 ms; in slices, timers and sockets get their
+    turn between them, as commits take turns on the way in (engine/turns.py).
+    """
+    if len(writes) > _RESOLVE_SLICE:
+        asyncio.get_running_loop().call_soon(_resolve, writes[_RESOLVE_SLICE:])
+        writes = writes[:_RESOLVE_SLICE]
     for write in writes:
         assert write.future is not None
         if write.future.done():  # the waiting task was cancelled: the write may still land

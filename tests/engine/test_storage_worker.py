@@ -206,3 +206,31 @@ async def test_a_closed_worker_refuses_writes(worker: StoreWorker) -> None:
     await worker.close()
     with pytest.raises(StoreError):
         await worker.append(recs(uuid4()))
+
+
+async def test_a_large_group_commit_resumes_its_callers_a_slice_per_loop_iteration(
+    grouping: tuple[FaultyStore, StoreWorker],
+) -> None:
+    """Writes that share one transaction do not all resume in one loop iteration: each
+    resumed caller finishes its commit there, and 200 of them would stall timers and sockets
+    for tens of milliseconds (benchmarks/inflight_bench.py)."""
+    store, worker = grouping
+    store.hold()
+    writes = [asyncio.create_task(worker.append(recs(uuid4(), 1, 1))) for _ in range(200)]
+    try:
+        await asyncio.sleep(0)  # every append is handed over: one held, 199 queued behind it
+        assert await asyncio.to_thread(store.wait_held, 1)
+    finally:
+        store.release()
+    per_iteration: list[int] = []
+    done = 0
+    while done < len(writes):
+        await asyncio.sleep(0)  # one loop iteration
+        now = sum(w.done() for w in writes)
+        if now > done:
+            per_iteration.append(now - done)
+        done = now
+    for write in writes:
+        write.result()  # all stored
+    assert sum(per_iteration) == 200
+    assert max(per_iteration) <= 64, per_iteration

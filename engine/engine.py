@@ -536,6 +536,8 @@ class Engine:
         if run is None or run.state.terminal or run.held:
             return await self.get(run_id)
         await self.feed.wait(run, timeout)
+        if run.state.terminal:  # the final state is at hand: no copy from the ended cache
+            return self._view(run)
         return await self.get(run_id)
 
     async def events(self, run_id: UUID | str, after: int = 0) -> list[ev.Event]:

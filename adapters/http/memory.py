@@ -3,7 +3,8 @@
 After a burst of runs their objects are freed, but the process keeps the memory: glibc's
 malloc keeps freed chunks in its heap, and CPython keeps an arena while any object in it
 lives. `malloc_trim(0)` hands glibc's free pages back (benchmarks/README.md, "Sustained load
-over HTTP", has the figures; CPython's arenas stay). It is done here, in the server whose
+over HTTP", has the figures; the engine keeps ended runs' states pickled, in glibc's heap,
+so that they do not hold CPython's arenas). It is done here, in the server whose
 process this is, and not in the embeddable Engine: a library must not trim its host's heap
 behind its back. `give_back()` is the same step for a host that wants it, called when it
 chooses.

@@ -19,7 +19,7 @@ from eventsourcing.persistence import (
     PersistenceError,
     StoredEvent,
 )
-from rulebound.engine.codec import compact, expand
+from rulebound.engine.codec import V2, compact, expand
 from rulebound.engine.store import (
     ConcurrencyConflict,
     Fence,
@@ -148,7 +148,7 @@ def _record(run_id: UUID, seq: int, topic: str, state: bytes) -> Record:
     """A stored row as a Record carrying v1 bytes. A v2 row that does not inflate (edited in
     the store) is passed on as it is: decoding and verification report it at its place."""
     data = bytes(state)
-    if data[:1] == b"\x01":
+    if data[:1] == V2:
         try:
             data = expand(data, run_id, seq)
         except ValueError as exc:
